@@ -1,0 +1,243 @@
+"""LLaMA (Touvron et al. 2023; Llama 2 and 3) in Flax NNX.
+
+Shape legend, used in einsum strings and comments:
+  B batch, T query length, S key length, D model dim, N heads, K kv heads, G heads per kv head,
+  H head dim, F feed-forward dim, V padded vocabulary, L layers.
+
+Parameters carry logical axis names (vocab, embed, heads, kv_heads, head_dim, mlp, layers, norm);
+activations carry act_* names. limajax/sharding.py alone maps them onto a mesh. Queries and keys
+use Hugging Face's half-split rotary layout; Meta's interleaved weights are permuted on
+conversion (reference/lima-and-llama.md §5.3).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.core import spmd
+
+from limajax.config import ModelConfig
+
+# Models are sharded by compiling their initialiser with explicit out_shardings (sharding.py),
+# never eagerly at construction, so a model can also be built on one device with no mesh.
+nnx.use_eager_sharding(False)
+
+
+def constrain(x: jax.Array, *names: str | None) -> jax.Array:
+    """Pin an activation's layout by logical names; a no-op outside a mesh with rules."""
+    rules, mesh = dict(spmd.get_logical_axis_rules()), jax.sharding.get_abstract_mesh()
+    if not rules or mesh.empty:
+        return x
+    axes = []
+    for size, name in zip(x.shape, names, strict=True):
+        axis = rules.get(name)
+        axes.append(axis if axis is not None and size % mesh.shape[axis] == 0 else None)
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*axes))
+
+
+class KVCache(NamedTuple):
+    """Keys (after rotary) and values of every layer, one slot per position."""
+
+    k: jax.Array  # [L, B, S, K, H]
+    v: jax.Array
+
+    @classmethod
+    def empty(cls, config: ModelConfig, batch: int, length: int) -> KVCache:
+        shape = (config.n_layers, batch, length, config.n_kv_heads, config.head_dim)
+        return cls(jnp.zeros(shape, config.dtype), jnp.zeros(shape, config.dtype))
+
+
+def rope_frequencies(config: ModelConfig) -> jax.Array:
+    """theta^(-2j/H) for j < H/2, with Llama-3.1's wavelength-dependent scaling if configured."""
+    h = config.head_dim
+    inv_freq = 1.0 / config.rope_theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h)
+    s = config.rope_scaling
+    if s is None:
+        return inv_freq
+    # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band between
+    # interpolated (HF _compute_llama3_parameters).
+    wavelen = 2 * math.pi / inv_freq
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor)
+    mid = (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
+    return jnp.where(wavelen > low_wavelen, inv_freq / s.factor,
+                     jnp.where(wavelen < high_wavelen, inv_freq, mid))
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate x [B, T, N, H] by position; pairs are (i, i + H/2) (half-split layout), in f32."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
+    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+
+
+def dropout(x: jax.Array, rate: jax.Array, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout with a traced rate, so each scanned layer can have its own (LIMA §3)."""
+    if key is None:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def param_init(names: tuple[str, ...], init=nnx.initializers.normal(0.02)):
+    return nnx.with_partitioning(init, names)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.eps = config.norm_eps
+        init = param_init(("norm",), nnx.initializers.ones)
+        self.scale = nnx.Param(init(rngs.params(), (config.dim,), config.param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # Normalise in float32 whatever the compute dtype, as Meta and HF do.
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
+
+
+def projection(einsum_str: str, shape: tuple[int, ...], names: tuple[str, ...],
+               config: ModelConfig, rngs: nnx.Rngs) -> nnx.Einsum:
+    return nnx.Einsum(einsum_str, shape, kernel_init=param_init(names), dtype=config.dtype,
+                      param_dtype=config.param_dtype, rngs=rngs)
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        d, n, k, h = config.dim, config.n_heads, config.n_kv_heads, config.head_dim
+        self.n_kv_heads, self.head_dim = k, h
+        self.wq = projection("BTD,DNH->BTNH", (d, n, h), ("embed", "heads", "head_dim"),
+                             config, rngs)
+        self.wk = projection("BTD,DKH->BTKH", (d, k, h), ("embed", "kv_heads", "head_dim"),
+                             config, rngs)
+        self.wv = projection("BTD,DKH->BTKH", (d, k, h), ("embed", "kv_heads", "head_dim"),
+                             config, rngs)
+        self.wo = projection("BTNH,NHD->BTD", (n, h, d), ("heads", "head_dim", "embed"),
+                             config, rngs)
+
+    def __call__(self, x, positions, inv_freq, cache: tuple[jax.Array, jax.Array] | None):
+        q = constrain(apply_rope(self.wq(x), positions, inv_freq),
+                      "act_batch", None, "act_heads", None)
+        k = apply_rope(self.wk(x), positions, inv_freq)
+        v = self.wv(x)
+        if cache is None:
+            key_positions = positions  # [B, S = T]
+        else:
+            # Write this step's keys and values at their positions; attend over every slot.
+            rows = jnp.arange(x.shape[0])[:, None]
+            k = cache[0].at[rows, positions].set(k.astype(cache[0].dtype))
+            v = cache[1].at[rows, positions].set(v.astype(cache[1].dtype))
+            cache = (k, v)
+            key_positions = jnp.broadcast_to(jnp.arange(k.shape[1]), (k.shape[0], k.shape[1]))
+        b, t, n, h = q.shape
+        q = q.reshape(b, t, self.n_kv_heads, n // self.n_kv_heads, h)  # [B, T, K, G, H]
+        scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
+        # Causal by position: key s is visible to a query at p iff s <= p. Examples are never
+        # packed, so padding (which comes after the real tokens) is never attended to.
+        visible = key_positions[:, None, :] <= positions[:, :, None]  # [B, T, S]
+        scores = jnp.where(visible[:, None, None], scores / math.sqrt(h), -jnp.inf)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(b, t, n, h)
+        return self.wo(out), cache
+
+
+class FeedForward(nnx.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        d, f = config.dim, config.ffn_dim
+        self.w1 = projection("BTD,DF->BTF", (d, f), ("embed", "mlp"), config, rngs)
+        self.w2 = projection("BTF,FD->BTD", (f, d), ("mlp", "embed"), config, rngs)
+        self.w3 = projection("BTD,DF->BTF", (d, f), ("embed", "mlp"), config, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = constrain(jax.nn.silu(self.w1(x)) * self.w3(x), "act_batch", None, "act_mlp")
+        return self.w2(h)
+
+
+class Block(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.attention_norm = RMSNorm(config, rngs=rngs)
+        self.attention = Attention(config, rngs=rngs)
+        self.ffn_norm = RMSNorm(config, rngs=rngs)
+        self.feed_forward = FeedForward(config, rngs=rngs)
+
+    def __call__(self, x, positions, inv_freq, cache, dropout_rate, dropout_key):
+        # LIMA §3: residual dropout on each sub-layer's output, before the residual add.
+        keys = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+        a, cache = self.attention(self.attention_norm(x), positions, inv_freq, cache)
+        h = x + dropout(a, dropout_rate, keys[0])
+        out = h + dropout(self.feed_forward(self.ffn_norm(h)), dropout_rate, keys[1])
+        return constrain(out, "act_batch", None, None), cache
+
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Llama(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.tok_embeddings = nnx.Embed(
+            config.padded_vocab_size, config.dim, dtype=config.dtype,
+            param_dtype=config.param_dtype, embedding_init=param_init(("vocab", "embed")),
+            rngs=rngs)
+
+        # L blocks built at once with parameters stacked on a leading "layers" axis.
+        @nnx.split_rngs(splits=config.n_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_layers(rngs: nnx.Rngs) -> Block:
+            return Block(config, rngs=rngs)
+
+        self.layers = make_layers(rngs)
+        self.norm = RMSNorm(config, rngs=rngs)
+        if not config.tie_embeddings:
+            self.output = projection("BTD,DV->BTV", (config.dim, config.padded_vocab_size),
+                                     ("embed", "vocab"), config, rngs)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, *,
+                 cache: KVCache | None = None, dropout_rates: jax.Array | None = None,
+                 dropout_key: jax.Array | None = None):
+        """Logits [B, T, V] (float32) for tokens [B, T] at positions [B, T] (default 0..T-1).
+
+        With a cache, returns (logits, updated cache). dropout_rates [L] with a dropout_key turns
+        on residual dropout; without them the model is deterministic (evaluation, sampling).
+        """
+        config = self.config
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        x = constrain(self.tok_embeddings(tokens), "act_batch", None, None)
+        inv_freq = rope_frequencies(config)
+        rates = jnp.zeros(config.n_layers) if dropout_rates is None else dropout_rates
+        keys = None if dropout_key is None else jax.random.split(dropout_key, config.n_layers)
+        layer_caches = None if cache is None else (cache.k, cache.v)
+
+        def layer(x, block, layer_cache, rate, key):
+            return block(x, positions, inv_freq, layer_cache, rate, key)
+
+        if config.remat != "none":  # recompute activations in the backward pass
+            layer = nnx.remat(layer, policy=REMAT_POLICIES[config.remat])
+        run_layers = nnx.scan(layer, in_axes=(nnx.Carry, 0, 0, 0, 0), out_axes=(nnx.Carry, 0),
+                              transform_metadata={nnx.PARTITION_NAME: "layers"})
+        x, layer_caches = run_layers(x, self.layers, layer_caches, rates, keys)
+
+        x = self.norm(x)
+        if config.tie_embeddings:
+            logits = self.tok_embeddings.attend(x)
+        else:
+            logits = self.output(x)
+        logits = constrain(logits.astype(jnp.float32), "act_batch", None, "act_vocab")
+        # Padding rows of the vocabulary are never predicted.
+        logits = jnp.where(jnp.arange(logits.shape[-1]) < config.vocab_size, logits, -jnp.inf)
+        if cache is None:
+            return logits
+        return logits, KVCache(*layer_caches)
