@@ -86,7 +86,10 @@ def dropout(x: jax.Array, rate: jax.Array, key: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
-def param_init(names: tuple[str, ...], init=nnx.initializers.normal(0.02)):
+NORMAL_INIT = nnx.initializers.normal(0.02)  # LLaMA's initialiser scale
+
+
+def param_init(names: tuple[str, ...], init=NORMAL_INIT):
     return nnx.with_partitioning(init, names)
 
 
