@@ -1,0 +1,131 @@
+"""Tokenizer: the EOT convention, tokens.json, and dialogue ids + loss masks on LIMA's real data."""
+
+import json
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+from limajax.errors import UserError
+from limajax.tokenizer import Tokenizer, TokenSpec, read_tokens_json, write_tokens_json
+
+
+@pytest.fixture(scope="module")
+def model_file(fixtures):
+    return fixtures / "llama_tokenizer" / "tokenizer.model"
+
+
+@pytest.fixture(scope="module")
+def tok(model_file):
+    return Tokenizer.from_path(model_file)
+
+
+@pytest.fixture(scope="module")
+def sp(model_file):
+    return spm.SentencePieceProcessor(model_file=str(model_file))
+
+
+@pytest.fixture(scope="module")
+def dialogues(fixtures):
+    with open(fixtures / "lima" / "train.jsonl") as f:
+        return [json.loads(line)["conversations"] for line in f]
+
+
+def test_bare_tokenizer_puts_eot_past_the_vocabulary(tok):
+    assert (tok.bos_id, tok.eos_id, tok.eot_id) == (1, 2, 32000)
+    assert tok.vocab_size == 32001 and tok.padded_vocab_size == 32128
+    assert tok.encode("Hello world") == [15043, 3186]  # fixture README, no BOS
+
+
+def test_model_directory_reads_tokens_json(tmp_path, model_file):
+    (tmp_path / "tokenizer.model").write_bytes(model_file.read_bytes())
+    spec = TokenSpec(bos_id=1, eos_id=2, eot_id=32000, vocab_size=32001, padded_vocab_size=32256)
+    write_tokens_json(tmp_path / "tokens.json", spec)
+    assert read_tokens_json(tmp_path / "tokens.json") == spec
+    tok = Tokenizer.from_path(tmp_path)
+    assert tok.spec == spec and tok.padded_vocab_size == 32256
+
+
+def test_base_model_without_eot_gains_it(tmp_path, model_file):
+    (tmp_path / "tokenizer.model").write_bytes(model_file.read_bytes())
+    write_tokens_json(tmp_path / "tokens.json", TokenSpec.for_vocab(32000, 1, 2, eot=False))
+    base = Tokenizer.from_path(tmp_path)
+    assert base.eot_id is None and base.vocab_size == 32000 and base.padded_vocab_size == 32000
+    with pytest.raises(UserError, match="no EOT"):
+        base.encode_dialogue(["hi", "hello"])
+    tuned = base.with_eot()
+    assert (tuned.eot_id, tuned.vocab_size, tuned.padded_vocab_size) == (32000, 32001, 32001)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("{", "not valid JSON"),
+        ('{"bos_id": 1}', "expected exactly the keys"),
+        ('{"bos_id": 1, "eos_id": 2, "eot_id": "x", "vocab_size": 3, "padded_vocab_size": 4}',
+         "eot_id must be an integer"),
+        ('{"bos_id": 1, "eos_id": 2, "eot_id": 9, "vocab_size": 3, "padded_vocab_size": 4}',
+         "outside the vocabulary"),
+    ],
+)
+def test_bad_tokens_json_is_a_user_error(tmp_path, text, message):
+    path = tmp_path / "tokens.json"
+    path.write_text(text)
+    with pytest.raises(UserError, match=message) as e:
+        read_tokens_json(path)
+    assert str(path) in str(e.value)
+
+
+def test_missing_tokenizer_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        Tokenizer.from_path(tmp_path)
+    (tmp_path / "tokenizer.model").write_text("not a model")
+    with pytest.raises(UserError, match="not a SentencePiece model"):
+        Tokenizer.from_path(tmp_path / "tokenizer.model")
+
+
+def test_dialogues_have_eot_after_every_utterance_and_assistant_only_masks(tok, sp, dialogues):
+    """Every real LIMA dialogue: ids, mask and decoding checked against SentencePiece directly."""
+    assert len(dialogues) == 1029
+    for conv in dialogues:
+        ids, mask, trimmed = tok.encode_dialogue(conv, max_len=10**6)
+        assert not trimmed and ids[0] == tok.bos_id and mask[0] == 0
+        expected_len = 1 + sum(len(sp.encode(u)) + 1 for u in conv)
+        assert len(ids) == len(mask) == expected_len
+        # Split at EOT: one segment per utterance, in order, decoding to the exact text.
+        ends = np.flatnonzero(ids == tok.eot_id)
+        assert len(ends) == len(conv) and ends[-1] == len(ids) - 1
+        start = 1
+        for turn, (utterance, end) in enumerate(zip(conv, ends, strict=True)):
+            assert list(ids[start:end]) == sp.encode(utterance)
+            assert tok.decode(ids[start:end + 1]) == utterance
+            want = 1 if turn % 2 == 1 else 0  # user turns (even) 0, assistant turns (odd) 1
+            assert (mask[start:end + 1] == want).all(), (turn, utterance[:40])
+            start = end + 1
+        all_but_bos = tok.encode_dialogue(conv, max_len=10**6, train_on_prompts=True).loss_mask
+        assert all_but_bos[0] == 0 and all_but_bos[1:].all()
+
+
+def test_long_dialogue_is_trimmed_to_exactly_max_len_keeping_the_beginning(tok, dialogues):
+    full = [tok.encode_dialogue(c, max_len=10**6) for c in dialogues]
+    longest = int(np.argmax([len(e.ids) for e in full]))
+    assert len(full[longest].ids) > 2048
+    ids, mask, trimmed = tok.encode_dialogue(dialogues[longest])
+    assert trimmed and len(ids) == len(mask) == 2048
+    assert (ids == full[longest].ids[:2048]).all()
+    assert (mask == full[longest].loss_mask[:2048]).all()
+    short = tok.encode_dialogue(["Hi", "Hello"])
+    assert not short.trimmed
+    assert len(short.ids) == 1 + len(tok.encode("Hi")) + len(tok.encode("Hello")) + 2
+
+
+def test_decode_drops_bos_eot_and_padding_ids(tok):
+    ids = [tok.bos_id, *tok.encode("Once upon a time"), tok.eot_id, tok.padded_vocab_size - 1]
+    assert tok.decode(ids) == "Once upon a time"
+
+
+def test_non_string_turn_is_rejected(tok):
+    with pytest.raises(ValueError, match="list of strings"):
+        tok.encode_dialogue(["hi", 3])
+    with pytest.raises(ValueError, match="list of strings"):
+        tok.encode_dialogue("hi")
