@@ -135,7 +135,7 @@ def model_from_params(config: ModelConfig, params: dict, mesh: Mesh | None = Non
     according to the sharding table on `mesh` (one device if None)."""
     mesh = single_device_mesh() if mesh is None else mesh
     graphdef, abstract = abstract_model(config, mesh)
-    expected = abstract.to_pure_dict()
+    expected = nnx.to_pure_dict(abstract)
     shapes_ok = jax.tree.map(lambda a, p: a.shape == np.shape(p), expected, params)
     if not all(jax.tree.leaves(shapes_ok)):
         bad = [jax.tree_util.keystr(k) for k, ok in jax.tree_util.tree_leaves_with_path(shapes_ok)
@@ -143,7 +143,7 @@ def model_from_params(config: ModelConfig, params: dict, mesh: Mesh | None = Non
         raise UserError(f"parameters do not match the model config: {', '.join(bad)}")
     placed = jax.tree.map(lambda a, p: jax.device_put(np.asarray(p, a.dtype), a.sharding),
                           expected, params)
-    abstract.replace_by_pure_dict(placed)
+    nnx.replace_by_pure_dict(abstract, placed)
     return nnx.merge(graphdef, abstract)
 
 
