@@ -175,4 +175,6 @@ def test_every_preset_shards_on_a_simulated_8x8_mesh():
     assert plans["llama2-70b"]["shards"]["['layers']['attention']['wk']['kernel']"][1] == [
         80, 1024, 1, 128]
     # 33B's 52 heads cannot split 8 ways: they are replicated, and said so.
-    assert plans["llama1-33b"]["replicated"] == ["heads (52) over model (8)"] * 2
+    assert sorted(plans["llama1-33b"]["replicated"]) == (
+        ["heads (52) over model (8)"] * 2 + ["kv_heads (52) over model (8)"] * 2)
+    assert all(plans[name]["replicated"] == [] for name in PRESETS if name != "llama1-33b")
