@@ -1,0 +1,107 @@
+"""Per-token log-probabilities and perplexity of plain texts under a model.
+
+LIMA App. B compares perplexity on held-out data with generation quality; this is also the
+probe a user runs to check a conversion (a converted LLaMA should give low perplexity on text
+it has seen the like of, and the same numbers as the reference implementation).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from limajax import sharding
+from limajax.errors import UserError
+from limajax.model import Llama
+from limajax.tokenizer import Tokenizer
+
+
+def read_texts(path: str | Path) -> list[dict]:
+    """Rows {"id", "text"} of a JSONL file; a bad line is reported by file and line number."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise UserError(f'{path}:{n}: expected an object with a string "text"')
+            rows.append({"id": row.get("id", n), "text": row["text"]})
+    if not rows:
+        raise UserError(f"{path}: no rows")
+    return rows
+
+
+def length_bucket(n: int, limit: int) -> int:
+    """The smallest power of two >= n (at least 16, at most limit): few shapes compile."""
+    return min(limit, max(16, 1 << (n - 1).bit_length()))
+
+
+@nnx.jit
+def token_logprobs(model: Llama, tokens: jax.Array) -> jax.Array:
+    """log p(tokens[t] | tokens[:t]) for t >= 1: [B, T-1]."""
+    logits = model(tokens)[:, :-1]
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+
+
+def score(model: Llama, tokenizer: Tokenizer, rows: list[dict], mesh: Mesh,
+          batch_size: int = 8) -> Iterator[dict]:
+    """Rows with token_ids (BOS first), logprobs of every token after the first, nll and ppl."""
+    data = mesh.shape["data"]
+    batch_size = data * math.ceil(batch_size / data)  # rows split evenly over the data axis
+    limit = model.config.max_seq_len
+    encoded = [[tokenizer.bos_id] + tokenizer.encode(r["text"])[: limit - 1] for r in rows]
+    for start in range(0, len(rows), batch_size):
+        chunk = encoded[start:start + batch_size]
+        width = length_bucket(max(len(ids) for ids in chunk), limit)
+        tokens = np.zeros((batch_size, width), np.int32)  # right padding is never attended to
+        for i, ids in enumerate(chunk):
+            tokens[i, :len(ids)] = ids
+        with sharding.activate(mesh):
+            logp = token_logprobs(model, jax.device_put(tokens, sharding.batch_sharding(mesh)))
+        logp = np.asarray(logp, np.float64)
+        for i, ids in enumerate(chunk):
+            lp = logp[i, :len(ids) - 1]
+            nll = float(-lp.mean()) if len(lp) else float("nan")
+            yield {**rows[start + i], "token_ids": ids, "logprobs": lp.tolist(), "nll": nll,
+                   "ppl": math.exp(nll) if len(lp) else float("nan")}
+
+
+def score_file(model_dir: str, input_path: str, output_path: str, mesh_spec: str = "1x1",
+               batch_size: int = 8) -> dict:
+    """`limajax score`: read texts, write scored rows atomically, return a summary."""
+    from limajax.checkpoint import load_model  # checkpoint depends on sharding, not on us
+
+    rows = read_texts(input_path)
+    mesh = sharding.make_mesh(mesh_spec, jax.devices()[:math.prod(sharding.parse_mesh(mesh_spec))])
+    model, tokenizer = load_model(model_dir, mesh)
+    output = Path(output_path)
+    tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
+    total_nll, total_tokens = 0.0, 0
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            for row in score(model, tokenizer, rows, mesh, batch_size):
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                total_nll += -sum(row["logprobs"])
+                total_tokens += len(row["logprobs"])
+        tmp.replace(output)
+    finally:
+        tmp.unlink(missing_ok=True)
+    nll = total_nll / max(total_tokens, 1)
+    return {"rows": len(rows), "tokens": total_tokens, "nll": nll, "ppl": math.exp(nll)}
