@@ -1,0 +1,199 @@
+"""Orbax on disk: params-only model directories (DESIGN §3).
+
+A model directory is what `convert` writes and `sample`/`serve`/`train --init`/`export` read:
+
+    params/          Orbax checkpoint of the parameter tree (nnx.Param state as a pure dict)
+    model.json       ModelConfig.to_dict()
+    tokenizer.model  the SentencePiece model (absent only if the source had none)
+    tokens.json      bos/eos/eot ids and vocabulary sizes (limajax.tokenizer owns the format)
+
+Directories are built beside their destination and renamed into place when complete
+(`staged_dir`), so an interrupted run never leaves something that looks finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint._src.serialization.type_handler_registry import (
+    create_type_handler_registry,
+)
+
+from limajax.config import ModelConfig
+from limajax.errors import UserError
+from limajax.tokenizer import TOKENIZER_FILE, TOKENS_FILE, TokenSpec, read_tokens_json, write_tokens_json
+
+PARAMS_DIR = "params"
+MODEL_FILE = "model.json"
+
+# Orbax's defaults hold a whole array in anonymous memory while writing it: NumpyHandler
+# deep-copies host arrays, and the OCDBT driver buffers every chunk until the commit (measured:
+# 2 GiB peak for a 1 GiB memmap). Without the copy, without OCDBT and with 16 MiB chunks, a
+# memmap-backed array streams from the page cache to disk (~0.13 GiB peak for the same array),
+# which is what lets `convert` stay near one tensor of memory (tools/bench_convert.py).
+CHUNK_BYTES = 16 << 20
+
+
+# --- writing directories atomically -----------------------------------------------------------
+
+
+@contextlib.contextmanager
+def staged_dir(final: str | Path, *, overwrite: bool = False, marker: str = MODEL_FILE
+               ) -> Iterator[Path]:
+    """Yield an empty temporary directory beside `final`; rename it to `final` on success.
+
+    On any error the temporary directory is removed and `final` is untouched. An existing
+    `final` is replaced only with `overwrite`, and only if it is empty or holds `marker` (it
+    looks like an earlier output), so a mistyped --output never deletes someone's files.
+    """
+    final = Path(final)
+    if final.exists() or final.is_symlink():
+        if not overwrite:
+            raise UserError(f"{final}: already exists (pass --overwrite to replace it)")
+        if not final.is_dir() or (any(final.iterdir()) and not (final / marker).exists()):
+            raise UserError(f"{final}: refusing to replace it: it is not an earlier output "
+                            f"(no {marker} inside)")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            # Move the old output aside first: at every instant one complete directory exists.
+            old = tmp.with_suffix(".old")
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# --- the params checkpoint ----------------------------------------------------------------------
+
+
+def _checkpointer() -> ocp.Checkpointer:
+    registry = create_type_handler_registry(
+        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+        (jax.Array, ocp.type_handlers.ArrayHandler()),
+    )
+    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_ocdbt=False)
+    return ocp.Checkpointer(handler)
+
+
+def save_params(path: str | Path, params) -> None:
+    """Write a tree of numpy (memmaps welcome) or jax arrays as an Orbax checkpoint at `path`."""
+    save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), params)
+    _checkpointer().save(Path(path).absolute(), args=ocp.args.PyTreeSave(params,
+                                                                           save_args=save_args))
+
+
+def restore_params(path: str | Path, abstract):
+    """Restore the tree at `path` into `abstract` (ShapeDtypeStructs with shardings)."""
+    path = Path(path).absolute()
+    with ocp.StandardCheckpointer() as ckptr:
+        stored = ckptr.metadata(path).item_metadata.tree
+        _check_stored(stored, abstract, path)
+        return ckptr.restore(path, abstract)
+
+
+def _check_stored(stored, expected, path: Path) -> None:
+    """Name the first parameter whose stored shape differs from what model.json implies."""
+    flat_stored = {jax.tree_util.keystr(k): v for k, v in
+                   jax.tree_util.tree_leaves_with_path(stored)}
+    for key, want in jax.tree_util.tree_leaves_with_path(expected):
+        name = jax.tree_util.keystr(key)
+        have = flat_stored.pop(name, None)
+        if have is None:
+            raise UserError(f"{path}: parameter {name} is missing (model.json expects "
+                            f"shape {list(want.shape)})")
+        if tuple(have.shape) != tuple(want.shape):
+            raise UserError(f"{path}: parameter {name} has shape {list(have.shape)}, model.json "
+                            f"expects {list(want.shape)}")
+    if flat_stored:
+        raise UserError(f"{path}: unexpected parameters {sorted(flat_stored)} (not in a model "
+                        "described by model.json)")
+
+
+# --- model directories --------------------------------------------------------------------------
+
+
+def write_model_dir(directory: str | Path, params, config: ModelConfig, tokens: TokenSpec,
+                    tokenizer: str | Path | None = None) -> None:
+    """Fill an existing, empty directory (usually from `staged_dir`) with a model directory."""
+    directory = Path(directory)
+    if tokens.vocab_size != config.vocab_size or (
+            tokens.padded_vocab_size != config.padded_vocab_size):
+        raise ValueError(f"tokens {tokens} disagree with the config's vocabulary "
+                         f"{config.vocab_size}/{config.padded_vocab_size}")
+    save_params(directory / PARAMS_DIR, params)
+    (directory / MODEL_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    write_tokens_json(directory / TOKENS_FILE, tokens)
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, directory / TOKENIZER_FILE)
+
+
+def save_model_dir(model_dir: str | Path, params, config: ModelConfig, tokens: TokenSpec,
+                   tokenizer: str | Path | None = None, *, overwrite: bool = False) -> Path:
+    """Write a complete model directory atomically (see module docstring)."""
+    with staged_dir(model_dir, overwrite=overwrite) as tmp:
+        write_model_dir(tmp, params, config, tokens, tokenizer)
+    return Path(model_dir)
+
+
+def read_model_config(model_dir: str | Path) -> ModelConfig:
+    path = Path(model_dir) / MODEL_FILE
+    if not Path(model_dir).is_dir():
+        raise UserError(f"{model_dir}: not a directory (expected a limajax model directory)")
+    try:
+        return ModelConfig.from_dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found (is {model_dir} a limajax model directory?)") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    except TypeError as e:
+        raise UserError(f"{path}: {e}") from None
+
+
+def tokenizer_path(model_dir: str | Path) -> Path | None:
+    """The model directory's tokenizer.model, or None if it was converted without one."""
+    path = Path(model_dir) / TOKENIZER_FILE
+    return path if path.is_file() else None
+
+
+def load_model_dir(model_dir: str | Path, shardings=None):
+    """(params, ModelConfig, TokenSpec) of a model directory.
+
+    `shardings`: None (everything on the first device), a Mesh (the sharding table's layout on
+    it), or a tree of jax Shardings shaped like the params. Arrays are restored straight into
+    their shards, so a big model never exists whole on one device.
+    """
+    from limajax.sharding import abstract_model, single_device_mesh  # imports the model
+
+    model_dir = Path(model_dir)
+    config = read_model_config(model_dir)
+    tokens = read_tokens_json(model_dir / TOKENS_FILE)
+    if (tokens.vocab_size, tokens.padded_vocab_size) != (config.vocab_size,
+                                                         config.padded_vocab_size):
+        raise UserError(f"{model_dir / TOKENS_FILE}: vocab_size {tokens.vocab_size} / "
+                        f"padded {tokens.padded_vocab_size} disagree with {MODEL_FILE} "
+                        f"({config.vocab_size} / {config.padded_vocab_size})")
+    mesh = shardings if isinstance(shardings, jax.sharding.Mesh) else single_device_mesh()
+    _, abstract = abstract_model(config, mesh)
+    abstract = abstract.to_pure_dict()
+    if shardings is not None and not isinstance(shardings, jax.sharding.Mesh):
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                abstract, shardings)
+    params_dir = model_dir / PARAMS_DIR
+    if not params_dir.is_dir():
+        raise UserError(f"{params_dir}: not found (is {model_dir} a limajax model directory?)")
+    return restore_params(params_dir, abstract), config, tokens
