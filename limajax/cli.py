@@ -36,3 +36,100 @@ def main():
 
 
 # --- commands are added below, one section per capability -------------------------------------
+
+
+# --- data: GAIR JSONL -> TFDS dataset, and what is in it (limajax.data) -------------------------
+
+
+@main.group()
+def data():
+    """Prepare LIMA's dialogues (GAIR's JSONL) as a TFDS dataset, and inspect one."""
+
+
+@data.command("prepare")
+@click.option("--input", "input_dir", type=click.Path(path_type=str), default=None,
+              help="Directory with GAIR's train.jsonl (+ optional test.jsonl, dev.jsonl). "
+              "Default: the sample dialogues shipped with limajax.")
+@click.option("--output", "output_dir", required=True, type=click.Path(path_type=str),
+              help="New directory for the dataset (written whole or not at all).")
+@click.option("--dev-from-train", type=int, default=0, show_default=True,
+              help="Hold out N seeded training dialogues as the dev split.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed for --dev-from-train and --sample.")
+@click.option("--sample", type=int, default=None,
+              help="Keep a seeded sample of N training dialogues (LIMA §5 quantity ablation).")
+@click.option("--sources", default=None,
+              help="Comma-separated sources to train on, e.g. stackexchange,wikihow "
+              "(LIMA §5 diversity ablation).")
+@user_errors
+def data_prepare(input_dir, output_dir, dev_from_train, seed, sample, sources):
+    """Check GAIR's files and write them as a versioned ArrayRecord dataset."""
+    from limajax import data as data_lib
+
+    options = data_lib.PrepareOptions(
+        dev_from_train=dev_from_train, seed=seed, sample=sample,
+        sources=tuple(s.strip() for s in sources.split(",") if s.strip()) if sources else None,
+    )
+    metadata = data_lib.prepare(input_dir or data_lib.SAMPLE_DATA, output_dir, options)
+    click.echo(f"prepared {data_lib.dataset_dir(output_dir)}")
+    click.echo("  " + ", ".join(f"{k}: {v:,}" for k, v in metadata["examples"].items()))
+    for name, info in metadata["inputs"].items():
+        click.echo(f"  {name}: {info['rows']:,} rows, sha256 {info['sha256']}")
+    train = metadata["inputs"]["train.jsonl"]
+    if train["trailing_user_turns_dropped"] or train["rows_without_answer"]:
+        click.echo(f"  dropped {train['trailing_user_turns_dropped']:,} unanswered last user "
+                   f"turns; skipped {train['rows_without_answer']:,} rows left without a turn")
+
+
+@data.command("inspect")
+@click.option("--data", "data_dir", required=True, type=click.Path(path_type=str),
+              help="A directory written by `limajax data prepare`.")
+@click.option("--tokenizer", "tokenizer_path", required=True, type=click.Path(path_type=str),
+              help="A model directory or a bare tokenizer.model (EOT = its vocabulary size).")
+@click.option("--max-len", type=int, default=2048, show_default=True,
+              help="Trim length (LIMA §3: 2048).")
+@click.option("--train-on-prompts", is_flag=True,
+              help="Count loss on user turns too (default: assistant turns and their EOT).")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=str), default=None,
+              help="Write a histogram of lengths to this PNG instead of the text one.")
+@user_errors
+def data_inspect(data_dir, tokenizer_path, max_len, train_on_prompts, plot):
+    """Examples per split and source, turns, token lengths, trimming and loss coverage."""
+    from limajax import data as data_lib
+    from limajax.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_path(tokenizer_path)
+    stats = data_lib.inspect(data_dir, tokenizer, max_len=max_len,
+                             train_on_prompts=train_on_prompts)
+    click.echo(data_lib.format_stats(stats, histogram=plot is None))
+    if plot:
+        data_lib.plot_lengths(stats, plot)
+        click.echo(f"wrote {plot}")
+
+
+# --- score ---------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=str),
+              help="A model directory (from `limajax convert` or a training export).")
+@click.option("--input", "input_path", required=True, type=click.Path(path_type=str),
+              help='JSONL rows {"id", "text"}; BOS is prepended, no chat format.')
+@click.option("--output", "output_path", required=True, type=click.Path(path_type=str),
+              help='JSONL rows adding "token_ids", "logprobs", "nll" and "ppl".')
+@click.option("--mesh", default="1x1", show_default=True, help="DATAxMODEL device mesh.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@user_errors
+def score(model_dir, input_path, output_path, mesh, batch_size):
+    """Log-probability of every token of each text, and its perplexity (LIMA App. B).
+
+    Example: limajax score --model runs/tiny-model --input texts.jsonl --output scores.jsonl
+    """
+    from limajax import sharding
+
+    sharding.ensure_devices(sharding.parse_mesh(mesh)[0] * sharding.parse_mesh(mesh)[1])
+    from limajax.scoring import score_file
+
+    summary = score_file(model_dir, input_path, output_path, mesh, batch_size)
+    click.echo(f"scored {summary['rows']} texts, {summary['tokens']} tokens: "
+               f"nll {summary['nll']:.4f}, perplexity {summary['ppl']:.3f} -> {output_path}")
