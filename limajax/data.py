@@ -468,9 +468,11 @@ def inspect(
 
 
 def _length_bins(lengths: np.ndarray) -> list[int]:
-    edges = [0, *BUCKETS]
+    """0, the length buckets, then doublings: up to the first edge that holds the longest."""
+    edges = [0]
     while edges[-1] < lengths.max():
-        edges.append(edges[-1] * 2)
+        bigger = [b for b in BUCKETS if b > edges[-1]]
+        edges.append(bigger[0] if bigger else edges[-1] * 2)
     return edges
 
 
@@ -486,10 +488,13 @@ def format_stats(stats: list[SplitStats], histogram: bool = True) -> str:
             f"  tokens per dialogue (BOS and EOTs included): p50 {p['p50']:,}  p90 {p['p90']:,}"
             f"  p99 {p['p99']:,}  max {p['max']:,}",
             f"  trimmed at {s.max_len}: {s.trimmed:,} ({s.trimmed / s.examples:.1%})",
-            f"  tokens after trimming: {s.tokens:,}; carrying loss: {s.loss_tokens:,}"
-            f" ({s.loss_tokens / s.tokens:.1%})",
         ]
-        if s.no_loss:
+        if max(s.turns) == 1:  # GAIR's test prompts: nothing to learn from, nothing to report
+            lines.append(f"  tokens after trimming: {s.tokens:,}; prompts only, no loss")
+        else:
+            lines.append(f"  tokens after trimming: {s.tokens:,}; carrying loss: "
+                         f"{s.loss_tokens:,} ({s.loss_tokens / s.tokens:.1%})")
+        if s.no_loss and max(s.turns) > 1:
             lines.append(f"  dialogues with no token carrying loss: {s.no_loss:,}")
         if histogram:
             edges = _length_bins(s.lengths)

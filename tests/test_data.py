@@ -201,3 +201,16 @@ def test_an_empty_output_directory_is_filled(tmp_path):
     assert run("data", "prepare", "--input", gair, "--output", tmp_path / "out").exit_code == 0
     assert len(data.load(tmp_path / "out")) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gair", "out"]
+
+
+def test_the_embedded_sample_is_the_default_input(tmp_path):
+    lines = {split: (data.SAMPLE_DATA / f"{split}.jsonl").read_text().splitlines()
+             for split in ("train", "test")}
+    result = run("data", "prepare", "--output", tmp_path / "sample")
+    assert result.exit_code == 0, result.output
+    assert f"train: {len(lines['train'])}, test: {len(lines['test'])}" in result.output
+    for split in ("train", "test"):
+        source = data.load(tmp_path / "sample", split)
+        assert [data.conversations(source[i]) for i in range(len(source))] == [
+            json.loads(line)["conversations"] for line in lines[split]
+        ]
