@@ -243,8 +243,9 @@ def dataset_dir(data_dir: str | Path) -> Path:
     if (data_dir / "dataset_info.json").is_file():
         return data_dir
     found = sorted(
-        (p.parent for p in data_dir.glob("lima/*/dataset_info.json")),
-        key=lambda p: tfds.core.Version(p.name) if tfds.core.Version.is_valid(p.name) else "",
+        (p.parent for p in data_dir.glob("lima/*/dataset_info.json")
+         if tfds.core.Version.is_valid(p.parent.name)),
+        key=lambda p: tfds.core.Version(p.name),
     )
     if not found:
         raise UserError(f"{data_dir}: no prepared LIMA dataset (run `limajax data prepare`)")
