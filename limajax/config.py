@@ -147,3 +147,164 @@ def preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise UserError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
     return PRESETS[name]
+
+
+# --- run configs: what `limajax train` does with a model (LIMA §3 defaults) -------------------
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with LIMA's schedule (LIMA §3)."""
+
+    lr: float = 1e-5  # LIMA §3: "learning rate of 1e-5 ... linearly decaying to 1e-6"
+    end_lr: float = 1e-6
+    b1: float = 0.9  # LIMA §3: AdamW beta1 0.9, beta2 0.95
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # LIMA §3; applied to matrices only
+    clip_norm: float | None = 1.0  # global-norm clipping; None turns it off
+    warmup_steps: int = 0  # LIMA §3: no warm-up
+
+    def __post_init__(self):
+        if self.lr <= 0 or self.end_lr < 0:
+            raise UserError(f"optim: lr must be > 0 and end_lr >= 0, got {self.lr}, {self.end_lr}")
+        if self.clip_norm is not None and self.clip_norm <= 0:
+            raise UserError(f"optim: clip_norm must be positive or None, got {self.clip_norm}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which dialogues, how they are batched (LIMA §3: batch 32, 64 for smaller models)."""
+
+    path: str | None = None  # prepared dataset directory; None: the embedded sample data
+    batch_size: int = 32  # global batch, in examples
+    micro_batch_size: int | None = None  # gradient accumulation when set (must divide batch)
+    max_len: int = 2048  # LIMA §3: texts longer than 2048 tokens are trimmed
+    train_on_prompt: bool = False  # loss on user turns too (LIMA does not say; default: off)
+    seed: int = 0  # shuffling
+
+    def __post_init__(self):
+        if self.batch_size <= 0:
+            raise UserError(f"data: batch_size must be positive, got {self.batch_size}")
+        if self.micro_batch_size is not None and (
+                self.micro_batch_size <= 0 or self.batch_size % self.micro_batch_size):
+            raise UserError(f"data: micro_batch_size {self.micro_batch_size} must divide "
+                            f"batch_size {self.batch_size}")
+
+    @property
+    def accumulation_steps(self) -> int:
+        return 1 if self.micro_batch_size is None else self.batch_size // self.micro_batch_size
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A whole fine-tuning run: model, optimiser, data and the loop's settings."""
+
+    model: ModelConfig
+    optim: OptimConfig = OptimConfig()
+    data: DataConfig = DataConfig()
+    epochs: int = 15  # LIMA §3
+    dropout: float = 0.3  # LIMA §3: top residual dropout rate (0.0 at the first layer)
+    seed: int = 0  # initialisation (without --init) and dropout
+    mesh: str = "1x1"
+    init: str | None = None  # model directory to start from (convert's output); None: random
+    tokenizer: str | None = None  # tokenizer.model for a random model (--init brings its own)
+    save_every_steps: int | None = None  # extra checkpoints inside an epoch
+    max_to_keep: int | None = None  # None: keep every checkpoint (LIMA picks among epochs 5-10)
+    log_every_steps: int = 1
+
+    def __post_init__(self):
+        if isinstance(self.model, str):
+            object.__setattr__(self, "model", preset(self.model))
+        if isinstance(self.model, dict):
+            object.__setattr__(self, "model", ModelConfig.from_dict(self.model))
+        for name, cls in (("optim", OptimConfig), ("data", DataConfig)):
+            if isinstance(getattr(self, name), dict):
+                object.__setattr__(self, name, _from_dict(cls, getattr(self, name), name))
+        if self.epochs <= 0:
+            raise UserError(f"epochs must be positive, got {self.epochs}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.save_every_steps is not None and self.save_every_steps <= 0:
+            raise UserError(f"save_every_steps must be positive, got {self.save_every_steps}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        return _from_dict(cls, d, "train config")
+
+
+def _from_dict(cls, d: dict[str, Any], where: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise UserError(f"{where}: unknown keys {unknown}")
+    return cls(**d)
+
+
+def _parse_value(text: str, current: Any, key: str) -> Any:
+    """'2e-5' -> 2e-5 etc., checked against the type of the value it replaces."""
+    import ast
+
+    if isinstance(current, str):
+        return text
+    if text.lower() in ("none", "null"):
+        return None
+    if isinstance(current, bool) or text.lower() in ("true", "false"):
+        if text.lower() not in ("true", "false"):
+            raise UserError(f"--set {key}={text}: expected true or false")
+        return text.lower() == "true"
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        if current is not None:
+            raise UserError(f"--set {key}={text}: expected a {type(current).__name__}") from None
+        return text  # a string-valued field that is None by default (e.g. data.path)
+    if isinstance(current, float) and isinstance(value, int):
+        value = float(value)
+    if current is not None and not isinstance(value, type(current)):
+        raise UserError(f"--set {key}={text}: expected a {type(current).__name__}")
+    return value
+
+
+def apply_overrides(config, overrides: list[str] | tuple[str, ...]):
+    """Apply `--set section.key=value` overrides through dataclasses.replace."""
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected key=value, e.g. optim.lr=2e-5")
+        key, text = item.split("=", 1)
+        config = _replace_path(config, key.strip().split("."), text.strip(), key.strip())
+    return config
+
+
+def _replace_path(obj, path: list[str], text: str, key: str):
+    names = {f.name for f in dataclasses.fields(obj)}
+    if path[0] not in names:
+        raise UserError(f"--set {key}: unknown key {path[0]!r} in {type(obj).__name__} "
+                        f"(known: {', '.join(sorted(names))})")
+    current = getattr(obj, path[0])
+    if len(path) > 1:
+        if not dataclasses.is_dataclass(current):
+            raise UserError(f"--set {key}: {path[0]!r} has no sub-keys")
+        value = _replace_path(current, path[1:], text, key)
+    else:
+        if dataclasses.is_dataclass(current):
+            raise UserError(f"--set {key}: {path[0]!r} is a section; set one of its keys")
+        value = _parse_value(text, current, key)
+    return dataclasses.replace(obj, **{path[0]: value})
+
+
+def load_recipe(path: str) -> TrainConfig:
+    """Run a recipe file from configs/ and return its `config` (a TrainConfig)."""
+    import runpy
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        raise UserError(f"--config {path}: no such file")
+    namespace = runpy.run_path(path)
+    config = namespace.get("config")
+    if not isinstance(config, TrainConfig):
+        raise UserError(f"--config {path}: the file must define `config = TrainConfig(...)`")
+    return config

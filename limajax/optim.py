@@ -1,0 +1,51 @@
+"""AdamW with LIMA's schedule and weight-decay mask (LIMA §3).
+
+LIMA §3: AdamW with beta1 0.9, beta2 0.95 and weight decay 0.1; the learning rate starts at
+1e-5 with no warm-up and decays linearly to 1e-6 "by the end of training", i.e. it is 1e-6 at
+the last step. Weight decay touches matrices only (embeddings, projections, output), never the
+RMSNorm scales: decaying a gain towards zero would shrink the layer, not regularise it.
+"""
+
+from __future__ import annotations
+
+import jax
+import optax
+from flax import nnx
+
+from limajax.config import OptimConfig
+
+
+def schedule(config: OptimConfig, total_steps: int) -> optax.Schedule:
+    """lr(step) for step = 0 .. total_steps-1: linear from lr to end_lr, both ends included."""
+    decay = optax.linear_schedule(config.lr, config.end_lr,
+                                  max(total_steps - 1 - config.warmup_steps, 1))
+    if config.warmup_steps == 0:
+        return decay
+    warmup = optax.linear_schedule(0.0, config.lr, config.warmup_steps)
+    return optax.join_schedules([warmup, decay], [config.warmup_steps])
+
+
+def matrix_axes(names: tuple[str | None, ...]) -> int:
+    """How many of a parameter's axes are matrix axes (the stacked `layers` axis is not)."""
+    return sum(1 for n in names if n != "layers")
+
+
+def decay_mask(abstract_state: nnx.State) -> dict:
+    """A pure dict like the params: True where weight decay applies (matrices only)."""
+
+    def is_matrix(v: nnx.Variable) -> bool:
+        names = v.get_metadata().get("out_sharding") or (None,) * len(v.get_value().shape)
+        return matrix_axes(names) >= 2
+
+    mask = jax.tree.map(lambda v: v.replace(is_matrix(v)), abstract_state,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return mask.to_pure_dict()
+
+
+def optimizer(config: OptimConfig, total_steps: int, mask) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW (decoupled weight decay on `mask`) at LIMA's schedule."""
+    adamw = optax.adamw(schedule(config, total_steps), b1=config.b1, b2=config.b2,
+                        eps=config.eps, weight_decay=config.weight_decay, mask=mask)
+    if config.clip_norm is None:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(config.clip_norm), adamw)

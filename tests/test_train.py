@@ -1,0 +1,197 @@
+"""The LIMA recipe (LIMA §3), the step's loss, and that training learns and shards exactly."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import train_support as ts
+from flax import nnx
+
+from limajax import data, optim, sharding, train
+from limajax.config import DataConfig, OptimConfig, TrainConfig, apply_overrides, preset
+from limajax.errors import UserError
+
+
+def test_lima_step_count_and_schedule():
+    # LIMA §3: 1,000 examples, batch 32, 15 epochs. The short last batch (8 real rows + 24
+    # padding rows) is kept, so an epoch is ceil(1000 / 32) = 32 steps and the run 480 steps.
+    steps = data.steps_per_epoch(1000, 32)
+    assert steps == 32
+    total = 15 * steps
+    assert total == 480
+    lr = optim.schedule(OptimConfig(), total)
+    assert float(lr(0)) == pytest.approx(1e-5, rel=1e-6)  # no warm-up
+    assert float(lr(total - 1)) == pytest.approx(1e-6, rel=1e-5)  # 1e-6 at the last step
+    expected = np.linspace(1e-5, 1e-6, total)
+    got = np.array([float(lr(s)) for s in range(total)])
+    np.testing.assert_allclose(got, expected, rtol=1e-5)  # linear in between
+
+
+def test_recipe_files_cite_lima():
+    import runpy
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    c7 = runpy.run_path(str(root / "lima_7b.py"))["config"]
+    c65 = runpy.run_path(str(root / "lima_65b.py"))["config"]
+    for c in (c7, c65):
+        assert (c.epochs, c.optim.lr, c.optim.end_lr, c.optim.b1, c.optim.b2) == (
+            15, 1e-5, 1e-6, 0.9, 0.95)
+        assert c.optim.weight_decay == 0.1 and c.optim.warmup_steps == 0
+        assert c.data.max_len == 2048
+    assert (c7.data.batch_size, c7.dropout) == (64, 0.2)
+    assert (c65.data.batch_size, c65.dropout, c65.mesh) == (32, 0.3, "8x8")
+    assert "LIMA §3" in (root / "lima_65b.py").read_text()
+
+
+def test_weight_decay_touches_matrices_only():
+    config = preset("tiny").replace(n_layers=2)
+    mesh = sharding.single_device_mesh()
+    _, abstract = sharding.abstract_model(config, mesh)
+    mask = optim.decay_mask(abstract)
+    assert mask["layers"]["attention"]["wq"]["kernel"] is True
+    assert mask["tok_embeddings"]["embedding"] is True and mask["output"]["kernel"] is True
+    # Stacked norm scales are 2-D [L, D] but not matrices.
+    assert mask["layers"]["attention_norm"]["scale"] is False and mask["norm"]["scale"] is False
+    # With zero gradients Adam's update is 0, so only decoupled weight decay moves parameters.
+    params = nnx.to_pure_dict(nnx.state(sharding.init_model(config, mesh)))
+    tx = optim.optimizer(OptimConfig(), 10, mask)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    new = jax.tree.map(lambda p, u: p + u, params, updates)
+    shrink = 1 - 1e-5 * 0.1
+    np.testing.assert_allclose(new["layers"]["feed_forward"]["w1"]["kernel"],
+                               params["layers"]["feed_forward"]["w1"]["kernel"] * shrink,
+                               rtol=1e-6)
+    np.testing.assert_array_equal(new["layers"]["ffn_norm"]["scale"],
+                                  params["layers"]["ffn_norm"]["scale"])
+
+
+def test_dropout_rises_with_depth_and_evaluation_is_deterministic():
+    rates = train.dropout_rates(4, 0.3)
+    np.testing.assert_allclose(rates, [0.0, 0.1, 0.2, 0.3], atol=1e-7)
+    assert float(rates[0]) == 0.0 and float(rates[-1]) == pytest.approx(0.3)
+    model = sharding.init_model(preset("tiny").replace(n_layers=4), sharding.single_device_mesh())
+    tokens = jnp.arange(16).reshape(2, 8) % 500
+    a, b = model(tokens), model(tokens)  # evaluation and sampling: no dropout arguments
+    np.testing.assert_array_equal(a, b)
+    c = model(tokens, dropout_rates=rates, dropout_key=jax.random.key(1))
+    assert not np.allclose(a, c)
+    # Only the last layers drop: with a rate of 0 everywhere, the key changes nothing.
+    d = model(tokens, dropout_rates=jnp.zeros(4), dropout_key=jax.random.key(1))
+    np.testing.assert_allclose(a, d, rtol=1e-6, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def step_setup():
+    config = ts.tiny_config(mesh="2x4", dropout=0.0)
+    mesh = sharding.make_mesh("2x4")
+    params = nnx.to_pure_dict(nnx.state(sharding.init_model(config.model, mesh)))
+    batch = next(iter(ts.Loader(config, ts.rows())))
+    return config, mesh, params, batch
+
+
+def _one_step(config, mesh, params, batch):
+    setup = train.build(config, mesh, steps_per_epoch=2)
+    params = jax.tree.map(jnp.copy, params)  # the step donates its input
+    state, metrics = train.make_train_step(setup)(train.init_state(setup, params),
+                                                  train.put_batch(batch, setup))
+    return jax.device_get(state.params), {k: float(v) for k, v in metrics.items()}
+
+
+def test_loss_is_the_global_target_token_mean(step_setup):
+    config, mesh, params, batch = step_setup
+    _, m = _one_step(config, mesh, params, batch)
+    model = nnx.merge(sharding.abstract_model(config.model, mesh)[0], params)
+    nll = train.token_nll(model(batch["inputs"], batch["positions"]), batch["targets"])
+    expected = float((nll * batch["loss_mask"]).sum() / batch["loss_mask"].sum())
+    assert m["loss"] == pytest.approx(expected, rel=1e-5)
+    assert m["target_tokens"] == batch["loss_mask"].sum()
+    assert m["lr"] == pytest.approx(1e-3)
+
+    # Accumulating over 2 micro batches of 4 gives the same loss and the same update.
+    accum = apply_overrides(config, ["data.micro_batch_size=4"])
+    p1, _ = _one_step(config, mesh, params, batch)
+    p2, m2 = _one_step(accum, mesh, params, batch)
+    assert m2["loss"] == pytest.approx(m["loss"], rel=1e-6)
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+    # A short last batch: rows 4..7 are all padding; the loss is the mean over rows 0..3 only.
+    short = {k: v.copy() for k, v in batch.items()}
+    for k in ("inputs", "targets", "loss_mask"):
+        short[k][4:] = 0
+    _, m3 = _one_step(config, mesh, params, short)
+    nll = np.asarray(nll)
+    mask = batch["loss_mask"][:4]
+    assert m3["loss"] == pytest.approx(float((nll[:4] * mask).sum() / mask.sum()), rel=1e-5)
+
+
+def test_it_learns(tmp_path):
+    """The tiny model memorises the eight dialogues: target-token loss below 0.1."""
+    config = ts.tiny_config(
+        mesh="1x1", epochs=60, dropout=0.0, optim=OptimConfig(lr=1e-2, end_lr=1e-3),
+        data=DataConfig(batch_size=8, max_len=32))
+    loader = ts.Loader(config, ts.rows(8))
+    metrics = train.run(config, tmp_path, loader, mesh=sharding.single_device_mesh(),
+                        progress=False, peak=1e12)
+    assert metrics[0]["loss"] > 4.0
+    assert metrics[-1]["loss"] < 0.1, [m["loss"] for m in metrics[::10]]
+    # The workdir contract (DESIGN §3).
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 60
+    assert {"step", "epoch", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu", "time"} <= set(
+        lines[0])
+    assert TrainConfig.from_dict(json.loads((tmp_path / "config.json").read_text())) == config
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_sharded_equals_unsharded(tmp_path):
+    config = ts.tiny_config()  # dropout 0.2 on: the masks must not depend on the mesh either
+    ref_losses, ref = ts.three_steps(config, sharding.single_device_mesh())
+    losses, params = ts.three_steps(config, sharding.make_mesh("2x4"))
+    np.testing.assert_allclose(losses, ref_losses, atol=1e-5, rtol=1e-5)
+    for k in ref:
+        np.testing.assert_allclose(params[k], ref[k], atol=1e-5, err_msg=k)
+    # 8x8 on 64 simulated devices, in a subprocess (the device count is fixed per process).
+    out = tmp_path / "out.npz"
+    proc = ts.run_script(tmp_path, "8x8", 64, "three_steps", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = np.load(out)
+    np.testing.assert_allclose(got["__losses__"], ref_losses, atol=1e-5, rtol=1e-5)
+    for k in ref:
+        np.testing.assert_allclose(got[k], ref[k], atol=1e-5, err_msg=k)
+
+
+def test_nan_loss_stops_the_run_keeping_the_last_good_checkpoint(tmp_path):
+    config = ts.tiny_config(save_every_steps=1, epochs=2)
+
+    class Poisoned(ts.Loader):
+        def __iter__(self):
+            for i, batch in enumerate(super().__iter__()):
+                if i == 2:  # the third step sees a NaN
+                    batch["loss_mask"] = batch["loss_mask"] * np.nan
+                yield batch
+
+    with pytest.raises(train.Diverged, match="at step 3 .*last good checkpoint is step 2"):
+        train.run(config, tmp_path, Poisoned(config, ts.rows()), progress=False, peak=1e12)
+    from limajax import checkpoint
+
+    assert [m["step"] for m in checkpoint.train_checkpoints(tmp_path)] == [1, 2]
+
+
+def test_bad_setups_are_user_errors(tmp_path):
+    config = ts.tiny_config()
+    with pytest.raises(UserError, match="batch_size 6 does not divide across the data axis"):
+        train.check_mesh(apply_overrides(config, ["data.batch_size=6"]),
+                         sharding.make_mesh("4x2"))
+    with pytest.raises(UserError, match="n_heads 2 does not divide across the model axis"):
+        train.check_mesh(apply_overrides(config, ["model.n_kv_heads=2", "model.n_heads=2"]),
+                         sharding.make_mesh("2x4"))
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+    other = apply_overrides(config, ["optim.lr=2e-5"])
+    with pytest.raises(UserError, match="holds another run's checkpoints .*optim.lr"):
+        train.check_workdir(tmp_path, other)
+    train.check_workdir(tmp_path, apply_overrides(config, ["mesh=1x1"]))  # a new mesh is fine

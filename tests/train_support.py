@@ -1,0 +1,171 @@
+"""Shared pieces of the training tests: a tiny run on real tokenizer ids, and a script entry
+point so runs on other device counts (and runs killed on purpose) happen in subprocesses.
+
+    python tests/train_support.py WORKDIR MESH DEVICES [kill=E.I] [epochs=N] [processes=P,ID,PORT]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+TOKENIZER = FIXTURES / "stories260K" / "tok512.model"
+HERE = Path(__file__).resolve()
+
+# Eight short dialogues (user, assistant): small enough to memorise, real SentencePiece ids.
+DIALOGUES = [
+    ["What colour is the sky?", "The sky is blue on a clear day."],
+    ["Name a big animal.", "An elephant is a very big animal."],
+    ["Where do fish live?", "Fish live in rivers, lakes and the sea."],
+    ["What do cats say?", "Cats say meow when they want food."],
+    ["Tell me a fruit.", "A red apple is a sweet fruit."],
+    ["When do we sleep?", "We sleep at night when it is dark."],
+    ["What is snow?", "Snow is cold white ice that falls in winter."],
+    ["Who was Lily?", "Lily was a little girl who loved to play."],
+]
+
+
+def tokenizer():
+    from limajax.tokenizer import Tokenizer
+
+    return Tokenizer.from_path(TOKENIZER)
+
+
+def tiny_config(**changes):
+    """Two layers of the tiny preset, batch 8 of at most 32 tokens, 3 epochs of 2 steps."""
+    from limajax.config import DataConfig, OptimConfig, TrainConfig, preset
+
+    model = preset("tiny").replace(n_layers=2, vocab_size=tokenizer().vocab_size,
+                                   n_kv_heads=8)
+    base = dict(model=model, data=DataConfig(batch_size=8, max_len=32), epochs=3, dropout=0.2,
+                optim=OptimConfig(lr=1e-3, end_lr=1e-4, eps=1e-4), mesh="2x4")
+    # eps 1e-4, not 1e-8: Adam's first update is about lr * sign(g), so for gradient entries
+    # near 0 a different summation order (another mesh, accumulation) would flip whole
+    # updates; with eps above that rounding noise, equal gradients mean equal parameters.
+    base.update(changes)
+    return TrainConfig(**base)
+
+
+def rows(n: int = 16) -> list[dict]:
+    """n dialogues: the eight above, repeated with a varying second turn."""
+    return [{"conversations": [d[0], d[1] + " " * (i // 8)]}
+            for i, d in zip(range(n), DIALOGUES * (n // 8 + 1), strict=False)]
+
+
+class Loader:
+    """data.Batches, optionally killing this process (SIGKILL) when asked for one batch."""
+
+    def __init__(self, config, source, kill_at: tuple[int, int] | None = None):
+        from limajax import data
+
+        d = config.data
+        self.inner = data.Batches(source, tokenizer(), batch_size=d.batch_size, seed=d.seed,
+                                  max_len=d.max_len, buckets=(d.max_len,),
+                                  num_epochs=config.epochs, read_options=None)
+        self.steps_per_epoch, self.kill_at = self.inner.steps_per_epoch, kill_at
+
+    def get_state(self):
+        return self.inner.get_state()
+
+    def set_state(self, state):
+        self.inner.set_state(state)
+
+    def __iter__(self):
+        it = iter(self.inner)
+        while True:
+            s = self.inner.get_state()
+            if self.kill_at == (s["epoch"], s["index"]):
+                os.kill(os.getpid(), signal.SIGKILL)
+            try:
+                yield next(it)
+            except StopIteration:
+                return
+
+
+def params_numpy(state) -> dict:
+    import jax
+
+    return {jax.tree_util.keystr(k): np.asarray(jax.device_get(v))
+            for k, v in jax.tree_util.tree_leaves_with_path(state.params)}
+
+
+def run_script(workdir, mesh: str, devices: int, *args: str, timeout: int = 120, env=None):
+    """Run this file in a subprocess with `devices` simulated CPU devices."""
+    env = dict(os.environ if env is None else env)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    return subprocess.run([sys.executable, str(HERE), str(workdir), mesh, str(devices), *args],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def three_steps(config, mesh):
+    """Losses and final parameters of three steps on `mesh` (no workdir)."""
+    from limajax import train
+    from limajax.config import apply_overrides
+
+    config = apply_overrides(config, ["epochs=1"])
+    setup = train.build(config, mesh, steps_per_epoch=3)
+    state = train.init_state(setup)
+    step = train.make_train_step(setup)
+    losses = []
+    for batch in list(Loader(config, rows(24)))[:3]:
+        state, m = step(state, train.put_batch(batch, setup))
+        losses.append(float(m["loss"]))
+    return losses, params_numpy(state)
+
+
+def main(argv):
+    workdir, mesh, _devices, *rest = argv
+    if rest and rest[0] == "three_steps":
+        from limajax import sharding
+
+        losses, params = three_steps(tiny_config(), sharding.make_mesh(mesh))
+        np.savez(rest[1], __losses__=np.asarray(losses), **params)
+        return
+    opts = dict(a.split("=", 1) for a in rest)
+    if "processes" in opts:
+        import jax
+
+        n, pid, port = opts["processes"].split(",")
+        jax.distributed.initialize(f"127.0.0.1:{port}", int(n), int(pid))
+    from limajax import train
+
+    changes = {"mesh": mesh}
+    if "epochs" in opts:
+        changes["epochs"] = int(opts["epochs"])
+    config = tiny_config(**changes)
+    kill = tuple(int(x) for x in opts["kill"].split(".")) if "kill" in opts else None
+    loader = Loader(config, rows(), kill)
+    metrics = train.run(config, workdir, loader, progress=False, peak=1e12)
+    out = Path(workdir) / f"out.{opts.get('tag', 'run')}"
+    import jax
+
+    if jax.process_index() == 0:
+        state = _final_state(config, workdir)
+        np.savez(str(out) + ".npz", **params_numpy(state))
+        Path(str(out) + ".json").write_text(json.dumps(metrics))
+
+
+def _final_state(config, workdir):
+    """The latest checkpoint, restored onto one device."""
+    from limajax import checkpoint, sharding, train
+
+    mesh = sharding.single_device_mesh()
+    setup = train.build(config, mesh, Loader(config, rows()).steps_per_epoch)
+    manager = checkpoint.train_manager(workdir)
+    state, _ = checkpoint.restore_train_state(manager, manager.latest_step(),
+                                              setup.abstract_state)
+    manager.close()
+    return state
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE.parents[1]))
+    main(sys.argv[1:])
