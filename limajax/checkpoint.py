@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -29,7 +30,13 @@ from orbax.checkpoint._src.serialization.type_handler_registry import (
 
 from limajax.config import ModelConfig
 from limajax.errors import UserError
-from limajax.tokenizer import TOKENIZER_FILE, TOKENS_FILE, TokenSpec, read_tokens_json, write_tokens_json
+from limajax.tokenizer import (
+    TOKENIZER_FILE,
+    TOKENS_FILE,
+    TokenSpec,
+    read_tokens_json,
+    write_tokens_json,
+)
 
 PARAMS_DIR = "params"
 MODEL_FILE = "model.json"
@@ -90,11 +97,24 @@ def _checkpointer() -> ocp.Checkpointer:
     return ocp.Checkpointer(handler)
 
 
+class _NoOcdbtMergeNotice(logging.Filter):
+    """Orbax warns that a checkpoint written without OCDBT has no OCDBT parts to merge: true,
+    and what we asked for."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Skipping merge of OCDBT checkpoints" not in record.getMessage()
+
+
 def save_params(path: str | Path, params) -> None:
     """Write a tree of numpy (memmaps welcome) or jax arrays as an Orbax checkpoint at `path`."""
     save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), params)
-    _checkpointer().save(Path(path).absolute(), args=ocp.args.PyTreeSave(params,
-                                                                           save_args=save_args))
+    quiet, logger = _NoOcdbtMergeNotice(), logging.getLogger("absl")
+    logger.addFilter(quiet)
+    try:
+        _checkpointer().save(Path(path).absolute(),
+                             args=ocp.args.PyTreeSave(params, save_args=save_args))
+    finally:
+        logger.removeFilter(quiet)
 
 
 def restore_params(path: str | Path, abstract):

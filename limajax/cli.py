@@ -38,6 +38,72 @@ def main():
 # --- commands are added below, one section per capability -------------------------------------
 
 
+# --- convert / export: Meta and Hugging Face checkpoints <-> model directories (limajax.convert)
+
+
+@main.command()
+@click.option("--from", "source", required=True, type=click.Choice(["meta", "hf"]),
+              help="meta: params.json + consolidated.NN.pth; hf: config.json + safetensors.")
+@click.option("--input", "input_dir", required=True, type=click.Path(path_type=str),
+              help="The checkpoint directory.")
+@click.option("--tokenizer", type=click.Path(path_type=str), default=None,
+              help="(meta) tokenizer.model; default: the one in --input or beside it.")
+@click.option("--output", required=True, type=click.Path(path_type=str),
+              help="New model directory (built beside it, renamed when complete).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32",
+              show_default=True, help="Parameter dtype in the model directory.")
+@click.option("--add-eot/--no-add-eot", default=True, show_default=True,
+              help="Add LIMA's end-of-turn token (id = the base vocabulary size; its rows start "
+              "as the mean of the others).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --output model directory.")
+@user_errors
+def convert(source, input_dir, tokenizer, output, dtype, add_eot, overwrite):
+    """LLaMA weights -> a limajax model directory (params/, model.json, tokens.json, tokenizer).
+
+    Tensors are streamed one at a time, so memory stays near one merged tensor; disk needs
+    about twice the converted model while it runs.
+
+    Example: limajax convert --from meta --input llama/7B --output models/llama1-7b
+    """
+    from limajax import convert as convert_lib
+
+    config, tokens, found = convert_lib.convert(source, input_dir, output, tokenizer=tokenizer,
+                                                dtype=dtype, add_eot=add_eot,
+                                                overwrite=overwrite)
+    if found is None:
+        click.echo(f"notice: no tokenizer.model in or beside {input_dir}; the model directory "
+                   "has none (pass --tokenizer)" if source == "meta" else
+                   f"notice: {input_dir} has no tokenizer.model; the model directory has none",
+                   err=True)
+    eot = f", EOT {tokens.eot_id}" if tokens.eot_id is not None else ", no EOT"
+    click.echo(f"wrote {output}: {config.n_params / 1e6:,.1f}M parameters ({dtype}), "
+               f"{config.n_layers} layers, vocabulary {tokens.vocab_size}{eot} "
+               f"(padded to {tokens.padded_vocab_size})")
+
+
+@main.command()
+@click.option("--to", "target", required=True, type=click.Choice(["hf", "meta"]),
+              help="hf: safetensors + config.json + tokenizer for transformers; meta: params.json "
+              "+ consolidated.NN.pth.")
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=str),
+              help="A model directory.")
+@click.option("--output", required=True, type=click.Path(path_type=str),
+              help="New checkpoint directory (built beside it, renamed when complete).")
+@click.option("--shards", default=1, show_default=True, type=click.IntRange(min=1),
+              help="(meta) model-parallel shards to split the tensors into.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --output checkpoint.")
+@user_errors
+def export(target, model_dir, output, shards, overwrite):
+    """A model directory -> a Hugging Face or Meta checkpoint (vocabulary padding dropped).
+
+    Example: limajax export --to hf --model models/lima-7b --output hf/lima-7b
+    """
+    from limajax import convert as convert_lib
+
+    convert_lib.export(target, model_dir, output, shards=shards, overwrite=overwrite)
+    click.echo(f"wrote {output}")
+
+
 # --- data: GAIR JSONL -> TFDS dataset, and what is in it (limajax.data) -------------------------
 
 
