@@ -141,8 +141,12 @@ def model_from_params(config: ModelConfig, params: dict, mesh: Mesh | None = Non
         bad = [jax.tree_util.keystr(k) for k, ok in jax.tree_util.tree_leaves_with_path(shapes_ok)
                if not ok]
         raise UserError(f"parameters do not match the model config: {', '.join(bad)}")
-    placed = jax.tree.map(lambda a, p: jax.device_put(np.asarray(p, a.dtype), a.sharding),
-                          expected, params)
+    def place(a: jax.ShapeDtypeStruct, p):
+        # jax arrays (e.g. restored into their shards) move device to device, never via host.
+        p = p.astype(a.dtype) if isinstance(p, jax.Array) else np.asarray(p, a.dtype)
+        return jax.device_put(p, a.sharding)
+
+    placed = jax.tree.map(place, expected, params)
     nnx.replace_by_pure_dict(abstract, placed)
     return nnx.merge(graphdef, abstract)
 
