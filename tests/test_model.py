@@ -22,6 +22,16 @@ from limajax.model import KVCache, Llama
 CFG = ModelConfig(dim=48, n_layers=3, n_heads=6, n_kv_heads=3, vocab_size=300, multiple_of=16)
 
 
+@nnx.jit
+def forward(model, tokens, positions=None, rates=None, key=None):
+    return model(tokens, positions, dropout_rates=rates, dropout_key=key)
+
+
+@nnx.jit
+def decode(model, tokens, positions, cache):
+    return model(tokens, positions, cache=cache)
+
+
 @pytest.fixture(scope="module")
 def model():
     return Llama(CFG, rngs=nnx.Rngs(0))
@@ -33,13 +43,13 @@ def tokens():
 
 
 def test_kv_cache_matches_full_forward(model, tokens):
-    full = model(tokens)
+    full = forward(model, tokens)
     cache = KVCache.empty(CFG, batch=2, length=16)
     # A 4-token prefill, then one token at a time.
-    logits, cache = model(tokens[:, :4], cache=cache)
+    logits, cache = decode(model, tokens[:, :4], jnp.broadcast_to(jnp.arange(4), (2, 4)), cache)
     steps = [logits]
     for t in range(4, tokens.shape[1]):
-        logits, cache = model(tokens[:, t:t + 1], jnp.full((2, 1), t), cache=cache)
+        logits, cache = decode(model, tokens[:, t:t + 1], jnp.full((2, 1), t), cache)
         steps.append(logits)
     incremental = jnp.concatenate(steps, axis=1)
     real = slice(0, CFG.vocab_size)
@@ -51,29 +61,31 @@ def test_rows_decode_at_their_own_positions(model, tokens):
     """Rows of one batch may sit at different positions (prompts of different lengths)."""
     short = tokens[1:, :5]
     cache = KVCache.empty(CFG, batch=2, length=16)
-    _, cache = model(jnp.stack([tokens[0, :8], jnp.pad(short[0], (0, 3))]), cache=cache)
-    logits, _ = model(jnp.stack([tokens[0, 8:9], tokens[1, 5:6]]), jnp.array([[8], [5]]),
-                      cache=cache)
-    np.testing.assert_allclose(logits[0, 0, :300], model(tokens[:1, :9])[0, 8, :300], atol=1e-5)
-    np.testing.assert_allclose(logits[1, 0, :300], model(tokens[1:, :6])[0, 5, :300], atol=1e-5)
+    prefill = jnp.stack([tokens[0, :8], jnp.pad(short[0], (0, 3))])
+    _, cache = decode(model, prefill, jnp.broadcast_to(jnp.arange(8), (2, 8)), cache)
+    logits, _ = decode(model, jnp.stack([tokens[0, 8:9], tokens[1, 5:6]]), jnp.array([[8], [5]]),
+                       cache)
+    full = forward(model, jnp.stack([tokens[0, :9], jnp.pad(tokens[1, :6], (0, 3))]))
+    np.testing.assert_allclose(logits[0, 0, :300], full[0, 8, :300], atol=1e-5)
+    np.testing.assert_allclose(logits[1, 0, :300], full[1, 5, :300], atol=1e-5)
 
 
 def test_padded_vocabulary_is_never_predicted(model, tokens):
-    logits = model(tokens)
+    logits = forward(model, tokens)
     assert logits.shape[-1] == CFG.padded_vocab_size == 384
     assert bool(jnp.all(jnp.isneginf(logits[..., CFG.vocab_size:])))
     assert bool(jnp.all(jnp.isfinite(logits[..., :CFG.vocab_size])))
 
 
 def test_dropout_only_when_asked_and_per_layer(model, tokens):
-    plain = model(tokens)
+    plain = forward(model, tokens)
     # Rates of zero, even with a key, change nothing: LIMA §3's first layer has p = 0.
-    zero = model(tokens, dropout_rates=jnp.zeros(CFG.n_layers), dropout_key=jax.random.key(0))
+    zero = forward(model, tokens, rates=jnp.zeros(CFG.n_layers), key=jax.random.key(0))
     np.testing.assert_allclose(zero, plain, atol=1e-6)
     # Only the last layer dropping out still changes the output, and differs per key.
     rates = jnp.array([0.0, 0.0, 0.3])
-    a = model(tokens, dropout_rates=rates, dropout_key=jax.random.key(0))
-    b = model(tokens, dropout_rates=rates, dropout_key=jax.random.key(1))
+    a = forward(model, tokens, rates=rates, key=jax.random.key(0))
+    b = forward(model, tokens, rates=rates, key=jax.random.key(1))
     real = (..., slice(0, CFG.vocab_size))
     assert float(jnp.abs(a[real] - plain[real]).max()) > 1e-3
     assert float(jnp.abs(a[real] - b[real]).max()) > 1e-3
