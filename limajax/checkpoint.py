@@ -24,6 +24,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import nnx
 from orbax.checkpoint._src.serialization.type_handler_registry import (
     create_type_handler_registry,
 )
@@ -209,7 +210,7 @@ def load_model_dir(model_dir: str | Path, shardings=None):
                         f"({config.vocab_size} / {config.padded_vocab_size})")
     mesh = shardings if isinstance(shardings, jax.sharding.Mesh) else single_device_mesh()
     _, abstract = abstract_model(config, mesh)
-    abstract = abstract.to_pure_dict()
+    abstract = nnx.to_pure_dict(abstract)
     if shardings is not None and not isinstance(shardings, jax.sharding.Mesh):
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 abstract, shardings)

@@ -399,11 +399,26 @@ def read_meta(input_dir: str | Path, *, tokenizer: str | Path | None = None,
         x = parts[0] if axis is None else np.concatenate(parts, axis)
         place(params, w, layer, x, w.meta_layout, sizes)
         del x, parts
+    if not config.tie_embeddings and _same_embedding_and_output(params, base_vocab):
+        # Meta's format cannot say "tied", so a tied model (e.g. llama2.c's) is written with an
+        # identical output copy; keep it tied so fine-tuning keeps the two equal.
+        config = config.replace(tie_embeddings=True)
+        del params["output"]
     eot_id = base_vocab if add_eot else None
     if add_eot:
         init_eot(params, config, eot_id)
     tokens = _tokens(config, bos, eos, eot_id, str(tokenizer or input_dir))
     return Converted(params, config, tokens, tokenizer)
+
+
+def _same_embedding_and_output(params: dict, vocab: int) -> bool:
+    """tok_embeddings == output^T exactly, compared in blocks of rows (no copy of either)."""
+    emb, out = params["tok_embeddings"]["embedding"], params["output"]["kernel"]
+    for start in range(0, vocab, 4096):
+        stop = min(start + 4096, vocab)
+        if not np.array_equal(emb[start:stop], out[:, start:stop].T):
+            return False
+    return True
 
 
 def _plan_meta(config, base_vocab, files, shards, keys):
@@ -676,11 +691,10 @@ def hf_config(config: ModelConfig, tokens: TokenSpec) -> dict:
 
 
 def hf_generation_config(tokens: TokenSpec) -> dict:
-    """Stop at EOT as well as EOS; sample as LIMA §4.1 does."""
+    """Stop at EOT as well as EOS. No sampling settings: transformers would apply them to every
+    generate() call, greedy ones included (limajax's sampler has LIMA §4.1's)."""
     eos = tokens.eos_id if tokens.eot_id is None else [tokens.eot_id, tokens.eos_id]
-    return {"bos_token_id": tokens.bos_id, "eos_token_id": eos, "do_sample": True,
-            "temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.2,
-            "max_new_tokens": 2048}
+    return {"bos_token_id": tokens.bos_id, "eos_token_id": eos}
 
 
 def hf_tokenizer_config(tokenizer: Path, tokens: TokenSpec, config: ModelConfig) -> dict:
