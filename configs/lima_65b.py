@@ -20,6 +20,10 @@ config = TrainConfig(
     ),
     data=DataConfig(
         batch_size=32,  # LIMA §3: "batch size of 32 examples"
+        # Accumulate over 4 micro batches of 8 (one row per device on the 8-way data axis):
+        # the same gradient (the loss is normalised over the whole batch), and `limajax plan`
+        # shows it fits 32 GiB per device (27 GiB; a single batch of 32 needs 46 GiB).
+        micro_batch_size=8,
         max_len=2048,  # LIMA §3: "texts longer than 2048 tokens are trimmed"
     ),
     epochs=15,  # LIMA §3: "fine-tune ... for 15 epochs"

@@ -199,3 +199,128 @@ def score(model_dir, input_path, output_path, mesh, batch_size):
     summary = score_file(model_dir, input_path, output_path, mesh, batch_size)
     click.echo(f"scored {summary['rows']} texts, {summary['tokens']} tokens: "
                f"nll {summary['nll']:.4f}, perplexity {summary['ppl']:.3f} -> {output_path}")
+
+
+# --- train / plan: LIMA's fine-tuning recipe on a mesh (limajax.train) --------------------------
+
+
+def _recipe(config_path, mesh, init, data_dir, overrides, tokenizer=None):
+    """A recipe file with the command line's changes applied (flags, then --set)."""
+    import dataclasses
+
+    from limajax.config import apply_overrides, load_recipe
+
+    config = load_recipe(config_path)
+    changes = {k: v for k, v in (("mesh", mesh), ("init", init), ("tokenizer", tokenizer))
+               if v is not None}
+    config = dataclasses.replace(config, **changes)
+    if data_dir is not None:
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, path=data_dir))
+    return apply_overrides(config, overrides)
+
+
+def _start_processes(mesh: str, coordinator, num_processes, process_id):
+    """Simulate the mesh's devices on CPU if needed, and join a multi-process run if asked."""
+    import os
+
+    from limajax import sharding
+
+    data, model = sharding.parse_mesh(mesh)
+    if coordinator is not None or num_processes is not None or process_id is not None:
+        if None in (coordinator, num_processes, process_id):
+            raise UserError("--coordinator, --num-processes and --process-id go together")
+        if (data * model) % num_processes:
+            raise UserError(f"mesh {mesh} ({data * model} devices) does not split over "
+                            f"{num_processes} processes")
+        sharding.ensure_devices(data * model // num_processes)
+        import jax
+
+        jax.distributed.initialize(coordinator, num_processes, process_id)
+        return
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get(
+            "TPU_WORKER_HOSTNAMES", ""):
+        import jax
+
+        jax.distributed.initialize()  # JAX finds the coordinator on SLURM and TPU pods
+        return
+    sharding.ensure_devices(data * model)
+
+
+@main.command()
+@click.option("--config", "config_path", required=True, type=click.Path(path_type=str),
+              help="A recipe file from configs/ (defines `config = TrainConfig(...)`).")
+@click.option("--mesh", default=None, help="DATAxMODEL device mesh (default: the recipe's).")
+@click.option("--init", default=None, type=click.Path(path_type=str),
+              help="Start from this model directory (from `limajax convert`).")
+@click.option("--data", "data_dir", default=None, type=click.Path(path_type=str),
+              help="A dataset from `limajax data prepare` (default: the embedded sample data).")
+@click.option("--workdir", required=True, type=click.Path(path_type=str),
+              help="Run directory: config.json, metrics.jsonl, checkpoints/, TensorBoard events. "
+              "Rerunning with the same workdir resumes from its latest checkpoint.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe value, e.g. --set optim.lr=2e-5 (repeatable).")
+@click.option("--tokenizer", default=None, type=click.Path(path_type=str),
+              help="tokenizer.model for a randomly initialised model (no --init).")
+@click.option("--save-every-steps", type=click.IntRange(min=1), default=None,
+              help="Also checkpoint every N steps (one checkpoint per epoch always).")
+@click.option("--peak-flops", type=float, default=None,
+              help="The mesh's peak FLOP/s for MFU (default: known accelerator peaks; on CPU "
+              "a measured matmul rate).")
+@click.option("--coordinator", default=None, metavar="HOST:PORT",
+              help="Multi-host: the address of process 0.")
+@click.option("--num-processes", type=click.IntRange(min=1), default=None)
+@click.option("--process-id", type=click.IntRange(min=0), default=None)
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar per epoch.")
+@user_errors
+def train(config_path, mesh, init, data_dir, workdir, overrides, tokenizer, save_every_steps,
+          peak_flops, coordinator, num_processes, process_id, progress):
+    """Fine-tune with LIMA's recipe (LIMA §3): 15 epochs, AdamW, lr 1e-5 -> 1e-6, depth-wise
+    residual dropout, a checkpoint after every epoch.
+
+    Example: limajax train --config configs/lima_65b.py --init models/llama1-65b
+    --data data/lima --workdir runs/lima-65b
+    """
+    import dataclasses
+
+    config = _recipe(config_path, mesh, init, data_dir, overrides, tokenizer)
+    if save_every_steps is not None:
+        config = dataclasses.replace(config, save_every_steps=save_every_steps)
+    _start_processes(config.mesh, coordinator, num_processes, process_id)
+    from limajax import train as train_lib
+
+    try:
+        train_lib.train(config, workdir, peak=peak_flops, progress=progress)
+    except train_lib.Diverged as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--config", "config_path", required=True, type=click.Path(path_type=str),
+              help="A recipe file from configs/.")
+@click.option("--mesh", default=None, help="DATAxMODEL device mesh (default: the recipe's).")
+@click.option("--device-memory", default="32GiB", show_default=True,
+              help="Memory per device, e.g. 32GiB, 16GB, 80GiB.")
+@click.option("--seq-len", type=int, default=None,
+              help="Sequence length to plan for (default: the recipe's max_len).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe value, e.g. --set model.remat=dots (repeatable).")
+@user_errors
+def plan(config_path, mesh, device_memory, seq_len, overrides):
+    """Compile the real train step ahead of time on simulated devices and print its memory per
+    device (parameters, optimiser state, compiler temporaries) against --device-memory, beside
+    an analytic estimate. Exit code 1 if it does not fit.
+
+    Example: limajax plan --config configs/lima_65b.py --mesh 8x8 --device-memory 32GiB
+    """
+    config = _recipe(config_path, mesh, None, None, overrides)
+    from limajax import sharding
+
+    d, m = sharding.parse_mesh(config.mesh)
+    sharding.ensure_devices(d * m)
+    from limajax import train as train_lib
+
+    report = train_lib.plan(config, train_lib.parse_bytes(device_memory), seq_len=seq_len)
+    click.echo(report.format())
+    if not report.fits:
+        sys.exit(1)

@@ -305,13 +305,14 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def run(config: TrainConfig, workdir: str | Path, loader, *, mesh: Mesh | None = None,
-        init_params: dict | None = None, peak: float | None = None,
+        init_params=None, peak: float | None = None,
         progress: bool = True) -> list[dict]:
     """Train (or resume) in `workdir` on batches from `loader`; returns this session's metrics.
 
     `loader` is data.Batches (or anything with its steps_per_epoch, get_state/set_state and
-    iteration). The workdir follows DESIGN §3: config.json, metrics.jsonl, checkpoints/, and
-    TensorBoard event files.
+    iteration). `init_params`: None (random), a params dict, or mesh -> params (loaded only if
+    there is no checkpoint to resume). The workdir follows DESIGN §3: config.json,
+    metrics.jsonl, checkpoints/, and TensorBoard event files.
     """
     from tqdm import tqdm
 
@@ -334,7 +335,8 @@ def run(config: TrainConfig, workdir: str | Path, loader, *, mesh: Mesh | None =
             say(f"resuming from the checkpoint at step {latest}: epoch {position['epoch'] + 1}, "
                 f"batch {position['index'] + 1} next")
         else:
-            state, position = init_state(setup, init_params), {"epoch": 0, "index": 0}
+            params = init_params(mesh) if callable(init_params) else init_params
+            state, position = init_state(setup, params), {"epoch": 0, "index": 0}
         step = int(jax.device_get(state.step))
         metrics_path = workdir / "metrics.jsonl"
         if main:
@@ -425,3 +427,237 @@ def log_metrics(path: Path, writer, record: dict) -> None:
         for k, v in record.items():
             if k not in ("step", "epoch"):
                 writer.add_scalar(f"train/{k}", v, record["step"])
+
+
+# --- a run from a recipe: model, tokenizer and data resolved (what `limajax train` calls) -------
+
+# The fields that make two model configs the same network; dtype, remat and the vocabulary
+# padding are the run's choice.
+ARCHITECTURE = ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "norm_eps",
+                "rope_theta", "rope_scaling", "tie_embeddings")
+
+
+def resolve(config: TrainConfig):
+    """(config with the model's vocabulary settled, tokenizer, init-params loader or None).
+
+    With `init`, the model directory's config must agree with the recipe's architecture; its
+    vocabulary (LIMA's EOT included) and tokenizer are used. Without, the recipe's model is
+    initialised at random for `tokenizer` plus EOT.
+    """
+    from limajax import checkpoint
+    from limajax.tokenizer import Tokenizer
+
+    if config.init is not None:
+        stored = checkpoint.read_model_config(config.init)
+        for name in ARCHITECTURE:
+            if getattr(stored, name) != getattr(config.model, name):
+                raise UserError(
+                    f"--init {config.init}: its model.json has {name} = "
+                    f"{getattr(stored, name)!r} but the recipe's model has "
+                    f"{getattr(config.model, name)!r}; pick the recipe for that model")
+        if checkpoint.tokenizer_path(config.init) is None:
+            raise UserError(f"--init {config.init}: the model directory has no tokenizer.model")
+        tokenizer = Tokenizer.from_path(config.init)
+        if tokenizer.eot_id is None:
+            raise UserError(f"--init {config.init}: the model has no EOT token (LIMA §3); "
+                            "convert it with --add-eot")
+        model = config.model.replace(vocab_size=stored.vocab_size,
+                                     vocab_multiple=stored.vocab_multiple)
+        if model.padded_vocab_size != stored.padded_vocab_size:
+            raise UserError(f"--init {config.init}: padded vocabulary {stored.padded_vocab_size}"
+                            f" differs from the recipe's {model.padded_vocab_size}")
+        config = dataclasses.replace(config, model=model)
+
+        def init_params(mesh):
+            params, _, _ = checkpoint.load_model_dir(config.init, shardings=mesh)
+            return params
+
+        return config, tokenizer, init_params
+    if config.tokenizer is None:
+        raise UserError("a random model needs a tokenizer: --set tokenizer=PATH/tokenizer.model, "
+                        "or start from a converted model with --init MODEL_DIR")
+    tokenizer = Tokenizer.from_path(config.tokenizer).with_eot()
+    model = config.model.replace(vocab_size=tokenizer.vocab_size)
+    return dataclasses.replace(config, model=model), tokenizer, None
+
+
+def training_source(config: TrainConfig):
+    """The training dialogues: a prepared dataset (--data) or the embedded sample data."""
+    from limajax import data
+
+    if config.data.path is not None:
+        return data.load(config.data.path, "train")
+    rows, _ = data.read_gair_file(data.SAMPLE_DATA / "train.jsonl", "train")
+    return [{"conversations": list(r.conversations)} for r in rows]
+
+
+def make_loader(config: TrainConfig, tokenizer, source):
+    from limajax import data
+
+    d = config.data
+    buckets = sorted({b for b in data.BUCKETS if b < d.max_len} | {d.max_len})
+    return data.Batches(source, tokenizer, batch_size=d.batch_size, seed=d.seed,
+                        num_epochs=config.epochs, max_len=d.max_len, buckets=buckets,
+                        train_on_prompts=d.train_on_prompt)
+
+
+def train(config: TrainConfig, workdir: str | Path, *, peak: float | None = None,
+          progress: bool = True) -> list[dict]:
+    """`limajax train`: resolve the recipe, then run (or resume) it in `workdir`."""
+    mesh = sharding.make_mesh(config.mesh)
+    check_mesh(config, mesh)
+    config, tokenizer, init_params = resolve(config)
+    check_workdir(Path(workdir), config)
+    loader = make_loader(config, tokenizer, training_source(config))
+    say(f"{config.model.n_params / 1e6:,.2f}M parameters, {loader.steps_per_epoch} steps per "
+        f"epoch x {config.epochs} epochs, global batch {config.data.batch_size}, mesh "
+        f"{config.mesh}")
+    return run(config, workdir, loader, mesh=mesh, peak=peak, progress=progress,
+               init_params=init_params)
+
+
+# --- plan: compile the real step ahead of time and read its memory (`limajax plan`) -------------
+
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'32GiB' -> 34359738368; '16GB' -> 16e9; a bare number is bytes."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS | {"": 1}:
+        raise UserError(f"--device-memory {text!r}: expected a size like 32GiB, 16GB or 80GiB")
+    return int(float(m.group(1)) * _UNITS.get(m.group(2).lower(), 1))
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:,.2f} GiB"
+
+
+def per_device_bytes(tree) -> int:
+    """Bytes of the largest shard of every array in a tree of sharded ShapeDtypeStructs."""
+    total = 0
+    for a in jax.tree.leaves(tree):
+        shape = a.sharding.shard_shape(a.shape) if a.sharding is not None else a.shape
+        total += math.prod(shape) * jnp.dtype(a.dtype).itemsize
+    return total
+
+
+@dataclasses.dataclass
+class Plan:
+    """Per-device memory of one train step, from the compiler and from arithmetic."""
+
+    config: TrainConfig
+    devices: int
+    seq_len: int
+    device_memory: int
+    params: int
+    opt_state: int
+    batch: int
+    compiled_arguments: int
+    compiled_outputs: int
+    compiled_aliased: int
+    compiled_temp: int
+    analytic: dict[str, float]
+    compile_seconds: float
+
+    @property
+    def total(self) -> int:
+        """What the step needs at its peak: inputs + outputs not written in place + temporaries."""
+        return self.compiled_arguments + self.compiled_outputs - self.compiled_aliased + \
+            self.compiled_temp
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.device_memory
+
+    def format(self) -> str:
+        c, m = self.config, self.config.model
+        a = self.analytic
+        micro = c.data.micro_batch_size or c.data.batch_size
+        rows = [
+            f"plan: {m.n_params / 1e9:,.2f}B parameters, mesh {c.mesh} ({self.devices} devices), "
+            f"global batch {c.data.batch_size} x {self.seq_len} tokens (micro batch {micro}), "
+            f"params {m.param_dtype}, compute {m.dtype}, remat {m.remat}",
+            f"{'per device':<34}{'compiled':>14}{'analytic':>14}",
+            f"{'  parameters':<34}{gib(self.params):>14}{gib(a['params']):>14}",
+            f"{'  optimizer state (AdamW mu, nu)':<34}{gib(self.opt_state):>14}"
+            f"{gib(a['opt_state']):>14}",
+            f"{'  batch':<34}{gib(self.batch):>14}{gib(a['batch']):>14}",
+            f"{'  temporaries (grads, activations)':<34}{gib(self.compiled_temp):>14}"
+            f"{gib(a['temp']):>14}",
+            f"{'    of which: gradients':<34}{'':>14}{gib(a['grads']):>14}",
+            f"{'    of which: saved activations':<34}{'':>14}{gib(a['activations']):>14}",
+            f"{'    of which: one layer recomputed':<34}{'':>14}{gib(a['layer']):>14}",
+            f"{'    of which: logits and loss':<34}{'':>14}{gib(a['logits']):>14}",
+            f"{'  outputs not updated in place':<34}"
+            f"{gib(self.compiled_outputs - self.compiled_aliased):>14}{'':>14}",
+            f"{'  total':<34}{gib(self.total):>14}{gib(a['total']):>14}",
+            f"device memory {gib(self.device_memory)}: "
+            + ("fits" if self.fits else "DOES NOT FIT")
+            + f" ({self.total / self.device_memory:.0%} used; compiled in "
+            f"{self.compile_seconds:.1f} s on {jax.devices()[0].platform})",
+        ]
+        return "\n".join(rows)
+
+
+def analytic_memory(config: TrainConfig, mesh: Mesh, seq_len: int) -> dict[str, float]:
+    """Bytes per device by arithmetic: fully sharded state, and activations as remat keeps them."""
+    m, d = config.model, config.data
+    data, model = mesh.shape["data"], mesh.shape["model"]
+    n_dev = data * model
+    act = jnp.dtype(m.dtype).itemsize
+    n = m.n_params + (m.padded_vocab_size - m.vocab_size) * m.dim * (
+        1 if m.tie_embeddings else 2)
+    param_bytes = jnp.dtype(m.param_dtype).itemsize
+    rows = (d.micro_batch_size or d.batch_size) // data  # rows per device in one micro batch
+    t, dim = seq_len, m.dim
+    heads, ffn, vocab = m.n_heads // model, m.ffn_dim // model, m.padded_vocab_size // model
+    out = {"params": n * param_bytes / n_dev, "opt_state": 2 * n * 4 / n_dev,
+           "batch": 4 * d.batch_size * t * 4 / data}
+    accumulators = 1 if d.accumulation_steps == 1 else 2  # + the running sum
+    out["grads"] = accumulators * n * 4 / n_dev
+    # remat "full" keeps each layer's input (the residual stream) for the backward pass.
+    saved = {"full": rows * t * dim * act,
+             "dots": rows * t * (4 * dim + 3 * ffn + 2 * m.n_heads // model * m.head_dim) * act,
+             "none": rows * t * (6 * dim + 4 * ffn + 3 * heads * t) * act}[m.remat]
+    out["activations"] = m.n_layers * saved
+    # One layer at a time: its gathered weights, f32 attention scores and probabilities, and
+    # the feed-forward hidden state, forward and backward.
+    layer_weights = (m.n_params - m.vocab_size * dim * 2) / m.n_layers / model * act
+    out["layer"] = (2 * layer_weights + 3 * rows * heads * t * t * 4
+                    + 4 * rows * t * ffn * act + 6 * rows * t * dim * act)
+    # float32 logits, their log-softmax and gradient, for the vocabulary shard.
+    out["logits"] = 3 * rows * t * vocab * 4
+    out["temp"] = out["grads"] + out["activations"] + out["layer"] + out["logits"]
+    out["total"] = out["params"] + out["opt_state"] + out["batch"] + out["temp"]
+    return out
+
+
+def plan(config: TrainConfig, device_memory: int, *, seq_len: int | None = None,
+         mesh: Mesh | None = None) -> Plan:
+    """Lower and compile the real train_step on abstract sharded inputs: nothing is allocated."""
+    mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
+    check_mesh(config, mesh)
+    t = seq_len or config.data.max_len
+    setup = build(config, mesh, steps_per_epoch=1)
+    step = make_train_step(setup)
+    b = config.data.batch_size
+    batch = {k: jax.ShapeDtypeStruct((b, t), jnp.float32 if k == "loss_mask" else jnp.int32,
+                                     sharding=setup.batch_sharding) for k in BATCH_KEYS}
+    t0 = time.perf_counter()
+    with sharding.activate(mesh):
+        compiled = step.jitted.lower(setup.abstract_state, batch).compile()
+    seconds = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    return Plan(config, mesh.size, t, device_memory,
+                params=per_device_bytes(setup.abstract_state.params),
+                opt_state=per_device_bytes(setup.abstract_state.opt_state),
+                batch=per_device_bytes(batch),
+                compiled_arguments=mem.argument_size_in_bytes,
+                compiled_outputs=mem.output_size_in_bytes,
+                compiled_aliased=mem.alias_size_in_bytes,
+                compiled_temp=mem.temp_size_in_bytes,
+                analytic=analytic_memory(config, mesh, t), compile_seconds=seconds)

@@ -1,7 +1,9 @@
 """Shared pieces of the training tests: a tiny run on real tokenizer ids, and a script entry
 point so runs on other device counts (and runs killed on purpose) happen in subprocesses.
 
-    python tests/train_support.py WORKDIR MESH DEVICES [kill=E.I] [epochs=N] [processes=P,ID,PORT]
+    python tests/train_support.py WORKDIR MESH DEVICES [kill=E.I [wait=STEP]] [epochs=N] [rows=N]
+                                  [processes=P,ID,PORT] [tag=NAME]
+    python tests/train_support.py - MESH DEVICES three_steps OUT.npz
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +21,20 @@ import numpy as np
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 TOKENIZER = FIXTURES / "stories260K" / "tok512.model"
 HERE = Path(__file__).resolve()
+# Runs here compile the same few programs again and again (and in subprocesses): a persistent
+# compilation cache turns the repeats into disk reads.
+JAX_CACHE = Path(os.environ.get("TMPDIR", "/tmp")) / "limajax-test-jax-cache"
+
+
+def use_compilation_cache():
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(JAX_CACHE))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+use_compilation_cache()
 
 # Eight short dialogues (user, assistant): small enough to memorise, real SentencePiece ids.
 DIALOGUES = [
@@ -62,7 +79,8 @@ def rows(n: int = 16) -> list[dict]:
 class Loader:
     """data.Batches, optionally killing this process (SIGKILL) when asked for one batch."""
 
-    def __init__(self, config, source, kill_at: tuple[int, int] | None = None):
+    def __init__(self, config, source, kill_at: tuple[int, int] | None = None,
+                 kill_after: Path | None = None):
         from limajax import data
 
         d = config.data
@@ -70,6 +88,7 @@ class Loader:
                                   max_len=d.max_len, buckets=(d.max_len,),
                                   num_epochs=config.epochs, read_options=None)
         self.steps_per_epoch, self.kill_at = self.inner.steps_per_epoch, kill_at
+        self.kill_after = kill_after  # a checkpoint directory to wait for before the kill
 
     def get_state(self):
         return self.inner.get_state()
@@ -82,6 +101,10 @@ class Loader:
         while True:
             s = self.inner.get_state()
             if self.kill_at == (s["epoch"], s["index"]):
+                for _ in range(600):
+                    if self.kill_after is None or self.kill_after.is_dir():
+                        break
+                    time.sleep(0.05)
                 os.kill(os.getpid(), signal.SIGKILL)
             try:
                 yield next(it)
@@ -142,23 +165,25 @@ def main(argv):
         changes["epochs"] = int(opts["epochs"])
     config = tiny_config(**changes)
     kill = tuple(int(x) for x in opts["kill"].split(".")) if "kill" in opts else None
-    loader = Loader(config, rows(), kill)
+    after = Path(workdir) / "checkpoints" / opts["wait"] if "wait" in opts else None
+    loader = Loader(config, rows(int(opts.get("rows", 16))), kill, after)
     metrics = train.run(config, workdir, loader, progress=False, peak=1e12)
     out = Path(workdir) / f"out.{opts.get('tag', 'run')}"
     import jax
 
-    if jax.process_index() == 0:
-        state = _final_state(config, workdir)
+    if jax.process_count() == 1:
+        state = _final_state(config, workdir, loader.steps_per_epoch)
         np.savez(str(out) + ".npz", **params_numpy(state))
+    if jax.process_index() == 0:
         Path(str(out) + ".json").write_text(json.dumps(metrics))
 
 
-def _final_state(config, workdir):
+def _final_state(config, workdir, steps_per_epoch):
     """The latest checkpoint, restored onto one device."""
     from limajax import checkpoint, sharding, train
 
     mesh = sharding.single_device_mesh()
-    setup = train.build(config, mesh, Loader(config, rows()).steps_per_epoch)
+    setup = train.build(config, mesh, steps_per_epoch)
     manager = checkpoint.train_manager(workdir)
     state, _ = checkpoint.restore_train_state(manager, manager.latest_step(),
                                               setup.abstract_state)

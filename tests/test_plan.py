@@ -1,0 +1,53 @@
+"""`limajax plan`: the real train step compiled ahead of time for LLaMA-65B on 8x8."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _gib(text: str, label: str) -> list[float]:
+    line = next(x for x in text.splitlines() if x.strip().startswith(label))
+    return [float(v.replace(",", "")) for v in re.findall(r"([\d,.]+) GiB", line)]
+
+
+@pytest.fixture(scope="module")
+def plan_65b():
+    env = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run(
+        [sys.executable, "-c", "from limajax.cli import main; main()", "plan", "--config",
+         str(ROOT / "configs" / "lima_65b.py"), "--mesh", "8x8", "--device-memory", "32GiB"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    return proc
+
+
+def test_lima_65b_fits_32gib_on_8x8(plan_65b):
+    out = plan_65b.stdout
+    assert plan_65b.returncode == 0, plan_65b.stderr[-2000:] + out
+    assert "65.29B parameters, mesh 8x8 (64 devices), global batch 32 x 2048 tokens" in out
+    assert "fits" in out and "DOES NOT FIT" not in out
+    # Consistency with the analytic estimate: fp32 master weights and AdamW's two fp32 moments
+    # are 4 + 8 bytes per parameter over 64 devices (65.29B + vocabulary padding).
+    params, params_est = _gib(out, "parameters")
+    opt, opt_est = _gib(out, "optimizer state")
+    assert params == pytest.approx(65.36e9 * 4 / 64 / 2**30, rel=0.01)
+    assert params_est == pytest.approx(params, rel=0.01) and opt == pytest.approx(2 * params,
+                                                                                 rel=0.01)
+    assert opt_est == pytest.approx(opt, rel=0.01)
+    total, total_est = _gib(out, "total")
+    assert 20 < total <= 32
+    assert 0.7 < total / total_est < 1.5  # the compiler's temporaries vs arithmetic
+
+
+def test_plan_exits_1_when_it_does_not_fit():
+    env = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run(
+        [sys.executable, "-c", "from limajax.cli import main; main()", "plan", "--config",
+         str(ROOT / "configs" / "tiny.py"), "--device-memory", "1MiB"],
+        capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "DOES NOT FIT" in proc.stdout

@@ -1,0 +1,72 @@
+"""`limajax train` from the command line: a short real run, and bad input -> one line, exit 2."""
+
+import json
+
+import pytest
+import train_support as ts
+from click.testing import CliRunner
+
+from limajax.cli import main
+from limajax.config import preset
+
+TINY = str(ts.HERE.parents[1] / "configs" / "tiny.py")
+
+
+def _train(*args):
+    return CliRunner().invoke(main, ["train", "--config", TINY, "--no-progress", *args])
+
+
+def test_train_command_runs_on_the_sample_data(tmp_path):
+    r = _train("--workdir", str(tmp_path), "--tokenizer", str(ts.TOKENIZER),
+               "--set", "epochs=1", "--set", "data.max_len=128", "--peak-flops", "1e12")
+    assert r.exit_code == 0, r.output
+    assert "epoch 1/1: step 6" in r.stderr  # 48 sample dialogues / batch 8
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == list(range(1, 7))
+    assert json.loads((tmp_path / "config.json").read_text())["model"]["vocab_size"] == 513
+
+
+def _fake_model_dir(path, config):
+    path.mkdir()
+    (path / "model.json").write_text(json.dumps(config.to_dict()))
+    return str(path)
+
+
+@pytest.mark.parametrize("case", ["mesh", "batch", "heads", "init", "set", "workdir"])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, case):
+    workdir = tmp_path / "w"
+    args = ["--workdir", str(workdir), "--tokenizer", str(ts.TOKENIZER)]
+    expected = {
+        "mesh": "mesh 2x2 needs 4 devices, found 8",
+        "batch": "batch_size 6 does not divide across the data axis",
+        "heads": "n_heads 2 does not divide across the model axis (4)",
+        "init": "its model.json has n_layers = 4 but the recipe's model has 5",
+        "set": "unknown key 'lr_max' in OptimConfig",
+        "workdir": "holds another run's checkpoints (optim.",
+    }[case]
+    if case == "mesh":
+        args += ["--mesh", "2x2"]
+    elif case == "batch":
+        args += ["--mesh", "4x2", "--set", "data.batch_size=6"]
+    elif case == "heads":
+        args += ["--set", "model.n_kv_heads=2", "--set", "model.n_heads=2"]
+    elif case == "init":
+        args += ["--init", _fake_model_dir(tmp_path / "m", preset("tiny"))]
+    elif case == "set":
+        args += ["--set", "optim.lr_max=1"]
+    elif case == "workdir":
+        workdir.mkdir()
+        _train("--workdir", str(workdir), "--tokenizer", str(ts.TOKENIZER), "--set",
+               "epochs=0")  # an invalid run writes nothing
+        assert not (workdir / "config.json").exists()
+        from limajax.config import load_recipe
+
+        other = load_recipe(TINY).to_dict()
+        other["optim"]["lr"] = 1.0
+        (workdir / "config.json").write_text(json.dumps(other))
+    r = _train(*args)
+    assert r.exit_code == 2, r.output
+    # One line for the error (a "notice: simulating N devices" line may precede it).
+    lines = [x for x in r.stderr.strip().splitlines() if not x.startswith("notice: ")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert expected in lines[0]
