@@ -119,13 +119,24 @@ def params_numpy(state) -> dict:
             for k, v in jax.tree_util.tree_leaves_with_path(state.params)}
 
 
-def run_script(workdir, mesh: str, devices: int, *args: str, timeout: int = 120, env=None):
-    """Run this file in a subprocess with `devices` simulated CPU devices."""
-    env = dict(os.environ if env is None else env)
+def _script(workdir, mesh: str, devices: int, args) -> tuple[list[str], dict]:
+    env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["JAX_PLATFORMS"] = "cpu"
-    return subprocess.run([sys.executable, str(HERE), str(workdir), mesh, str(devices), *args],
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    return [sys.executable, str(HERE), str(workdir), mesh, str(devices), *args], env
+
+
+def run_script(workdir, mesh: str, devices: int, *args: str, timeout: int = 120):
+    """Run this file in a subprocess with `devices` simulated CPU devices."""
+    cmd, env = _script(workdir, mesh, devices, args)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def start_script(workdir, mesh: str, devices: int, *args: str) -> subprocess.Popen:
+    """Like run_script, without waiting (for several processes of one run)."""
+    cmd, env = _script(workdir, mesh, devices, args)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
 
 
 def three_steps(config, mesh):
