@@ -816,7 +816,8 @@ def write_meta(directory: str | Path, params: dict, config: ModelConfig, n_shard
         shape = layout_shape(w.meta_layout, sizes)
         if w.split and shape[w.split[0]] % n_shards:
             raise UserError(f"{key} {list(shape)} cannot be split evenly into {n_shards} shards "
-                            f"along axis {w.split[0]}")
+                            f"along axis {w.split[0]}, as Meta's model-parallel layers need "
+                            "(try --shards 1)")
     for s in range(n_shards):
         shard = {}
         for w, layer, key in entries:
