@@ -294,3 +294,26 @@ def restore_epoch_params(workdir: str | Path, epoch: int, abstract_params):
                     abstract_params)},
                 partial_restore=True)))
     return restored["state"]["params"]
+
+
+def save_epoch_model_dir(workdir: str | Path, epoch: int, output: str | Path, *,
+                         overwrite: bool = False) -> Path:
+    """A model directory (the format `convert` writes) from the checkpoint ending `epoch`, so
+    sample/serve/export read a fine-tuned model like any other."""
+    from limajax.config import TrainConfig
+    from limajax.sharding import abstract_model, single_device_mesh
+    from limajax.tokenizer import Tokenizer
+
+    workdir = Path(workdir)
+    try:
+        config = TrainConfig.from_dict(json.loads((workdir / "config.json").read_text()))
+    except FileNotFoundError:
+        raise UserError(f"{workdir}: no config.json (not a limajax training workdir)") from None
+    source = config.init if config.init is not None else config.tokenizer
+    tokenizer = Tokenizer.from_path(source)
+    if config.init is None:
+        tokenizer = tokenizer.with_eot()
+    _, abstract = abstract_model(config.model, single_device_mesh())
+    params = restore_epoch_params(workdir, epoch, abstract.to_pure_dict())
+    return save_model_dir(output, jax.device_get(params), config.model, tokenizer.spec,
+                          tokenizer.path, overwrite=overwrite)

@@ -60,8 +60,10 @@ def dropout_rates(n_layers: int, top: float) -> jax.Array:
 
 def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """-log p(target) per position; logits [B, T, V] float32, padded vocab at -inf."""
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    # logsumexp minus the target's logit, picked by a one-hot mask: its gradient is a select,
+    # not the scatter a gather's would be (slow on CPU, and awkward on a vocab-sharded axis).
+    hit = jnp.arange(logits.shape[-1]) == targets[..., None]
+    return jax.nn.logsumexp(logits, axis=-1) - jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
 
 
 # --- the step -------------------------------------------------------------------------------
@@ -332,8 +334,11 @@ def run(config: TrainConfig, workdir: str | Path, loader, *, mesh: Mesh | None =
         if latest is not None:
             state, meta = checkpoint.restore_train_state(manager, latest, setup.abstract_state)
             position = meta["data"]
-            say(f"resuming from the checkpoint at step {latest}: epoch {position['epoch'] + 1}, "
-                f"batch {position['index'] + 1} next")
+            if position["epoch"] >= config.epochs:
+                say(f"the run in {workdir} is complete ({config.epochs} epochs, step {latest})")
+            else:
+                say(f"resuming from the checkpoint at step {latest}: epoch "
+                    f"{position['epoch'] + 1}, batch {position['index'] + 1} next")
         else:
             params = init_params(mesh) if callable(init_params) else init_params
             state, position = init_state(setup, params), {"epoch": 0, "index": 0}

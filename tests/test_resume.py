@@ -79,3 +79,19 @@ def test_checkpoint_restores_onto_other_meshes(reference):
         assert wq.sharding.mesh.shape == mesh.shape
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_an_epoch_checkpoint_becomes_a_model_directory(reference, tmp_path):
+    ref_dir, _ = reference
+    want, _ = _final_params(ref_dir, sharding.single_device_mesh())
+    assert checkpoint.epoch_step(ref_dir, 3) == 12
+    with pytest.raises(checkpoint.UserError, match="no checkpoint for epoch 7"):
+        checkpoint.epoch_step(ref_dir, 7)
+    # config.json of the test run names no tokenizer: give it one, as `limajax train` would.
+    config = json.loads((ref_dir / "config.json").read_text())
+    (ref_dir / "config.json").write_text(json.dumps(config | {"tokenizer": str(ts.TOKENIZER)}))
+    out = checkpoint.save_epoch_model_dir(ref_dir, 3, tmp_path / "model")
+    params, model_config, tokens = checkpoint.load_model_dir(out)
+    assert model_config == ts.tiny_config().model and tokens.eot_id == 512
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
