@@ -1,0 +1,89 @@
+"""Meta's consolidated.NN.pth shards and Hugging Face safetensors <-> limajax parameters.
+
+One table (`table.WEIGHTS`) says for every parameter its name in each format, how its axes are
+laid out there and along which axis Meta's model-parallel shards split it
+(reference/lima-and-llama.md §5.2); `table` also holds the few pure functions that move tensors
+by it. `meta` and `hf` read and write the two formats; this module turns them into model
+directories (checkpoint.py) and back. tools/bench_convert.py measures the memory.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from limajax.checkpoint import staged_dir, write_model_dir
+from limajax.config import ModelConfig
+from limajax.convert.hf import config_from_hf, hf_config, read_hf, write_hf
+from limajax.convert.meta import config_from_meta, meta_params_json, read_meta, write_meta
+from limajax.convert.table import (
+    EOT_TEXT,
+    WEIGHTS,
+    Converted,
+    Weight,
+    allocate,
+    extract,
+    init_eot,
+    layout_shape,
+    place,
+    rearrange,
+    sizes_for,
+    source_keys,
+    weights_for,
+)
+from limajax.errors import UserError
+from limajax.tokenizer import TOKENIZER_FILE, TokenSpec
+
+__all__ = ["EOT_TEXT", "WEIGHTS", "Converted", "Weight", "allocate", "config_from_hf",
+           "config_from_meta", "convert", "export", "extract", "hf_config", "init_eot",
+           "layout_shape", "meta_params_json", "place", "read_hf", "read_meta", "rearrange",
+           "sizes_for", "source_keys", "weights_for", "write_hf", "write_meta"]
+
+
+def convert(source: str, input_dir: str | Path, output: str | Path, *,
+            tokenizer: str | Path | None = None, dtype: str = "float32", add_eot: bool = True,
+            overwrite: bool = False) -> tuple[ModelConfig, TokenSpec, Path | None]:
+    """`limajax convert`: a Meta or HF checkpoint -> a model directory, built beside `output`
+    and renamed when complete. Needs disk for the model twice while it runs. Returns the
+    config, the token ids and the tokenizer copied in (None if there was none)."""
+    if source not in ("meta", "hf"):
+        raise UserError(f"--from {source!r}: expected meta or hf")
+    if source == "hf" and tokenizer is not None:
+        raise UserError("--tokenizer is for --from meta; an HF checkpoint's tokenizer.model is "
+                        "read from its directory")
+    with staged_dir(output, overwrite=overwrite) as tmp:
+        staging = tmp / ".staging"
+        staging.mkdir()
+        if source == "meta":
+            c = read_meta(input_dir, tokenizer=tokenizer, dtype=dtype, add_eot=add_eot,
+                          staging=staging)
+        else:
+            c = read_hf(input_dir, dtype=dtype, add_eot=add_eot, staging=staging)
+        write_model_dir(tmp, c.params, c.config, c.tokens, c.tokenizer)
+        config, tokens, found = c.config, c.tokens, c.tokenizer
+        del c  # drop the memmaps before their files
+        shutil.rmtree(staging)
+    return config, tokens, found
+
+
+def export(target: str, model_dir: str | Path, output: str | Path, *, shards: int = 1,
+           overwrite: bool = False) -> ModelConfig:
+    """`limajax export`: a model directory -> a Hugging Face or Meta checkpoint directory,
+    built beside `output` and renamed when complete."""
+    from limajax.checkpoint import load_model_dir, tokenizer_path
+
+    if target not in ("hf", "meta"):
+        raise UserError(f"--to {target!r}: expected hf or meta")
+    if shards < 1 or (target == "hf" and shards != 1):
+        raise UserError("--shards is for --to meta and must be >= 1")
+    params, config, tokens = load_model_dir(model_dir)
+    tokenizer = tokenizer_path(model_dir)
+    marker = "config.json" if target == "hf" else "params.json"
+    with staged_dir(output, overwrite=overwrite, marker=marker) as tmp:
+        if target == "hf":
+            write_hf(tmp, params, config, tokens, tokenizer)
+        else:
+            write_meta(tmp, params, config, shards)
+            if tokenizer is not None:
+                shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
+    return config

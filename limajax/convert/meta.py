@@ -1,0 +1,314 @@
+"""Meta's layout: params.json + consolidated.NN.pth, each tensor split over the model-parallel
+shards along the axis its fairscale layer splits (reference/lima-and-llama.md §5.1-5.2)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from limajax.config import ModelConfig, RopeScaling, meta_ffn_dim
+from limajax.convert.table import (
+    IGNORED,
+    WEIGHTS,
+    Converted,
+    Weight,
+    allocate,
+    check_tokenizer,
+    extract,
+    file_order,
+    init_eot,
+    layout_shape,
+    place,
+    read_json,
+    sentencepiece_model,
+    sizes_for,
+    source_keys,
+    token_spec,
+    with_eot,
+    write_json,
+)
+from limajax.errors import UserError
+from limajax.tokenizer import TOKENIZER_FILE
+
+META_KEYS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
+             "ffn_dim_multiplier", "norm_eps", "rope_theta", "use_scaled_rope", "max_seq_len",
+             "max_batch_size"}
+
+
+def config_from_meta(p: dict, vocab_size: int, where: Path) -> ModelConfig:
+    """ModelConfig from Meta's params.json (vocab_size there is often -1: the weights decide)."""
+    unknown = sorted(set(p) - META_KEYS)
+    if unknown:
+        raise UserError(f"{where}: unknown keys {unknown} (limajax reads {sorted(META_KEYS)})")
+    missing = [k for k in ("dim", "n_layers", "n_heads") if k not in p]
+    if missing:
+        raise UserError(f"{where}: missing {', '.join(missing)}")
+    if p.get("vocab_size", -1) not in (-1, vocab_size):
+        raise UserError(f"{where}: vocab_size is {p['vocab_size']} but tok_embeddings.weight has "
+                        f"{vocab_size} rows")
+    theta = float(p.get("rope_theta", 10000.0))
+    scaled = bool(p.get("use_scaled_rope", False))
+    # Meta's files do not say the context length; these are the released models' (§5.3).
+    max_seq_len = p.get("max_seq_len") or (131072 if scaled else 8192 if theta >= 5e5 else 2048)
+    try:
+        return ModelConfig(
+            dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"],
+            n_kv_heads=p.get("n_kv_heads"), vocab_size=vocab_size,
+            multiple_of=p.get("multiple_of", 256), ffn_dim_multiplier=p.get("ffn_dim_multiplier"),
+            norm_eps=float(p.get("norm_eps", 1e-5)), rope_theta=theta,
+            rope_scaling=RopeScaling() if scaled else None, max_seq_len=max_seq_len)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+
+
+def meta_shard_files(directory: Path) -> list[Path]:
+    """consolidated.00.pth ... in order; a gap or a file listed in checklist.chk but absent is a
+    missing shard."""
+    files = sorted(directory.glob("consolidated.*.pth"))
+    if not files:
+        raise UserError(f"{directory}: no consolidated.NN.pth files (expected Meta's layout)")
+    numbers = []
+    for f in files:
+        m = re.fullmatch(r"consolidated\.(\d+)\.pth", f.name)
+        if not m:
+            raise UserError(f"{f}: unexpected file name (expected consolidated.NN.pth)")
+        numbers.append(int(m.group(1)))
+    for n in range(max(numbers) + 1):
+        if n not in numbers:
+            raise UserError(f"{directory / f'consolidated.{n:02d}.pth'}: missing shard (found "
+                            f"{', '.join(f.name for f in files)})")
+    checklist = directory / "checklist.chk"
+    if checklist.is_file():
+        for line in checklist.read_text().splitlines():
+            name = line.split()[-1] if line.split() else ""
+            if name.startswith("consolidated.") and not (directory / name).is_file():
+                raise UserError(f"{directory / name}: missing shard (listed in checklist.chk)")
+    return files
+
+
+def _load_pth(path: Path) -> dict:
+    import torch
+
+    try:
+        # mmap: tensors stay in the page cache until read; weights_only: never run pickled code.
+        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # torch raises many types for a bad file
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: cannot be read as a PyTorch checkpoint ({reason})") from None
+    if not isinstance(sd, dict) or not all(isinstance(t, torch.Tensor) for t in sd.values()):
+        raise UserError(f"{path}: expected a dict of tensors (a Meta consolidated.NN.pth)")
+    return sd
+
+
+def _numpy(t) -> np.ndarray:
+    """A numpy view of a CPU tensor (numpy has no bfloat16: view the bits as ml_dtypes')."""
+    import torch
+
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def _merge_axis(w: Weight, key: str, shapes: list[tuple], full: tuple, files: list[Path]
+                ) -> tuple[int | None, tuple]:
+    """(axis Meta's shards of `key` concatenate along or None for a copy, merged shape).
+
+    `full` is the shape params.json implies (None: any size, e.g. an unknown vocabulary)."""
+    for f, s in zip(files[1:], shapes[1:], strict=True):
+        if s != shapes[0]:
+            raise UserError(f"{f}: {key} has shape {list(s)}, but {files[0].name} has "
+                            f"{list(shapes[0])} (shards of one checkpoint must match)")
+
+    def fits(shape):
+        return len(shape) == len(full) and all(
+            b is None or a == b for a, b in zip(shape, full, strict=True))
+
+    n = len(shapes)
+    if (n == 1 or not w.split) and fits(shapes[0]):
+        return None, shapes[0]
+    for axis in w.split if n > 1 else ():
+        merged = tuple(s * n if a == axis else s for a, s in enumerate(shapes[0]))
+        if fits(merged):
+            return axis, merged
+    each = f" in each of {n} shards" if n > 1 else ""
+    want = [("?" if s is None else s) for s in full]
+    raise UserError(f"{files[0]}: {key} has shape {list(shapes[0])}{each}, but params.json "
+                    f"implies {want} merged (params.json disagrees with the weights)")
+
+
+def read_meta(input_dir: str | Path, *, tokenizer: str | Path | None = None,
+              dtype: str = "float32", add_eot: bool = True, staging: Path | None = None
+              ) -> Converted:
+    """Meta's checkpoint -> parameters, streamed tensor by tensor (see convert.table): one
+    merged tensor in anonymous memory at most; a single shard is read from the mapped file."""
+    input_dir = Path(input_dir)
+    if not input_dir.is_dir():
+        raise UserError(f"{input_dir}: not a directory (expected params.json + "
+                        "consolidated.NN.pth)")
+    params_json = read_json(input_dir / "params.json")
+    files = meta_shard_files(input_dir)
+    shards = [_load_pth(f) for f in files]
+    keys = [k for k in shards[0] if not IGNORED.search(k)]
+
+    # The vocabulary is the one size params.json may leave out (-1): read it off the weights.
+    emb = WEIGHTS[0]
+    for f, sd in zip(files, shards, strict=True):
+        if emb.meta not in sd:
+            raise UserError(f"{f}: tensor {emb.meta} is missing")
+    dim = params_json.get("dim")
+    _, emb_shape = _merge_axis(emb, emb.meta, [tuple(sd[emb.meta].shape) for sd in shards],
+                               (None, dim), files)
+    base_vocab = emb_shape[0]
+    config = config_from_meta(params_json, base_vocab, input_dir / "params.json")
+    if "output.weight" not in keys:  # Meta always writes it; without it the model is tied
+        config = config.replace(tie_embeddings=True)
+
+    plan = _plan_meta(config, base_vocab, files, shards, keys)
+    tokenizer = _find_meta_tokenizer(input_dir, tokenizer)
+    bos, eos = 1, 2  # LLaMA-1/2's; the tokenizer's when there is one
+    if tokenizer is not None:
+        sp = sentencepiece_model(tokenizer)
+        check_tokenizer(sp, tokenizer, base_vocab, emb.meta)
+        bos, eos = sp.bos_id(), sp.eos_id()
+
+    config = with_eot(config, base_vocab, add_eot, dtype)
+    params = allocate(config, staging)
+    sizes = sizes_for(config, base_vocab)
+    for w, layer, key, axis in plan:
+        parts = [_numpy(sd[key]) for sd in shards]
+        # One merged tensor in memory at most; a single shard is read straight from the file.
+        x = parts[0] if axis is None else np.concatenate(parts, axis)
+        place(params, w, layer, x, w.meta_layout, sizes)
+        del x, parts
+    if not config.tie_embeddings and _same_embedding_and_output(params, base_vocab):
+        # Meta's format cannot say "tied", so a tied model (e.g. llama2.c's) is written with an
+        # identical output copy; keep it tied so fine-tuning keeps the two equal.
+        config = config.replace(tie_embeddings=True)
+        del params["output"]
+    eot_id = base_vocab if add_eot else None
+    if add_eot:
+        init_eot(params, config, eot_id)
+    tokens = token_spec(config, bos, eos, eot_id, str(tokenizer or input_dir))
+    return Converted(params, config, tokens, tokenizer)
+
+
+def _same_embedding_and_output(params: dict, vocab: int) -> bool:
+    """tok_embeddings == output^T exactly, compared in blocks of rows (no copy of either)."""
+    emb, out = params["tok_embeddings"]["embedding"], params["output"]["kernel"]
+    for start in range(0, vocab, 4096):
+        stop = min(start + 4096, vocab)
+        if not np.array_equal(emb[start:stop], out[:, start:stop].T):
+            return False
+    return True
+
+
+def _plan_meta(config, base_vocab, files, shards, keys):
+    """Check every tensor of every shard against params.json before any data is read."""
+    expected = source_keys(config, "meta")
+    known = {key for _, _, key in expected}
+    for key in keys:
+        if key not in known:
+            raise UserError(f"{files[0]}: unexpected tensor {key} (params.json says "
+                            f"n_layers {config.n_layers}; is it a LLaMA checkpoint?)")
+    sizes = sizes_for(config, base_vocab)
+    plan = []
+    for w, layer, key in expected:
+        for f, sd in zip(files, shards, strict=True):
+            if key not in sd:
+                raise UserError(f"{f}: tensor {key} is missing")
+        full = layout_shape(w.meta_layout, sizes)
+        axis, _ = _merge_axis(w, key, [tuple(sd[key].shape) for sd in shards], full, files)
+        plan.append((w, layer, key, axis))
+    return plan
+
+
+def _find_meta_tokenizer(input_dir: Path, tokenizer: str | Path | None) -> Path | None:
+    """--tokenizer, else tokenizer.model in the directory or beside it (Meta's download layout)."""
+    if tokenizer is not None:
+        tokenizer = Path(tokenizer)
+        if tokenizer.is_dir():
+            tokenizer = tokenizer / TOKENIZER_FILE
+        if not tokenizer.is_file():
+            raise UserError(f"{tokenizer}: not found (--tokenizer)")
+        return tokenizer
+    for candidate in (input_dir / TOKENIZER_FILE, input_dir.parent / TOKENIZER_FILE):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+# --- writing ----------------------------------------------------------------------------------
+
+
+def meta_params_json(config: ModelConfig) -> dict:
+    """Meta's params.json for `config`, or a UserError for what Meta's format cannot say."""
+    if config.head_dim * config.n_heads != config.dim:
+        raise UserError(f"head_dim {config.head_dim} cannot be written in params.json (Meta's "
+                        f"models have head_dim = dim / n_heads = {config.dim / config.n_heads:g})")
+    p = {"dim": config.dim, "n_layers": config.n_layers, "n_heads": config.n_heads}
+    if config.n_kv_heads != config.n_heads:
+        p["n_kv_heads"] = config.n_kv_heads
+    p["vocab_size"] = config.vocab_size
+    multiple_of, multiplier = config.multiple_of, config.ffn_dim_multiplier
+    if meta_ffn_dim(config.dim, multiple_of, multiplier) != config.ffn_dim:
+        # An HF intermediate_size off Meta's rule. With multiple_of = ffn_dim the rule rounds
+        # anything in (0, ffn_dim] up to exactly ffn_dim; a multiplier brings 8/3 dim below it.
+        hidden = int(8 * config.dim / 3)
+        multiple_of = config.ffn_dim
+        multiplier = None if hidden <= config.ffn_dim else config.ffn_dim / hidden
+        if meta_ffn_dim(config.dim, multiple_of, multiplier) != config.ffn_dim:
+            raise UserError(f"ffn_dim {config.ffn_dim} cannot be written in params.json")
+    p["multiple_of"] = multiple_of
+    if multiplier is not None:
+        p["ffn_dim_multiplier"] = multiplier
+    p["norm_eps"] = config.norm_eps
+    if config.rope_theta != 10000.0:
+        p["rope_theta"] = config.rope_theta
+    if config.rope_scaling is not None:
+        if config.rope_scaling != RopeScaling():
+            raise UserError(f"rope scaling {config.rope_scaling} cannot be written in "
+                            "params.json (Meta's use_scaled_rope means Llama 3.1's defaults)")
+        p["use_scaled_rope"] = True
+    return p
+
+
+def write_meta(directory: str | Path, params: dict, config: ModelConfig, n_shards: int = 1
+               ) -> None:
+    """Meta's layout in an existing directory: params.json + consolidated.NN.pth, each tensor
+    split along its model-parallel axis (tok_embeddings along D, as LLaMA 1/2 do). A tied
+    output is written as a copy: Meta's format has no tying. Holds one shard in memory."""
+    import torch
+
+    directory = Path(directory)
+    params_json = meta_params_json(config)
+    sizes = sizes_for(config, config.vocab_size)
+    entries = file_order(config.replace(tie_embeddings=False), "meta")
+    for w, _, key in entries:
+        shape = layout_shape(w.meta_layout, sizes)
+        if w.split and shape[w.split[0]] % n_shards:
+            raise UserError(f"{key} {list(shape)} cannot be split evenly into {n_shards} shards "
+                            f"along axis {w.split[0]}, as Meta's model-parallel layers need "
+                            "(try --shards 1)")
+    for s in range(n_shards):
+        shard = {}
+        for w, layer, key in entries:
+            source = WEIGHTS[0] if config.tie_embeddings and w.ours == "output/kernel" else w
+            x = extract(params, source, layer, w.meta_layout, sizes)
+            if w.split:
+                x = np.split(x, n_shards, axis=w.split[0])[s]
+            x = np.array(x, copy=True)  # its own storage: torch.save writes whole storages
+            shard[key] = _torch(x)
+        torch.save(shard, directory / f"consolidated.{s:02d}.pth")
+        del shard
+    write_json(directory / "params.json", params_json)
+
+
+def _torch(x: np.ndarray):
+    import torch
+
+    if x.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(x)
