@@ -324,3 +324,29 @@ def plan(config_path, mesh, device_memory, seq_len, overrides):
     click.echo(report.format())
     if not report.fits:
         sys.exit(1)
+
+
+# --- demo: the whole pipeline on a tiny model (limajax.demo) ------------------------------------
+
+
+@main.command()
+@click.option("--workdir", default="runs/demo", show_default=True,
+              type=click.Path(path_type=str), help="Where every step writes its output.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="Fine-tuning epochs (default: configs/tiny.py's).")
+@click.option("--overwrite", is_flag=True, help="Delete an existing --workdir first.")
+@user_errors
+def demo(workdir, epochs, overwrite):
+    """The whole pipeline on a tiny model and the embedded sample data, on a laptop CPU.
+
+    A tokenizer, a random tiny LLaMA in Meta's layout, convert, export to Hugging Face, data
+    prepare, fine-tune with LIMA's recipe on a simulated 2x4 mesh, and score before and after.
+
+    Example: limajax demo --workdir runs/demo
+    """
+    from limajax import sharding
+
+    sharding.ensure_devices(8)  # the recipe's 2x4 mesh, simulated on a CPU host
+    from limajax.demo import run_demo
+
+    run_demo(workdir, epochs=epochs, overwrite=overwrite)
