@@ -46,13 +46,13 @@ def test_killed_runs_resume_exactly(reference, tmp_path):
     assert p.returncode == -9, p.stderr[-2000:]
     assert "resuming from the checkpoint at step 4" in p.stderr
     partial = [d.name for d in (tmp_path / "checkpoints").iterdir() if "tmp" in d.name]
+    assert partial, "the step-8 save completed before the kill: nothing partial to ignore"
     # 3. Resume again (here): the half-written step-8 save is ignored, step 4 is used.
     config = ts.tiny_config()
     metrics = train.run(config, tmp_path, ts.Loader(config, ts.rows(ROWS)), progress=False,
                         peak=1e12)
-    if partial:  # the usual case: the save had not committed when the process died
-        assert metrics[0]["step"] == 5, (partial, metrics[0])
-        assert not [d for d in (tmp_path / "checkpoints").iterdir() if "tmp" in d.name]
+    assert metrics[0]["step"] == 5, (partial, metrics[0])  # resumed from step 4
+    assert not [d for d in (tmp_path / "checkpoints").iterdir() if "tmp" in d.name]
     assert [m["step"] for m in checkpoint.train_checkpoints(tmp_path)] == [4, 8, 12]
 
     # Bitwise-equal parameters and optimiser state, and the same metrics after the resume.
