@@ -232,9 +232,11 @@ def _start_processes(mesh: str, coordinator, num_processes, process_id):
         if (data * model) % num_processes:
             raise UserError(f"mesh {mesh} ({data * model} devices) does not split over "
                             f"{num_processes} processes")
-        sharding.ensure_devices(data * model // num_processes)
         import jax
 
+        # Each CPU process simulates its share of the mesh (no effect on accelerators). Not
+        # ensure_devices: it queries the backend, which must wait for initialize().
+        jax.config.update("jax_num_cpu_devices", data * model // num_processes)
         jax.distributed.initialize(coordinator, num_processes, process_id)
         return
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get(

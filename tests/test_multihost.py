@@ -1,12 +1,21 @@
-"""Two processes with 4 CPU devices each train exactly like one process with 8."""
+"""`limajax train --coordinator ... --num-processes 2 --process-id I`: two processes with 4 CPU
+devices each train exactly like one process with 8."""
 
 import json
+import os
 import socket
+import subprocess
+import sys
 
 import numpy as np
 import train_support as ts
+from click.testing import CliRunner
 
-from limajax import sharding, train
+from limajax.cli import main
+
+TINY = str(ts.HERE.parents[1] / "configs" / "tiny.py")
+ARGS = ["--config", TINY, "--tokenizer", str(ts.TOKENIZER), "--mesh", "2x4", "--no-progress",
+        "--set", "epochs=2", "--set", "data.max_len=128", "--peak-flops", "1e12"]
 
 
 def _free_port() -> int:
@@ -15,24 +24,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _metrics(workdir):
+    return [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_two_processes_equal_one(tmp_path):
     port = _free_port()
-    env_procs = []
-    for pid in (0, 1):
-        env_procs.append(ts.start_script(tmp_path / "multi", "2x4", 4, f"processes=2,{pid},{port}",
-                                         "epochs=2", "rows=32"))
-    outs = [p.communicate(timeout=240) for p in env_procs]
-    for p, (_, err) in zip(env_procs, outs, strict=True):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    procs = [subprocess.Popen(
+        [sys.executable, "-c", "from limajax.cli import main; main()", "train", *ARGS,
+         "--workdir", str(tmp_path / "multi"), "--coordinator", f"127.0.0.1:{port}",
+         "--num-processes", "2", "--process-id", str(pid)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for pid in (0, 1)]
+    outs = [p.communicate(timeout=240) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
-    multi = json.loads((tmp_path / "multi" / "out.run.json").read_text())
+    assert "epoch 2/2" in outs[0][1] and "epoch 2/2" not in outs[1][1]  # process 0 reports
 
-    config = ts.tiny_config(epochs=2)
-    single = train.run(config, tmp_path / "single", ts.Loader(config, ts.rows(32)),
-                       mesh=sharding.make_mesh("2x4"), progress=False, peak=1e12)
-    assert [m["step"] for m in multi] == list(range(1, 9))
+    r = CliRunner().invoke(main, ["train", *ARGS, "--workdir", str(tmp_path / "single")])
+    assert r.exit_code == 0, r.output
+    multi, single = _metrics(tmp_path / "multi"), _metrics(tmp_path / "single")
+    assert [m["step"] for m in multi] == list(range(1, 13))  # written once, by process 0
     np.testing.assert_allclose([m["loss"] for m in multi], [m["loss"] for m in single],
                                rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose([m["grad_norm"] for m in multi],
                                [m["grad_norm"] for m in single], rtol=1e-5)
-    # Only process 0 wrote the metrics.
-    assert len((tmp_path / "multi" / "metrics.jsonl").read_text().splitlines()) == 8
