@@ -17,5 +17,5 @@ FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 @pytest.fixture(scope="session")
 def fixtures() -> Path:
     if not FIXTURES.is_dir():
-        pytest.fail(f"fixtures not found at {FIXTURES} (expected ../shared/fixtures beside the checkout)")
+        pytest.fail(f"fixtures not found at {FIXTURES} (../shared/fixtures beside the checkout)")
     return FIXTURES
