@@ -8,6 +8,7 @@ from limajax.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 
 config = TrainConfig(
     model=ModelConfig(dim=64, n_layers=5, n_heads=8, n_kv_heads=4, multiple_of=4,
+                      tie_embeddings=True,  # as stories260K: output = tok_embeddings
                       vocab_size=513),  # 512 pieces + LIMA's EOT (LIMA §3)
     optim=OptimConfig(lr=3e-3, end_lr=3e-4),  # LIMA §3's 1e-5 -> 1e-6 is for a pretrained 65B
     data=DataConfig(batch_size=8, max_len=512),  # LIMA §3 trims at 2048; the demo at 512

@@ -475,7 +475,8 @@ def resolve(config: TrainConfig):
 
         def init_params(mesh):
             params, _, _ = checkpoint.load_model_dir(config.init, shardings=mesh)
-            return params
+            # e.g. a model directory converted to bfloat16: train on float32 master weights.
+            return jax.tree.map(lambda p: p.astype(config.model.param_dtype), params)
 
         return config, tokenizer, init_params
     if config.tokenizer is None:

@@ -70,3 +70,18 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, case):
     lines = [x for x in r.stderr.strip().splitlines() if not x.startswith("notice: ")]
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     assert expected in lines[0]
+
+
+def test_train_from_a_converted_bfloat16_model(tmp_path):
+    """--init: the real stories260K (converted to bfloat16, EOT added) fine-tunes in float32
+    master weights and starts far below a random model's loss (ln 513 = 6.2)."""
+    from limajax import convert
+
+    stories = ts.FIXTURES / "stories260K"
+    convert.convert("meta", stories / "meta_layout", tmp_path / "model",
+                    tokenizer=stories / "tok512.model", dtype="bfloat16")
+    r = _train("--workdir", str(tmp_path / "w"), "--init", str(tmp_path / "model"),
+               "--set", "epochs=1", "--set", "data.max_len=128", "--peak-flops", "1e12")
+    assert r.exit_code == 0, r.output
+    lines = [json.loads(x) for x in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 6 and lines[0]["loss"] < 5.0
