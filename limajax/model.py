@@ -106,24 +106,39 @@ class RMSNorm(nnx.Module):
         return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
 
 
-def projection(einsum_str: str, shape: tuple[int, ...], names: tuple[str, ...],
-               config: ModelConfig, rngs: nnx.Rngs) -> nnx.Einsum:
-    return nnx.Einsum(einsum_str, shape, kernel_init=param_init(names), dtype=config.dtype,
-                      param_dtype=config.param_dtype, rngs=rngs)
+def dense(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
+    """Contract x's last n_in axes with kernel's first n_in, as one 2-D matmul over all tokens.
+
+    Flattening matters: XLA's CPU kernel-gradient of a 3-D einsum such as BTD,DF->BTF (which
+    contracts over both B and T) is ~2.5x slower than the same product as [B*T, D] @ [D, F].
+    """
+    k_in, k_out = kernel.shape[:n_in], kernel.shape[n_in:]
+    lead = x.shape[:x.ndim - n_in]
+    y = jnp.dot(x.reshape(-1, math.prod(k_in)), kernel.reshape(math.prod(k_in), -1),
+                preferred_element_type=jnp.float32)
+    return y.astype(x.dtype).reshape(*lead, *k_out)
+
+
+class Projection(nnx.Module):
+    """A bias-free linear map whose kernel keeps its logical axes (e.g. D -> N x H for wq)."""
+
+    def __init__(self, shape: tuple[int, ...], names: tuple[str, ...], n_in: int,
+                 config: ModelConfig, rngs: nnx.Rngs):
+        self.n_in, self.dtype = n_in, config.dtype
+        self.kernel = nnx.Param(param_init(names)(rngs.params(), shape, config.param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return dense(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.n_in)
 
 
 class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         d, n, k, h = config.dim, config.n_heads, config.n_kv_heads, config.head_dim
         self.n_kv_heads, self.head_dim = k, h
-        self.wq = projection("BTD,DNH->BTNH", (d, n, h), ("embed", "heads", "head_dim"),
-                             config, rngs)
-        self.wk = projection("BTD,DKH->BTKH", (d, k, h), ("embed", "kv_heads", "head_dim"),
-                             config, rngs)
-        self.wv = projection("BTD,DKH->BTKH", (d, k, h), ("embed", "kv_heads", "head_dim"),
-                             config, rngs)
-        self.wo = projection("BTNH,NHD->BTD", (n, h, d), ("heads", "head_dim", "embed"),
-                             config, rngs)
+        self.wq = Projection((d, n, h), ("embed", "heads", "head_dim"), 1, config, rngs)
+        self.wk = Projection((d, k, h), ("embed", "kv_heads", "head_dim"), 1, config, rngs)
+        self.wv = Projection((d, k, h), ("embed", "kv_heads", "head_dim"), 1, config, rngs)
+        self.wo = Projection((n, h, d), ("heads", "head_dim", "embed"), 2, config, rngs)
 
     def __call__(self, x, positions, inv_freq, cache: tuple[jax.Array, jax.Array] | None):
         q = constrain(apply_rope(self.wq(x), positions, inv_freq),
@@ -156,9 +171,9 @@ class FeedForward(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         d, f = config.dim, config.ffn_dim
-        self.w1 = projection("BTD,DF->BTF", (d, f), ("embed", "mlp"), config, rngs)
-        self.w2 = projection("BTF,FD->BTD", (f, d), ("mlp", "embed"), config, rngs)
-        self.w3 = projection("BTD,DF->BTF", (d, f), ("embed", "mlp"), config, rngs)
+        self.w1 = Projection((d, f), ("embed", "mlp"), 1, config, rngs)
+        self.w2 = Projection((f, d), ("mlp", "embed"), 1, config, rngs)
+        self.w3 = Projection((d, f), ("embed", "mlp"), 1, config, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = constrain(jax.nn.silu(self.w1(x)) * self.w3(x), "act_batch", None, "act_mlp")
@@ -204,8 +219,8 @@ class Llama(nnx.Module):
         self.layers = make_layers(rngs)
         self.norm = RMSNorm(config, rngs=rngs)
         if not config.tie_embeddings:
-            self.output = projection("BTD,DV->BTV", (config.dim, config.padded_vocab_size),
-                                     ("embed", "vocab"), config, rngs)
+            self.output = Projection((config.dim, config.padded_vocab_size),
+                                     ("embed", "vocab"), 1, config, rngs)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, *,
                  cache: KVCache | None = None, dropout_rates: jax.Array | None = None,
@@ -235,7 +250,7 @@ class Llama(nnx.Module):
 
         x = self.norm(x)
         if config.tie_embeddings:
-            logits = self.tok_embeddings.attend(x)
+            logits = dense(x, self.tok_embeddings.embedding[...].astype(x.dtype).T, 1)
         else:
             logits = self.output(x)
         logits = constrain(logits.astype(jnp.float32), "act_batch", None, "act_vocab")
