@@ -198,8 +198,6 @@ def load_model_dir(model_dir: str | Path, shardings=None):
     it), or a tree of jax Shardings shaped like the params. Arrays are restored straight into
     their shards, so a big model never exists whole on one device.
     """
-    from limajax.sharding import abstract_model, single_device_mesh  # imports the model
-
     model_dir = Path(model_dir)
     config = read_model_config(model_dir)
     tokens = read_tokens_json(model_dir / TOKENS_FILE)
@@ -208,16 +206,42 @@ def load_model_dir(model_dir: str | Path, shardings=None):
         raise UserError(f"{model_dir / TOKENS_FILE}: vocab_size {tokens.vocab_size} / "
                         f"padded {tokens.padded_vocab_size} disagree with {MODEL_FILE} "
                         f"({config.vocab_size} / {config.padded_vocab_size})")
-    mesh = shardings if isinstance(shardings, jax.sharding.Mesh) else single_device_mesh()
-    _, abstract = abstract_model(config, mesh)
-    abstract = nnx.to_pure_dict(abstract)
-    if shardings is not None and not isinstance(shardings, jax.sharding.Mesh):
-        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                abstract, shardings)
     params_dir = model_dir / PARAMS_DIR
     if not params_dir.is_dir():
         raise UserError(f"{params_dir}: not found (is {model_dir} a limajax model directory?)")
-    return restore_params(params_dir, abstract), config, tokens
+    return restore_params(params_dir, abstract_params(config, shardings)), config, tokens
+
+
+def abstract_params(config: ModelConfig, shardings=None) -> dict:
+    """Restore targets: the params' ShapeDtypeStructs placed as `shardings` says (None: the
+    first device; a Mesh: the sharding table's layout on it; or a tree of Shardings)."""
+    from limajax.sharding import abstract_model, single_device_mesh  # imports the model
+
+    mesh = shardings if isinstance(shardings, jax.sharding.Mesh) else single_device_mesh()
+    abstract = nnx.to_pure_dict(abstract_model(config, mesh)[1])
+    if shardings is not None and not isinstance(shardings, jax.sharding.Mesh):
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                abstract, shardings)
+    return abstract
+
+
+def load_model(source: str | Path, shardings=None, *, epoch: int | None = None):
+    """(params, ModelConfig, TokenSpec, tokenizer.model path or None) of a model directory, or,
+    with `epoch`, of the checkpoint ending that epoch in a training workdir (DESIGN §3: wherever
+    a model directory is accepted, a workdir plus --epoch N is too)."""
+    from limajax.tokenizer import Tokenizer
+
+    if epoch is None:
+        return (*load_model_dir(source, shardings), tokenizer_path(source))
+    run = read_run_config(source)
+    params = restore_epoch_params(source, epoch, abstract_params(run.model, shardings))
+    if run.init is not None:  # the run started from a model directory: its ids and tokenizer
+        return params, run.model, read_tokens_json(Path(run.init) / TOKENS_FILE), \
+            tokenizer_path(run.init)
+    if run.tokenizer is None:
+        raise UserError(f"{source}/config.json: the run names no tokenizer")
+    tokenizer = Tokenizer.from_path(run.tokenizer).with_eot()
+    return params, run.model, tokenizer.spec, tokenizer.path
 
 
 # --- training checkpoints (a workdir's checkpoints/, DESIGN §3) ---------------------------------
@@ -296,24 +320,20 @@ def restore_epoch_params(workdir: str | Path, epoch: int, abstract_params):
     return restored["state"]["params"]
 
 
-def save_epoch_model_dir(workdir: str | Path, epoch: int, output: str | Path, *,
-                         overwrite: bool = False) -> Path:
-    """A model directory (the format `convert` writes) from the checkpoint ending `epoch`, so
-    sample/serve/export read a fine-tuned model like any other."""
+def read_run_config(workdir: str | Path):
+    """The resolved TrainConfig a training workdir was run with."""
     from limajax.config import TrainConfig
-    from limajax.sharding import abstract_model, single_device_mesh
-    from limajax.tokenizer import Tokenizer
 
-    workdir = Path(workdir)
+    path = Path(workdir) / "config.json"
     try:
-        config = TrainConfig.from_dict(json.loads((workdir / "config.json").read_text()))
+        return TrainConfig.from_dict(json.loads(path.read_text()))
     except FileNotFoundError:
         raise UserError(f"{workdir}: no config.json (not a limajax training workdir)") from None
-    source = config.init if config.init is not None else config.tokenizer
-    tokenizer = Tokenizer.from_path(source)
-    if config.init is None:
-        tokenizer = tokenizer.with_eot()
-    _, abstract = abstract_model(config.model, single_device_mesh())
-    params = restore_epoch_params(workdir, epoch, abstract.to_pure_dict())
-    return save_model_dir(output, jax.device_get(params), config.model, tokenizer.spec,
-                          tokenizer.path, overwrite=overwrite)
+
+
+def save_epoch_model_dir(workdir: str | Path, epoch: int, output: str | Path, *,
+                         overwrite: bool = False) -> Path:
+    """A model directory (the format `convert` writes) from the checkpoint ending `epoch`."""
+    params, config, tokens, tokenizer = load_model(workdir, epoch=epoch)
+    return save_model_dir(output, jax.device_get(params), config, tokens, tokenizer,
+                          overwrite=overwrite)

@@ -25,6 +25,27 @@ def user_errors(fn):
     return wrapper
 
 
+def model_source_options(fn):
+    """--model MODEL_DIR, or --workdir W --epoch N (DESIGN §3: a training epoch serves wherever a
+    model directory does)."""
+    fn = click.option("--epoch", type=click.IntRange(min=1), default=None,
+                      help="With --workdir: the checkpoint that ends this epoch.")(fn)
+    fn = click.option("--workdir", default=None, type=click.Path(path_type=str),
+                      help="A training workdir (with --epoch) instead of --model.")(fn)
+    return click.option("--model", "model_dir", default=None, type=click.Path(path_type=str),
+                        help="A model directory (from `limajax convert`).")(fn)
+
+
+def model_source(model_dir, workdir, epoch) -> tuple[str, int | None]:
+    if (model_dir is None) == (workdir is None):
+        raise UserError("give either --model MODEL_DIR or --workdir W --epoch N")
+    if workdir is not None and epoch is None:
+        raise UserError(f"--workdir {workdir} needs --epoch N (LIMA §3 picks one of epochs 5-10)")
+    if model_dir is not None and epoch is not None:
+        raise UserError("--epoch goes with --workdir, not --model")
+    return (model_dir, None) if workdir is None else (workdir, epoch)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="limajax")
 def main():
@@ -85,22 +106,24 @@ def convert(source, input_dir, tokenizer, output, dtype, add_eot, overwrite):
 @click.option("--to", "target", required=True, type=click.Choice(["hf", "meta"]),
               help="hf: safetensors + config.json + tokenizer for transformers; meta: params.json "
               "+ consolidated.NN.pth.")
-@click.option("--model", "model_dir", required=True, type=click.Path(path_type=str),
-              help="A model directory.")
+@model_source_options
 @click.option("--output", required=True, type=click.Path(path_type=str),
               help="New checkpoint directory (built beside it, renamed when complete).")
 @click.option("--shards", default=1, show_default=True, type=click.IntRange(min=1),
               help="(meta) model-parallel shards to split the tensors into.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output checkpoint.")
 @user_errors
-def export(target, model_dir, output, shards, overwrite):
-    """A model directory -> a Hugging Face or Meta checkpoint (vocabulary padding dropped).
+def export(target, model_dir, workdir, epoch, output, shards, overwrite):
+    """A model directory, or a training epoch, -> a Hugging Face or Meta checkpoint
+    (vocabulary padding dropped).
 
-    Example: limajax export --to hf --model models/lima-7b --output hf/lima-7b
+    Examples: limajax export --to hf --model models/llama1-7b --output hf/llama1-7b;
+    limajax export --to hf --workdir runs/lima-65b --epoch 7 --output hf/lima-65b-e7
     """
     from limajax import convert as convert_lib
 
-    convert_lib.export(target, model_dir, output, shards=shards, overwrite=overwrite)
+    source, epoch = model_source(model_dir, workdir, epoch)
+    convert_lib.export(target, source, output, shards=shards, overwrite=overwrite, epoch=epoch)
     click.echo(f"wrote {output}")
 
 
@@ -177,8 +200,7 @@ def data_inspect(data_dir, tokenizer_path, max_len, train_on_prompts, plot):
 
 
 @main.command()
-@click.option("--model", "model_dir", required=True, type=click.Path(path_type=str),
-              help="A model directory (from `limajax convert` or a training export).")
+@model_source_options
 @click.option("--input", "input_path", required=True, type=click.Path(path_type=str),
               help='JSONL rows {"id", "text"}; BOS is prepended, no chat format.')
 @click.option("--output", "output_path", required=True, type=click.Path(path_type=str),
@@ -186,7 +208,7 @@ def data_inspect(data_dir, tokenizer_path, max_len, train_on_prompts, plot):
 @click.option("--mesh", default="1x1", show_default=True, help="DATAxMODEL device mesh.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
 @user_errors
-def score(model_dir, input_path, output_path, mesh, batch_size):
+def score(model_dir, workdir, epoch, input_path, output_path, mesh, batch_size):
     """Log-probability of every token of each text, and its perplexity (LIMA App. B).
 
     Example: limajax score --model runs/tiny-model --input texts.jsonl --output scores.jsonl
@@ -196,7 +218,8 @@ def score(model_dir, input_path, output_path, mesh, batch_size):
     sharding.ensure_devices(sharding.parse_mesh(mesh)[0] * sharding.parse_mesh(mesh)[1])
     from limajax.scoring import score_file
 
-    summary = score_file(model_dir, input_path, output_path, mesh, batch_size)
+    source, epoch = model_source(model_dir, workdir, epoch)
+    summary = score_file(source, input_path, output_path, mesh, batch_size, epoch=epoch)
     click.echo(f"scored {summary['rows']} texts, {summary['tokens']} tokens: "
                f"nll {summary['nll']:.4f}, perplexity {summary['ppl']:.3f} -> {output_path}")
 

@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from limajax import sharding
-from limajax.checkpoint import load_model_dir
+from limajax.checkpoint import load_model
 from limajax.errors import UserError
 from limajax.model import Llama
 from limajax.tokenizer import Tokenizer
@@ -85,13 +85,15 @@ def score(model: Llama, tokenizer: Tokenizer, rows: list[dict], mesh: Mesh,
 
 
 def score_file(model_dir: str, input_path: str, output_path: str, mesh_spec: str = "1x1",
-               batch_size: int = 8) -> dict:
+               batch_size: int = 8, epoch: int | None = None) -> dict:
     """`limajax score`: read texts, write scored rows atomically, return a summary."""
     rows = read_texts(input_path)
     mesh = sharding.make_mesh(mesh_spec, jax.devices()[:math.prod(sharding.parse_mesh(mesh_spec))])
-    params, config, _ = load_model_dir(model_dir, mesh)
+    params, config, tokens, tokenizer_file = load_model(model_dir, mesh, epoch=epoch)
+    if tokenizer_file is None:
+        raise UserError(f"{model_dir}: no tokenizer.model to turn the texts into ids")
     model = sharding.model_from_params(config, params, mesh)
-    tokenizer = Tokenizer.from_path(model_dir)
+    tokenizer = Tokenizer.from_path(tokenizer_file, tokens)
     output = Path(output_path)
     tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
     total_nll, total_tokens = 0.0, 0

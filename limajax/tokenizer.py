@@ -122,8 +122,9 @@ class Tokenizer:
         self.sp, self.spec, self.path = sp, spec, path
 
     @classmethod
-    def from_path(cls, path: str | Path) -> Tokenizer:
-        """Load a model directory (tokenizer.model + tokens.json) or a bare tokenizer.model."""
+    def from_path(cls, path: str | Path, spec: TokenSpec | None = None) -> Tokenizer:
+        """Load a model directory (tokenizer.model + tokens.json) or a bare tokenizer.model;
+        `spec` overrides the ids found there."""
         path = Path(path)
         model_file = path / TOKENIZER_FILE if path.is_dir() else path
         if not model_file.is_file():
@@ -135,7 +136,9 @@ class Tokenizer:
             sp.Load(str(model_file))
         except (OSError, RuntimeError) as e:
             raise UserError(f"{model_file}: not a SentencePiece model ({e})") from None
-        if path.is_dir():
+        if spec is not None:
+            pass
+        elif path.is_dir():
             spec = read_tokens_json(path / TOKENS_FILE)
         else:  # a bare tokenizer: EOT is the first id past its pieces (LIMA §3)
             spec = TokenSpec.for_vocab(sp.vocab_size(), sp.bos_id(), sp.eos_id())

@@ -95,3 +95,38 @@ def test_an_epoch_checkpoint_becomes_a_model_directory(reference, tmp_path):
     assert model_config == ts.tiny_config().model and tokens.eot_id == 512
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_commands_read_a_workdir_epoch_like_a_model_directory(reference, tmp_path):
+    """DESIGN §3: `--workdir W --epoch N` is accepted wherever `--model` is."""
+    from click.testing import CliRunner
+
+    from limajax.cli import main
+
+    ref_dir, _ = reference
+    config = json.loads((ref_dir / "config.json").read_text())
+    (ref_dir / "config.json").write_text(json.dumps(config | {"tokenizer": str(ts.TOKENIZER)}))
+    model_dir = checkpoint.save_epoch_model_dir(ref_dir, 2, tmp_path / "model")
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text('{"id": 1, "text": "How do I boil an egg?"}\n')
+    run = CliRunner().invoke
+    for name, source in (("workdir", ["--workdir", str(ref_dir), "--epoch", "2"]),
+                         ("model", ["--model", str(model_dir)])):
+        r = run(main, ["score", *source, "--input", str(texts),
+                       "--output", str(tmp_path / f"{name}.jsonl")])
+        assert r.exit_code == 0, r.output
+        r = run(main, ["export", "--to", "hf", *source, "--output", str(tmp_path / f"hf-{name}")])
+        assert r.exit_code == 0, r.output
+    assert (tmp_path / "workdir.jsonl").read_text() == (tmp_path / "model.jsonl").read_text()
+    from safetensors.numpy import load_file
+
+    a = load_file(tmp_path / "hf-workdir" / "model.safetensors")
+    b = load_file(tmp_path / "hf-model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    r = run(main, ["score", "--workdir", str(ref_dir), "--input", str(texts),
+                   "--output", str(tmp_path / "x.jsonl")])
+    assert r.exit_code == 2 and "needs --epoch N" in r.output
+    r = run(main, ["export", "--to", "hf", "--workdir", str(ref_dir), "--epoch", "9",
+                   "--output", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "no checkpoint for epoch 9 (epochs saved: 1, 2, 3)" in r.output
+    assert not (tmp_path / "x").exists()

@@ -67,17 +67,16 @@ def convert(source: str, input_dir: str | Path, output: str | Path, *,
 
 
 def export(target: str, model_dir: str | Path, output: str | Path, *, shards: int = 1,
-           overwrite: bool = False) -> ModelConfig:
-    """`limajax export`: a model directory -> a Hugging Face or Meta checkpoint directory,
-    built beside `output` and renamed when complete."""
-    from limajax.checkpoint import load_model_dir, tokenizer_path
+           overwrite: bool = False, epoch: int | None = None) -> ModelConfig:
+    """`limajax export`: a model directory (or a training workdir's epoch) -> a Hugging Face or
+    Meta checkpoint directory, built beside `output` and renamed when complete."""
+    from limajax.checkpoint import load_model
 
     if target not in ("hf", "meta"):
         raise UserError(f"--to {target!r}: expected hf or meta")
     if shards < 1 or (target == "hf" and shards != 1):
         raise UserError("--shards is for --to meta and must be >= 1")
-    params, config, tokens = load_model_dir(model_dir)
-    tokenizer = tokenizer_path(model_dir)
+    params, config, tokens, tokenizer = load_model(model_dir, epoch=epoch)
     marker = "config.json" if target == "hf" else "params.json"
     with staged_dir(output, overwrite=overwrite, marker=marker) as tmp:
         if target == "hf":
