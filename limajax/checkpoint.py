@@ -29,7 +29,7 @@ from orbax.checkpoint._src.serialization.type_handler_registry import (
     create_type_handler_registry,
 )
 
-from limajax.config import ModelConfig
+from limajax.config import ModelConfig, read_json
 from limajax.errors import UserError
 from limajax.tokenizer import (
     TOKENIZER_FILE,
@@ -175,12 +175,10 @@ def read_model_config(model_dir: str | Path) -> ModelConfig:
     path = Path(model_dir) / MODEL_FILE
     if not Path(model_dir).is_dir():
         raise UserError(f"{model_dir}: not a directory (expected a limajax model directory)")
+    if not path.is_file():
+        raise UserError(f"{path}: not found (is {model_dir} a limajax model directory?)")
     try:
-        return ModelConfig.from_dict(json.loads(path.read_text()))
-    except FileNotFoundError:
-        raise UserError(f"{path}: not found (is {model_dir} a limajax model directory?)") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
+        return ModelConfig.from_dict(read_json(path))
     except TypeError as e:
         raise UserError(f"{path}: {e}") from None
 
@@ -325,10 +323,9 @@ def read_run_config(workdir: str | Path):
     from limajax.config import TrainConfig
 
     path = Path(workdir) / "config.json"
-    try:
-        return TrainConfig.from_dict(json.loads(path.read_text()))
-    except FileNotFoundError:
-        raise UserError(f"{workdir}: no config.json (not a limajax training workdir)") from None
+    if not path.is_file():
+        raise UserError(f"{workdir}: no config.json (not a limajax training workdir)")
+    return TrainConfig.from_dict(read_json(path))
 
 
 def save_epoch_model_dir(workdir: str | Path, epoch: int, output: str | Path, *,

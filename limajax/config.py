@@ -8,13 +8,16 @@ so a config read back from JSON equals the one that wrote it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from limajax.errors import UserError
 
 DTYPES = ("float32", "bfloat16", "float16")
+VOCAB_MULTIPLE = 128  # padded vocabulary divides by any model-axis size up to 128
 REMAT_POLICIES = ("none", "full", "dots")
 
 
@@ -26,6 +29,20 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+
+
+def read_json(path: str | Path) -> dict:
+    """A JSON object from a file; missing, malformed or not an object is the user's to fix."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return obj
 
 
 def meta_ffn_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
@@ -52,7 +69,7 @@ class ModelConfig:
     rope_scaling: RopeScaling | None = None
     max_seq_len: int = 2048
     tie_embeddings: bool = False
-    vocab_multiple: int = 128  # pad the vocabulary so it shards evenly; padded logits are -inf
+    vocab_multiple: int = VOCAB_MULTIPLE  # so the vocabulary shards evenly; padded logits -inf
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype (bfloat16 on accelerators)
     remat: str = "full"  # what the backward pass recomputes per layer: none | full | dots
@@ -108,11 +125,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise UserError(f"model config: unknown keys {unknown}")
-        return cls(**d)
+        return _from_dict(cls, d, "model config")
 
 
 _LLAMA1 = dict(vocab_size=32000, multiple_of=256, norm_eps=1e-6, max_seq_len=2048)

@@ -39,7 +39,7 @@ def decay_mask(abstract_state: nnx.State) -> dict:
 
     mask = jax.tree.map(lambda v: v.replace(is_matrix(v)), abstract_state,
                         is_leaf=lambda x: isinstance(x, nnx.Variable))
-    return mask.to_pure_dict()
+    return nnx.to_pure_dict(mask)
 
 
 def optimizer(config: OptimConfig, total_steps: int, mask) -> optax.GradientTransformation:

@@ -22,12 +22,12 @@ from typing import NamedTuple
 import numpy as np
 import sentencepiece as spm
 
+from limajax.config import VOCAB_MULTIPLE, read_json
 from limajax.errors import UserError
 
 TOKENIZER_FILE = "tokenizer.model"
 TOKENS_FILE = "tokens.json"
 MAX_LEN = 2048  # LIMA §3: "texts longer than 2048 tokens are trimmed"
-VOCAB_MULTIPLE = 128  # padded vocabulary divides by any model-axis size up to 128
 
 
 def pad_vocab(size: int, multiple: int = VOCAB_MULTIPLE) -> int:
@@ -88,14 +88,7 @@ class TokenSpec:
 
 def read_tokens_json(path: str | Path) -> TokenSpec:
     """Read a model directory's `tokens.json`; a missing or malformed file is a UserError."""
-    path = Path(path)
-    try:
-        obj = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-    return TokenSpec.from_json(obj, where=str(path))
+    return TokenSpec.from_json(read_json(path), where=str(path))
 
 
 def write_tokens_json(path: str | Path, spec: TokenSpec) -> None:

@@ -107,7 +107,7 @@ def build(config: TrainConfig, mesh: Mesh, steps_per_epoch: int) -> Setup:
     graphdef, abstract = sharding.abstract_model(config.model, mesh)
     total = config.epochs * steps_per_epoch
     tx = optim.optimizer(config.optim, total, optim.decay_mask(abstract))
-    params = abstract.to_pure_dict()
+    params = nnx.to_pure_dict(abstract)
     param_shardings = jax.tree.map(lambda a: a.sharding, params)
     replicated = NamedSharding(mesh, PartitionSpec())
     opt_abstract = jax.eval_shape(tx.init, params)

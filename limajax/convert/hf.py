@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from limajax.config import ModelConfig, RopeScaling
+from limajax.config import ModelConfig, RopeScaling, read_json
 from limajax.convert.table import (
     DTYPES,
     EOT_TEXT,
@@ -24,7 +24,6 @@ from limajax.convert.table import (
     init_eot,
     layout_shape,
     place,
-    read_json,
     sentencepiece_model,
     sizes_for,
     source_keys,

@@ -9,7 +9,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from limajax.config import ModelConfig, RopeScaling, meta_ffn_dim
+from limajax.config import ModelConfig, RopeScaling, meta_ffn_dim, read_json
 from limajax.convert.table import (
     IGNORED,
     WEIGHTS,
@@ -22,7 +22,6 @@ from limajax.convert.table import (
     init_eot,
     layout_shape,
     place,
-    read_json,
     sentencepiece_model,
     sizes_for,
     source_keys,

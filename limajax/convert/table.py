@@ -232,18 +232,6 @@ def with_eot(config: ModelConfig, base_vocab: int, add_eot: bool, dtype: str) ->
 # --- small file helpers ----------------------------------------------------------------------
 
 
-def read_json(path: Path) -> dict:
-    try:
-        obj = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    return obj
-
-
 def write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
