@@ -45,11 +45,16 @@ BATCH_KEYS = ("inputs", "targets", "loss_mask", "positions")
 
 
 class Loader(Protocol):
-    """What the loop needs from data.py: fixed-size batches of this process's rows, by epoch."""
+    """What the loop needs from data.Batches: fixed-size batches of this process's rows, and a
+    position {"epoch", "index"} (of the next batch) to save and restore."""
 
     steps_per_epoch: int
 
-    def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]: ...
+    def __iter__(self) -> Iterator[Batch]: ...
+
+    def get_state(self) -> dict: ...
+
+    def set_state(self, state: dict) -> None: ...
 
 
 def dropout_rates(n_layers: int, top: float) -> jax.Array:
@@ -306,7 +311,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def run(config: TrainConfig, workdir: str | Path, loader, *, mesh: Mesh | None = None,
+def run(config: TrainConfig, workdir: str | Path, loader: Loader, *, mesh: Mesh | None = None,
         init_params=None, peak: float | None = None,
         progress: bool = True) -> list[dict]:
     """Train (or resume) in `workdir` on batches from `loader`; returns this session's metrics.
