@@ -51,8 +51,8 @@ def model_source(model_dir, workdir, epoch) -> tuple[str, int | None]:
 def main():
     """limajax: LIMA (Less Is More for Alignment) in JAX.
 
-    Convert LLaMA weights, prepare LIMA's dialogues, fine-tune on a device mesh, sample, and
-    compare models pairwise.
+    Convert LLaMA weights (Meta or Hugging Face, in and out), prepare LIMA's dialogues,
+    fine-tune with LIMA's recipe on a device mesh, plan its memory, and score texts.
     """
 
 
