@@ -134,7 +134,7 @@ class Projection(nnx.Module):
 class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         d, n, k, h = config.dim, config.n_heads, config.n_kv_heads, config.head_dim
-        self.n_kv_heads, self.head_dim = k, h
+        self.n_kv_heads = k
         self.wq = Projection((d, n, h), ("embed", "heads", "head_dim"), 1, config, rngs)
         self.wk = Projection((d, k, h), ("embed", "kv_heads", "head_dim"), 1, config, rngs)
         self.wv = Projection((d, k, h), ("embed", "kv_heads", "head_dim"), 1, config, rngs)
