@@ -32,7 +32,7 @@ def train_tokenizer(texts: list[str], path: Path, vocab_size: int = 512) -> None
     spm.SentencePieceTrainer.train(
         input=str(corpus), model_prefix=str(path.with_suffix("")), vocab_size=vocab_size,
         model_type="bpe", byte_fallback=True, split_digits=True, character_coverage=1.0,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=2, minloglevel=2)
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
     corpus.unlink()
 
 
