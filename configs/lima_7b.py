@@ -5,6 +5,7 @@ from limajax.config import DataConfig, OptimConfig, TrainConfig, preset
 
 config = TrainConfig(
     model=preset("llama1-7b").replace(
+        vocab_size=32001,  # LIMA §3: a new end-of-turn token (EOT) after LLaMA's 32,000
         dtype="bfloat16",  # compute in bfloat16, float32 master weights and moments
         remat="full",
     ),
