@@ -215,7 +215,7 @@ def score(model_dir, workdir, epoch, input_path, output_path, mesh, batch_size):
     """
     from limajax import sharding
 
-    sharding.ensure_devices(sharding.parse_mesh(mesh)[0] * sharding.parse_mesh(mesh)[1])
+    sharding.ensure_devices(sharding.mesh_devices(mesh))
     from limajax.scoring import score_file
 
     source, epoch = model_source(model_dir, workdir, epoch)
@@ -248,18 +248,18 @@ def _start_processes(mesh: str, coordinator, num_processes, process_id):
 
     from limajax import sharding
 
-    data, model = sharding.parse_mesh(mesh)
+    devices = sharding.mesh_devices(mesh)
     if coordinator is not None or num_processes is not None or process_id is not None:
         if None in (coordinator, num_processes, process_id):
             raise UserError("--coordinator, --num-processes and --process-id go together")
-        if (data * model) % num_processes:
-            raise UserError(f"mesh {mesh} ({data * model} devices) does not split over "
+        if devices % num_processes:
+            raise UserError(f"mesh {mesh} ({devices} devices) does not split over "
                             f"{num_processes} processes")
         import jax
 
         # Each CPU process simulates its share of the mesh (no effect on accelerators). Not
         # ensure_devices: it queries the backend, which must wait for initialize().
-        jax.config.update("jax_num_cpu_devices", data * model // num_processes)
+        jax.config.update("jax_num_cpu_devices", devices // num_processes)
         jax.distributed.initialize(coordinator, num_processes, process_id)
         return
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get(
@@ -268,7 +268,7 @@ def _start_processes(mesh: str, coordinator, num_processes, process_id):
 
         jax.distributed.initialize()  # JAX finds the coordinator on SLURM and TPU pods
         return
-    sharding.ensure_devices(data * model)
+    sharding.ensure_devices(devices)
 
 
 @main.command()
@@ -341,8 +341,7 @@ def plan(config_path, mesh, device_memory, seq_len, overrides):
     config = _recipe(config_path, mesh, None, None, overrides)
     from limajax import sharding
 
-    d, m = sharding.parse_mesh(config.mesh)
-    sharding.ensure_devices(d * m)
+    sharding.ensure_devices(sharding.mesh_devices(config.mesh))
     from limajax import train as train_lib
 
     report = train_lib.plan(config, train_lib.parse_bytes(device_memory), seq_len=seq_len)
@@ -370,8 +369,8 @@ def demo(workdir, epochs, overwrite):
     Example: limajax demo --workdir runs/demo
     """
     from limajax import sharding
+    from limajax.demo import recipe, run_demo
 
-    sharding.ensure_devices(8)  # the recipe's 2x4 mesh, simulated on a CPU host
-    from limajax.demo import run_demo
+    sharding.ensure_devices(sharding.mesh_devices(recipe().mesh))  # simulated on a CPU host
 
     run_demo(workdir, epochs=epochs, overwrite=overwrite)

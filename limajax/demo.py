@@ -19,6 +19,15 @@ from limajax.errors import UserError
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
 
 
+def recipe():
+    """configs/tiny.py, the demo's training recipe (it lives in the checkout, not the package)."""
+    from limajax.config import load_recipe
+
+    if not RECIPE.is_file():
+        raise UserError(f"{RECIPE}: not found (the demo runs from a limajax checkout)")
+    return load_recipe(str(RECIPE))
+
+
 def say(message: str) -> None:
     print(f"\n== {message}", file=sys.stderr, flush=True)
 
@@ -44,11 +53,9 @@ def run_demo(workdir: str | Path, *, epochs: int | None = None, overwrite: bool 
 
     from limajax import convert, data, scoring, train
     from limajax.checkpoint import save_epoch_model_dir, staged_dir
-    from limajax.config import load_recipe
     from limajax.model import Llama
 
-    if not RECIPE.is_file():
-        raise UserError(f"{RECIPE}: not found (the demo runs from a limajax checkout)")
+    tiny = recipe()
     workdir = Path(workdir)
     if workdir.exists():
         if not overwrite:
@@ -63,8 +70,7 @@ def run_demo(workdir: str | Path, *, epochs: int | None = None, overwrite: bool 
     train_tokenizer([t for c in samples for t in c], workdir / "tokenizer.model")
 
     say("2. a random tiny LLaMA written in Meta's layout (consolidated.00/01.pth, params.json)")
-    recipe = load_recipe(RECIPE)
-    base_config = recipe.model.replace(vocab_size=512)  # the tokenizer's pieces; EOT comes next
+    base_config = tiny.model.replace(vocab_size=512)  # the tokenizer's pieces; EOT comes next
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(
         nnx.state(Llama(base_config, rngs=nnx.Rngs(0)), nnx.Param)))
     with staged_dir(workdir / "meta", marker="params.json") as tmp:
@@ -93,8 +99,8 @@ def run_demo(workdir: str | Path, *, epochs: int | None = None, overwrite: bool 
 
     say("7. limajax train --config configs/tiny.py --init base --mesh 2x4 (LIMA §3 recipe)")
     run = dataclasses.replace(
-        recipe, init=str(workdir / "base"), epochs=epochs or recipe.epochs,
-        data=dataclasses.replace(recipe.data, path=str(workdir / "data")))
+        tiny, init=str(workdir / "base"), epochs=epochs or tiny.epochs,
+        data=dataclasses.replace(tiny.data, path=str(workdir / "data")))
     metrics = train.train(run, workdir / "run", progress=False)
     figures.update(first_loss=metrics[0]["loss"], last_loss=metrics[-1]["loss"])
 

@@ -88,7 +88,7 @@ def score_file(model_dir: str, input_path: str, output_path: str, mesh_spec: str
                batch_size: int = 8, epoch: int | None = None) -> dict:
     """`limajax score`: read texts, write scored rows atomically, return a summary."""
     rows = read_texts(input_path)
-    mesh = sharding.make_mesh(mesh_spec, jax.devices()[:math.prod(sharding.parse_mesh(mesh_spec))])
+    mesh = sharding.make_mesh(mesh_spec, jax.devices()[:sharding.mesh_devices(mesh_spec)])
     params, config, tokens, tokenizer_file = load_model(model_dir, mesh, epoch=epoch)
     if tokenizer_file is None:
         raise UserError(f"{model_dir}: no tokenizer.model to turn the texts into ids")

@@ -46,6 +46,12 @@ def parse_mesh(spec: str) -> tuple[int, int]:
     return int(parts[0]), int(parts[1])
 
 
+def mesh_devices(spec: str) -> int:
+    """How many devices a 'DxM' mesh spans."""
+    data, model = parse_mesh(spec)
+    return data * model
+
+
 def ensure_devices(n: int) -> None:
     """On a CPU host, simulate n devices if a mesh needs more than there are (DESIGN §4).
 

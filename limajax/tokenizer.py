@@ -129,11 +129,9 @@ class Tokenizer:
             sp.Load(str(model_file))
         except (OSError, RuntimeError) as e:
             raise UserError(f"{model_file}: not a SentencePiece model ({e})") from None
-        if spec is not None:
-            pass
-        elif path.is_dir():
+        if spec is None and path.is_dir():
             spec = read_tokens_json(path / TOKENS_FILE)
-        else:  # a bare tokenizer: EOT is the first id past its pieces (LIMA §3)
+        elif spec is None:  # a bare tokenizer: EOT is the first id past its pieces (LIMA §3)
             spec = TokenSpec.for_vocab(sp.vocab_size(), sp.bos_id(), sp.eos_id())
         return cls(sp, spec, model_file)
 
