@@ -457,6 +457,30 @@ def compare(a_path, b_path, output, judge_url, judge_model, api_key_env, orders,
 
 
 @main.command()
+@click.option("--a", "a_path", required=True, type=click.Path(dir_okay=False, path_type=str),
+              help="Sample file A.")
+@click.option("--b", "b_path", required=True, type=click.Path(dir_okay=False, path_type=str),
+              help="Sample file B; the sheet holds the prompts both answered.")
+@click.option("--output", required=True, type=click.Path(dir_okay=False, path_type=str),
+              help="The HTML sheet (one self-contained file; open it in any browser).")
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Seeds which answer is shown on the left, per prompt.")
+@user_errors
+def annotate(a_path, b_path, output, seed):
+    """An annotation sheet for people (LIMA §4.1): each prompt with both answers side by side
+    (left and right drawn from the seed), LIMA's three choices with keyboard shortcuts, work kept
+    in the browser across reloads, and an export of the labels as JSON for `compare --human`.
+
+    Example: limajax annotate --a lima.jsonl --b gpt4.jsonl --output sheet.html
+    """
+    from limajax.evaluation.human import annotate as annotate_lib
+
+    n = annotate_lib(a_path, b_path, output, seed=seed)
+    click.echo(f"wrote {output}: {n} prompts; label them in a browser, export, then "
+               f"`limajax compare --human labels.json --a {a_path} --b {b_path} --output ...`")
+
+
+@main.command()
 @click.option("--samples", "samples_path", required=True,
               type=click.Path(dir_okay=False, path_type=str),
               help="A sample file (several rows per id with distinct \"sample\" for --rubric "
