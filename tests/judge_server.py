@@ -114,7 +114,6 @@ class JudgeServer:
         elif fault == "e429" and first_try:
             status = 429
         elif fault == "hang" and first_try:
-            time.sleep(self.hang_s)
             status = -1
         elif fault == "drop" and first_try:
             status = -2
@@ -127,7 +126,8 @@ class JudgeServer:
             h.connection.shutdown(socket.SHUT_RDWR)
             h.close_connection = True
             return
-        if status == -1:  # the client gave up long ago; nothing to send
+        if status == -1:  # hang past the client's time-out; by then it has gone
+            time.sleep(self.hang_s)
             h.close_connection = True
             return
         if status == -3:
