@@ -206,7 +206,8 @@ def data_inspect(data_dir, tokenizer_path, max_len, train_on_prompts, plot):
 @click.option("--output", "output_path", required=True, type=click.Path(path_type=str),
               help='JSONL rows adding "token_ids", "logprobs", "nll" and "ppl".')
 @click.option("--mesh", default="1x1", show_default=True, help="DATAxMODEL device mesh.")
-@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Texts per forward pass (rounded up to a multiple of the mesh's data axis).")
 @user_errors
 def score(model_dir, workdir, epoch, input_path, output_path, mesh, batch_size):
     """Log-probability of every token of each text, and its perplexity (LIMA App. B).
@@ -286,6 +287,8 @@ def _start_processes(mesh: str, coordinator, num_processes, process_id):
               help="Override a recipe value, e.g. --set optim.lr=2e-5 (repeatable).")
 @click.option("--tokenizer", default=None, type=click.Path(path_type=str),
               help="tokenizer.model for a randomly initialised model (no --init).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="Epochs to train (default: the recipe's; LIMA §3: 15).")
 @click.option("--save-every-steps", type=click.IntRange(min=1), default=None,
               help="Also checkpoint every N steps (one checkpoint per epoch always).")
 @click.option("--peak-flops", type=float, default=None,
@@ -293,12 +296,15 @@ def _start_processes(mesh: str, coordinator, num_processes, process_id):
               "a measured matmul rate).")
 @click.option("--coordinator", default=None, metavar="HOST:PORT",
               help="Multi-host: the address of process 0.")
-@click.option("--num-processes", type=click.IntRange(min=1), default=None)
-@click.option("--process-id", type=click.IntRange(min=0), default=None)
-@click.option("--progress/--no-progress", default=True, help="Show a progress bar per epoch.")
+@click.option("--num-processes", type=click.IntRange(min=1), default=None,
+              help="Multi-host: how many processes share the mesh (with --coordinator).")
+@click.option("--process-id", type=click.IntRange(min=0), default=None,
+              help="Multi-host: this process's index, 0 to --num-processes - 1.")
+@click.option("--progress/--no-progress", default=True, show_default=True,
+              help="Show a progress bar per epoch.")
 @user_errors
-def train(config_path, mesh, init, data_dir, workdir, overrides, tokenizer, save_every_steps,
-          peak_flops, coordinator, num_processes, process_id, progress):
+def train(config_path, mesh, init, data_dir, workdir, overrides, tokenizer, epochs,
+          save_every_steps, peak_flops, coordinator, num_processes, process_id, progress):
     """Fine-tune with LIMA's recipe (LIMA §3): 15 epochs, AdamW, lr 1e-5 -> 1e-6, depth-wise
     residual dropout, a checkpoint after every epoch.
 
@@ -308,8 +314,9 @@ def train(config_path, mesh, init, data_dir, workdir, overrides, tokenizer, save
     import dataclasses
 
     config = _recipe(config_path, mesh, init, data_dir, overrides, tokenizer)
-    if save_every_steps is not None:
-        config = dataclasses.replace(config, save_every_steps=save_every_steps)
+    flags = {k: v for k, v in (("epochs", epochs), ("save_every_steps", save_every_steps))
+             if v is not None}
+    config = dataclasses.replace(config, **flags)
     _start_processes(config.mesh, coordinator, num_processes, process_id)
     from limajax import train as train_lib
 
