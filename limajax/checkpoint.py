@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -53,26 +54,65 @@ CHUNK_BYTES = 16 << 20
 # --- writing directories atomically -----------------------------------------------------------
 
 
+OUTPUT_MARKER = ".limajax-output.json"  # {"command": ...}: which command made a directory
+
+
+def check_replaceable(final: str | Path, *, overwrite: bool, command: str) -> None:
+    """An existing `final` may be replaced only with `overwrite`, and only if it is empty or an
+    earlier run of the same `command` made it (its OUTPUT_MARKER says so), so a mistyped
+    --output or --workdir never deletes someone's files (newcomer F1)."""
+    final = Path(final)
+    if not (final.exists() or final.is_symlink()):
+        return
+    if not overwrite:
+        raise UserError(f"{final}: already exists (pass --overwrite to replace it)")
+    if not final.is_dir() or final.is_symlink() or (
+            any(final.iterdir()) and made_by(final) != command):
+        raise UserError(f"{final}: refusing to replace it: it is not an earlier output of "
+                        f"`limajax {command}` (delete it yourself if you mean to)")
+
+
+def made_by(directory: Path) -> str | None:
+    """The command recorded in a directory's OUTPUT_MARKER, or None."""
+    try:
+        return json.loads((directory / OUTPUT_MARKER).read_text()).get("command")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def mark_output(directory: str | Path, command: str) -> None:
+    (Path(directory) / OUTPUT_MARKER).write_text(json.dumps({"command": command}) + "\n")
+
+
+def share_like_umask(root: Path) -> None:
+    """Give a finished output the permissions the user's umask gives new files: mkdtemp and
+    some writers (safetensors) create owner-only ones, which others on a cluster cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    root.chmod(0o777 & ~umask)
+    for parent, dirs, files in os.walk(root):
+        for name in dirs:
+            (Path(parent) / name).chmod(0o777 & ~umask)
+        for name in files:
+            (Path(parent) / name).chmod(0o666 & ~umask)
+
+
 @contextlib.contextmanager
-def staged_dir(final: str | Path, *, overwrite: bool = False, marker: str = MODEL_FILE
-               ) -> Iterator[Path]:
+def staged_dir(final: str | Path, *, overwrite: bool = False, command: str) -> Iterator[Path]:
     """Yield an empty temporary directory beside `final`; rename it to `final` on success.
 
     On any error the temporary directory is removed and `final` is untouched. An existing
-    `final` is replaced only with `overwrite`, and only if it is empty or holds `marker` (it
-    looks like an earlier output), so a mistyped --output never deletes someone's files.
+    `final` is replaced only as `check_replaceable` allows; the new directory records
+    `command` so a later --overwrite of the same command may replace it.
     """
     final = Path(final)
-    if final.exists() or final.is_symlink():
-        if not overwrite:
-            raise UserError(f"{final}: already exists (pass --overwrite to replace it)")
-        if not final.is_dir() or (any(final.iterdir()) and not (final / marker).exists()):
-            raise UserError(f"{final}: refusing to replace it: it is not an earlier output "
-                            f"(no {marker} inside)")
+    check_replaceable(final, overwrite=overwrite, command=command)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
     try:
         yield tmp
+        mark_output(tmp, command)
+        share_like_umask(tmp)
         if final.exists():
             # Move the old output aside first: at every instant one complete directory exists.
             old = tmp.with_suffix(".old")
@@ -164,9 +204,10 @@ def write_model_dir(directory: str | Path, params, config: ModelConfig, tokens: 
 
 
 def save_model_dir(model_dir: str | Path, params, config: ModelConfig, tokens: TokenSpec,
-                   tokenizer: str | Path | None = None, *, overwrite: bool = False) -> Path:
+                   tokenizer: str | Path | None = None, *, overwrite: bool = False,
+                   command: str) -> Path:
     """Write a complete model directory atomically (see module docstring)."""
-    with staged_dir(model_dir, overwrite=overwrite) as tmp:
+    with staged_dir(model_dir, overwrite=overwrite, command=command) as tmp:
         write_model_dir(tmp, params, config, tokens, tokenizer)
     return Path(model_dir)
 
@@ -329,8 +370,8 @@ def read_run_config(workdir: str | Path):
 
 
 def save_epoch_model_dir(workdir: str | Path, epoch: int, output: str | Path, *,
-                         overwrite: bool = False) -> Path:
+                         overwrite: bool = False, command: str) -> Path:
     """A model directory (the format `convert` writes) from the checkpoint ending `epoch`."""
     params, config, tokens, tokenizer = load_model(workdir, epoch=epoch)
     return save_model_dir(output, jax.device_get(params), config, tokens, tokenizer,
-                          overwrite=overwrite)
+                          overwrite=overwrite, command=command)

@@ -76,9 +76,17 @@ def main():
 @click.option("--add-eot/--no-add-eot", default=True, show_default=True,
               help="Add LIMA's end-of-turn token (id = the base vocabulary size; its rows start "
               "as the mean of the others).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --output model directory.")
+@click.option("--max-seq-len", type=click.IntRange(min=1), default=None,
+              help="Context length (default: config.json's; for Meta, the family's: LLaMA-1 "
+              "2048, Llama-2 4096, Llama-3 8192, Llama-3.1 131072).")
+@click.option("--no-tokenizer", is_flag=True,
+              help="Convert without a tokenizer.model (score and train --init refuse such a "
+              "model; export works).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing --output that an earlier convert made (nothing else).")
 @user_errors
-def convert(source, input_dir, tokenizer, output, dtype, add_eot, overwrite):
+def convert(source, input_dir, tokenizer, output, dtype, add_eot, max_seq_len, no_tokenizer,
+            overwrite):
     """LLaMA weights -> a limajax model directory (params/, model.json, tokens.json, tokenizer).
 
     Tensors are streamed one at a time, so memory stays near one merged tensor; disk needs
@@ -90,16 +98,15 @@ def convert(source, input_dir, tokenizer, output, dtype, add_eot, overwrite):
 
     config, tokens, found = convert_lib.convert(source, input_dir, output, tokenizer=tokenizer,
                                                 dtype=dtype, add_eot=add_eot,
-                                                overwrite=overwrite)
+                                                overwrite=overwrite, max_seq_len=max_seq_len,
+                                                no_tokenizer=no_tokenizer)
     if found is None:
-        click.echo(f"notice: no tokenizer.model in or beside {input_dir}; the model directory "
-                   "has none (pass --tokenizer)" if source == "meta" else
-                   f"notice: {input_dir} has no tokenizer.model; the model directory has none",
-                   err=True)
+        click.echo(f"notice: --no-tokenizer: the model directory has no tokenizer.model; BOS "
+                   f"{tokens.bos_id} and EOS {tokens.eos_id} are assumed", err=True)
     eot = f", EOT {tokens.eot_id}" if tokens.eot_id is not None else ", no EOT"
     click.echo(f"wrote {output}: {config.n_params / 1e6:,.1f}M parameters ({dtype}), "
                f"{config.n_layers} layers, vocabulary {tokens.vocab_size}{eot} "
-               f"(padded to {tokens.padded_vocab_size})")
+               f"(padded to {tokens.padded_vocab_size}), context {config.max_seq_len:,}")
 
 
 @main.command()
@@ -111,7 +118,9 @@ def convert(source, input_dir, tokenizer, output, dtype, add_eot, overwrite):
               help="New checkpoint directory (built beside it, renamed when complete).")
 @click.option("--shards", default=1, show_default=True, type=click.IntRange(min=1),
               help="(meta) model-parallel shards to split the tensors into.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --output checkpoint.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing --output that an earlier export --to the same format made "
+              "(nothing else).")
 @user_errors
 def export(target, model_dir, workdir, epoch, output, shards, overwrite):
     """A model directory, or a training epoch, -> a Hugging Face or Meta checkpoint
@@ -365,7 +374,8 @@ def plan(config_path, mesh, device_memory, seq_len, overrides):
               type=click.Path(path_type=str), help="Where every step writes its output.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="Fine-tuning epochs (default: configs/tiny.py's).")
-@click.option("--overwrite", is_flag=True, help="Delete an existing --workdir first.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing --workdir that an earlier demo made (nothing else).")
 @user_errors
 def demo(workdir, epochs, overwrite):
     """The whole pipeline on a tiny model and the embedded sample data, on a laptop CPU.

@@ -133,25 +133,36 @@ def _eot_in_hf(input_dir: Path, vocab_size: int) -> int | None:
 
 
 def read_hf(input_dir: str | Path, *, dtype: str = "float32", add_eot: bool = True,
-            staging: Path | None = None) -> Converted:
+            staging: Path | None = None, max_seq_len: int | None = None,
+            no_tokenizer: bool = False) -> Converted:
     """A transformers LlamaForCausalLM checkpoint -> parameters, tensor by tensor."""
     input_dir = Path(input_dir)
     if not input_dir.is_dir():
         raise UserError(f"{input_dir}: not a directory (expected config.json + safetensors)")
     cfg = read_json(input_dir / "config.json")
     config = config_from_hf(cfg, input_dir / "config.json")
+    if max_seq_len is not None:
+        config = config.replace(max_seq_len=max_seq_len)
     base_vocab = config.vocab_size
+    tokenizer = input_dir / TOKENIZER_FILE
+    if no_tokenizer:
+        tokenizer = None
+    elif not tokenizer.is_file():
+        raise UserError(f"{input_dir}: no {TOKENIZER_FILE} (limajax reads SentencePiece "
+                        "tokenizers); put it there, or pass --no-tokenizer (score and train "
+                        "--init then refuse the model)")
     with ExitStack() as stack:
         handles = _open_hf(input_dir, stack)
         expected = source_keys(config, "hf")
         _check_hf_tensors(config, base_vocab, handles, expected)
 
-        tokenizer = input_dir / TOKENIZER_FILE
-        tokenizer = tokenizer if tokenizer.is_file() else None
-        bos, eos = _first_id(cfg.get("bos_token_id"), 1), _first_id(cfg.get("eos_token_id"), 2)
+        # config.json's ids; missing there, the tokenizer's (LLaMA's 1/2 only with neither).
+        bos, eos = 1, 2
         if tokenizer is not None:
-            check_tokenizer(sentencepiece_model(tokenizer), tokenizer, base_vocab,
-                             WEIGHTS[0].hf)
+            sp = sentencepiece_model(tokenizer)
+            check_tokenizer(sp, tokenizer, base_vocab, WEIGHTS[0].hf)
+            bos, eos = sp.bos_id(), sp.eos_id()
+        bos, eos = _first_id(cfg.get("bos_token_id"), bos), _first_id(cfg.get("eos_token_id"), eos)
         eot_id = _eot_in_hf(input_dir, base_vocab)
         if eot_id is not None:  # exported by limajax: EOT is already there
             add_eot, base_vocab = False, base_vocab - 1
