@@ -10,6 +10,8 @@ import click
 
 from limajax.errors import UserError
 
+DOES_NOT_FIT = 3  # `plan`'s answer "no", apart from 1 (a bug) and 2 (a user's mistake)
+
 
 def user_errors(fn):
     """Turn a UserError into `error: ...` and exit code 2 (DESIGN §3); anything else is a bug."""
@@ -350,7 +352,7 @@ def train(config_path, mesh, init, data_dir, workdir, overrides, tokenizer, epoc
 def plan(config_path, mesh, device_memory, seq_len, overrides):
     """Compile the real train step ahead of time on simulated devices and print its memory per
     device (parameters, optimiser state, compiler temporaries) against --device-memory, beside
-    an analytic estimate. Exit code 1 if it does not fit.
+    an analytic estimate. Exit code 3 if it does not fit.
 
     Example: limajax plan --config configs/lima_65b.py --mesh 8x8 --device-memory 32GiB
     """
@@ -363,7 +365,7 @@ def plan(config_path, mesh, device_memory, seq_len, overrides):
     report = train_lib.plan(config, train_lib.parse_bytes(device_memory), seq_len=seq_len)
     click.echo(report.format())
     if not report.fits:
-        sys.exit(1)
+        sys.exit(DOES_NOT_FIT)
 
 
 # --- demo: the whole pipeline on a tiny model (limajax.demo) ------------------------------------

@@ -54,6 +54,12 @@ def read_json(path: str | Path) -> dict:
     return obj
 
 
+def pad_vocab(size: int, multiple: int = VOCAB_MULTIPLE) -> int:
+    """The smallest multiple of `multiple` that holds `size` ids: the embedding's row count (the
+    one rule for the padded vocabulary, review R2)."""
+    return -(-size // multiple) * multiple
+
+
 def check_types(obj, where: str) -> None:
     """Each field of a config dataclass holds its declared type (an int is a float too), so a
     recipe's `lr="3e-3"` is named here rather than failing deep inside a comparison."""
@@ -141,7 +147,7 @@ class ModelConfig:
 
     @property
     def padded_vocab_size(self) -> int:
-        return self.vocab_multiple * math.ceil(self.vocab_size / self.vocab_multiple)
+        return pad_vocab(self.vocab_size, self.vocab_multiple)
 
     @property
     def n_params(self) -> int:

@@ -22,17 +22,12 @@ from typing import NamedTuple
 import numpy as np
 import sentencepiece as spm
 
-from limajax.config import VOCAB_MULTIPLE, read_json
+from limajax.config import VOCAB_MULTIPLE, pad_vocab, read_json
 from limajax.errors import UserError
 
 TOKENIZER_FILE = "tokenizer.model"
 TOKENS_FILE = "tokens.json"
 MAX_LEN = 2048  # LIMA §3: "texts longer than 2048 tokens are trimmed"
-
-
-def pad_vocab(size: int, multiple: int = VOCAB_MULTIPLE) -> int:
-    """The smallest multiple of `multiple` that holds `size` ids."""
-    return -(-size // multiple) * multiple
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,9 +135,8 @@ class Tokenizer:
         if self.eot_id is not None:
             return self
         size = self.vocab_size + 1
-        padded = max(self.spec.padded_vocab_size, size)
         spec = dataclasses.replace(self.spec, eot_id=self.vocab_size, vocab_size=size,
-                                   padded_vocab_size=padded)
+                                   padded_vocab_size=pad_vocab(size))
         return Tokenizer(self.sp, spec, self.path)
 
     @property
