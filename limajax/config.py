@@ -54,6 +54,21 @@ def read_json(path: str | Path) -> dict:
     return obj
 
 
+def json_line(obj) -> str:
+    """One line of strict JSON (RFC 8259): a NaN or infinite float becomes null, which jq and
+    JavaScript read, where Python's default writes a bare NaN they reject (review R4)."""
+    def strict(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: strict(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [strict(v) for v in x]
+        return x
+
+    return json.dumps(strict(obj), ensure_ascii=False, allow_nan=False) + "\n"
+
+
 def pad_vocab(size: int, multiple: int = VOCAB_MULTIPLE) -> int:
     """The smallest multiple of `multiple` that holds `size` ids: the embedding's row count (the
     one rule for the padded vocabulary, review R2)."""

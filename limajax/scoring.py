@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 
 from limajax import sharding
 from limajax.checkpoint import load_model
+from limajax.config import json_line
 from limajax.errors import UserError
 from limajax.model import Llama
 from limajax.tokenizer import Tokenizer
@@ -100,7 +101,7 @@ def score_file(model_dir: str, input_path: str, output_path: str, mesh_spec: str
     try:
         with tmp.open("w", encoding="utf-8") as f:
             for row in score(model, tokenizer, rows, mesh, batch_size):
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                f.write(json_line(row))
                 total_nll += -sum(row["logprobs"])
                 total_tokens += len(row["logprobs"])
         tmp.replace(output)
