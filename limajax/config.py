@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import json
 import math
 import os
 import runpy
@@ -38,35 +37,6 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
-
-
-def read_json(path: str | Path) -> dict:
-    """A JSON object from a file; missing, malformed or not an object is the user's to fix."""
-    path = Path(path)
-    try:
-        obj = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    return obj
-
-
-def json_line(obj) -> str:
-    """One line of strict JSON (RFC 8259): a NaN or infinite float becomes null, which jq and
-    JavaScript read, where Python's default writes a bare NaN they reject (review R4)."""
-    def strict(x):
-        if isinstance(x, float) and not math.isfinite(x):
-            return None
-        if isinstance(x, dict):
-            return {k: strict(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [strict(v) for v in x]
-        return x
-
-    return json.dumps(strict(obj), ensure_ascii=False, allow_nan=False) + "\n"
 
 
 def pad_vocab(size: int, multiple: int = VOCAB_MULTIPLE) -> int:
@@ -320,6 +290,7 @@ def _from_dict(cls, d: dict[str, Any], where: str):
 
 def _parse_value(text: str, current: Any, key: str) -> Any:
     """'2e-5' -> 2e-5 etc., checked against the type of the value it replaces."""
+
     if isinstance(current, str):
         return text
     if text.lower() in ("none", "null"):
@@ -373,9 +344,11 @@ def _replace_path(obj, path: list[str], text: str, key: str):
         raise UserError(f"--set {key}={text}: {e}") from None
 
 
-def load_recipe(path: str) -> TrainConfig:
-    """Run a recipe file from configs/ and return its `config` (a TrainConfig). Any error in
-    the file (Python's or a config's check) is the user's: one line naming the file and line."""
+def load_recipe(path: str, overrides: list[str] | tuple[str, ...] = (), **fields) -> TrainConfig:
+    """Run a recipe file from configs/ and return its `config` (a TrainConfig), with `fields`
+    (values from command-line flags, a dict for a section's; None means "the recipe's") and
+    then the `--set` overrides applied. Any error in the file (Python's or a config's check) is
+    the user's: one line naming the file and line (newcomer F7)."""
     if not Path(path).is_file():
         raise UserError(f"--config {path}: no such file")
     try:
@@ -389,7 +362,13 @@ def load_recipe(path: str) -> TrainConfig:
     config = namespace.get("config")
     if not isinstance(config, TrainConfig):
         raise UserError(f"--config {path}: the file must define `config = TrainConfig(...)`")
-    return config
+    for name, value in fields.items():
+        if isinstance(value, dict):  # a section's values, e.g. data={"path": ...}
+            value = dataclasses.replace(getattr(config, name),
+                                        **{k: v for k, v in value.items() if v is not None})
+        if value is not None:
+            config = dataclasses.replace(config, **{name: value})
+    return apply_overrides(config, overrides)
 
 
 def _recipe_line(error: BaseException, path: str) -> int | str:

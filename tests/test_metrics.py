@@ -6,8 +6,8 @@ import types
 
 import pytest
 
-from limajax import train
-from limajax.config import json_line
+from limajax import train, workdir
+from limajax.files import json_line
 
 
 def _devices(kind, n=8, platform="gpu"):
@@ -32,7 +32,8 @@ def test_unknown_accelerator_gives_null_mfu(monkeypatch, tmp_path):
     assert train.peak_flops("bfloat16") == (None, "unknown for device 'NVIDIA L4'")
     assert train.peak_flops("bfloat16", 0.0)[0] == 0.0  # an explicit figure is taken as given
     path = tmp_path / "metrics.jsonl"
-    train.log_metrics(path, None, {"step": 1, "loss": 2.0, "mfu": None, "grad_norm": float("nan")})
+    record = {"step": 1, "loss": 2.0, "mfu": None, "grad_norm": float("nan")}
+    workdir.log_metrics(tmp_path, None, record)
     assert json.loads(path.read_text(), parse_constant=pytest.fail) == {
         "step": 1, "loss": 2.0, "mfu": None, "grad_norm": None}
 

@@ -55,7 +55,7 @@ def test_plan_exits_3_when_it_does_not_fit():
 
 def test_device_memory_needs_a_unit():
     from limajax.errors import UserError
-    from limajax.train import parse_bytes
+    from limajax.plan import parse_bytes
 
     assert parse_bytes("32GiB") == 32 * 2**30 and parse_bytes("16GB") == 16 * 10**9
     with pytest.raises(UserError, match="expected a size with its unit"):
