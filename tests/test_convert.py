@@ -40,7 +40,7 @@ LENGTHS = (13, 9, 4)  # a right-padded batch
 OFFSET = 1000  # positions start here: long wavelengths (and Llama 3.1's scaling) matter
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def cli(cli):
     """conftest's cli(), with --no-tokenizer for convert: the checkpoints made here have none."""
     return lambda *args: cli(*(("convert", "--no-tokenizer", *args[1:])
