@@ -70,7 +70,8 @@ def main():
 @click.option("--input", "input_dir", required=True, type=click.Path(path_type=str),
               help="The checkpoint directory.")
 @click.option("--tokenizer", type=click.Path(path_type=str), default=None,
-              help="(meta) tokenizer.model; default: the one in --input or beside it.")
+              help="(meta) tokenizer.model or tokenizer.json; default: the one in --input or "
+              "beside it.")
 @click.option("--output", required=True, type=click.Path(path_type=str),
               help="New model directory (built beside it, renamed when complete).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32",
@@ -103,7 +104,7 @@ def convert(source, input_dir, tokenizer, output, dtype, add_eot, max_seq_len, n
                                                 overwrite=overwrite, max_seq_len=max_seq_len,
                                                 no_tokenizer=no_tokenizer)
     if found is None:
-        click.echo(f"notice: --no-tokenizer: the model directory has no tokenizer.model; BOS "
+        click.echo(f"notice: --no-tokenizer: the model directory has no tokenizer; BOS "
                    f"{tokens.bos_id} and EOS {tokens.eos_id} are assumed", err=True)
     eot = f", EOT {tokens.eot_id}" if tokens.eot_id is not None else ", no EOT"
     click.echo(f"wrote {output}: {config.n_params / 1e6:,.1f}M parameters ({dtype}), "
@@ -185,7 +186,8 @@ def data_prepare(input_dir, output_dir, dev_from_train, seed, sample, sources):
 @click.option("--data", "data_dir", required=True, type=click.Path(path_type=str),
               help="A directory written by `limajax data prepare`.")
 @click.option("--tokenizer", "tokenizer_path", required=True, type=click.Path(path_type=str),
-              help="A model directory or a bare tokenizer.model (EOT = its vocabulary size).")
+              help="A model directory, or a bare tokenizer.model or tokenizer.json (with LIMA's "
+              "EOT).")
 @click.option("--max-len", type=int, default=2048, show_default=True,
               help="Trim length (LIMA §3: 2048).")
 @click.option("--train-on-prompts", is_flag=True,
@@ -253,7 +255,8 @@ def score(model_dir, workdir, epoch, input_path, output_path, mesh, batch_size):
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe value, e.g. --set optim.lr=2e-5 (repeatable).")
 @click.option("--tokenizer", default=None, type=click.Path(path_type=str),
-              help="tokenizer.model for a randomly initialised model (no --init).")
+              help="tokenizer.model or tokenizer.json for a randomly initialised model "
+              "(no --init).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="Epochs to train (default: the recipe's; LIMA §3: 15).")
 @click.option("--save-every-steps", type=click.IntRange(min=1), default=None,
