@@ -44,7 +44,7 @@ from limajax.tokenizer import (
     tokenizer_file,
     write_tokens_json,
 )
-from limajax.workdir import read_config, restore_epoch_params
+from limajax.workdir import read_config, restore_epoch_params, saved_tokenizer
 
 PARAMS_DIR = "params"
 MODEL_FILE = "model.json"
@@ -202,7 +202,9 @@ def load_model(source: str | Path, shardings=None, *, epoch: int | None = None):
         return (*load_model_dir(source, shardings), tokenizer_path(source))
     run = read_config(source)
     params = restore_epoch_params(source, epoch, abstract_params(run.model, shardings))
-    return params, run.model, *run_tokens(run, Path(source) / "config.json")
+    # The tokenizer copied into the workdir (R6); a workdir from before that: the run's.
+    return params, run.model, *(saved_tokenizer(source) or
+                                run_tokens(run, Path(source) / "config.json"))
 
 
 def load_for_inference(source: str | Path, mesh: jax.sharding.Mesh, *,
