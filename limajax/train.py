@@ -33,6 +33,7 @@ from limajax.workdir import (
     check_config,
     checkpoint_manager,
     log_metrics,
+    plot_curves,
     resolved_paths,
     restore_latest,
     save_state,
@@ -180,6 +181,32 @@ def make_train_step(setup: Setup):
                    donate_argnums=0)
 
 
+def make_eval_step(setup: Setup):
+    """The jitted dev-set step: (params, global batch) -> (summed -log p of the target tokens,
+    their count); no dropout, nothing updated."""
+    graphdef = setup.graphdef
+
+    def evaluate(params, batch: Batch):
+        logits = nnx.merge(graphdef, params)(batch["inputs"], batch["positions"])
+        nll = token_nll(logits, batch["targets"]) * batch["loss_mask"]
+        return jnp.sum(nll), jnp.sum(batch["loss_mask"])
+
+    batch_shardings = {k: setup.batch_sharding for k in BATCH_KEYS}
+    return jax.jit(evaluate, in_shardings=(setup.state_shardings.params, batch_shardings),
+                   out_shardings=sharding.replicated_sharding(setup.mesh))
+
+
+def dev_loss(setup: Setup, evaluate, params, dev: Loader) -> float:
+    """Mean -log p per target token over one pass of the dev split."""
+    dev.set_state({"epoch": 0, "index": 0})
+    total, count = 0.0, 0.0
+    for _, batch in zip(range(dev.steps_per_epoch), dev, strict=False):
+        with sharding.activate(setup.mesh):
+            nll, n = evaluate(params, put_batch(batch, setup))
+        total, count = total + float(nll), count + float(n)
+    return total / max(count, 1.0)
+
+
 def init_state(setup: Setup, params: dict | None = None) -> TrainState:
     """A fresh TrainState: random parameters (or `params`, e.g. from --init) and zero moments."""
     config, mesh = setup.config, setup.mesh
@@ -272,13 +299,14 @@ class Diverged(Exception):
 
 def train(config: TrainConfig, workdir: str | Path, loader: Loader, *, mesh: Mesh | None = None,
           init_params=None, peak: float | None = None, progress: bool = True,
-          tokenizer=None) -> list[dict]:
+          tokenizer=None, dev: Loader | None = None) -> list[dict]:
     """Train (or resume) in `workdir` on batches from `loader`; returns this session's metrics.
 
     `loader` is data.Batches (or anything with its steps_per_epoch, get_state/set_state and
     iteration). `init_params`: None (random), a params dict, or mesh -> params (loaded only if
     there is no checkpoint to resume). `tokenizer`: copied into the workdir so its epochs need
-    nothing else. The workdir follows DESIGN §3 (limajax/workdir.py).
+    nothing else. `dev`: one pass of the dev split, scored at every epoch's end. The workdir
+    follows DESIGN §3 (limajax/workdir.py).
     """
     mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
     sharding.check(config, mesh)
@@ -313,6 +341,7 @@ def train(config: TrainConfig, workdir: str | Path, loader: Loader, *, mesh: Mes
             truncate_metrics(workdir, step)  # a killed run's steps past the checkpoint
             writer = tensorboard_writer(workdir, step)
         train_step = make_train_step(setup)
+        evaluate = make_eval_step(setup) if dev is not None else None
         peak_flops_total, peak_source = peak_flops(config.model.dtype, peak)
         if peak_flops_total is None:
             log(f"notice: MFU is {peak_source}; metrics.jsonl records it as null (pass "
@@ -366,12 +395,20 @@ def train(config: TrainConfig, workdir: str | Path, loader: Loader, *, mesh: Mes
                         "end_of_epoch": end_of_epoch, "data": loader.get_state(),
                         "config": config.to_dict()})
             bar.close()
+            dev_text = ""
+            if evaluate is not None:  # LIMA App. B: dev perplexity beside quality, per epoch
+                loss = dev_loss(setup, evaluate, state.params, dev)
+                dev_text = f", dev loss {loss:.4f} (perplexity {math.exp(loss):.2f})"
+                if is_lead:
+                    log_metrics(workdir, writer, {"step": step, "epoch": epoch + 1,
+                                                  "dev_loss": loss, "dev_ppl": math.exp(loss)})
             if is_lead:
                 last = logged[-1]
                 log(f"epoch {epoch + 1}/{config.epochs}: step {step}, mean loss "
-                    f"{np.mean(epoch_losses):.4f}, lr {last['lr']:.3g}, "
+                    f"{np.mean(epoch_losses):.4f}{dev_text}, lr {last['lr']:.3g}, "
                     f"{last['tokens_per_sec']:.0f} tokens/s, {mfu_text(last['mfu'], peak_source)}, "
                     f"{time.time() - start:.1f} s")
+                plot_curves(workdir)
         if is_lead and logged:
             log(finished_message(workdir, config.epochs))
         return logged
@@ -414,4 +451,5 @@ def train_recipe(config: TrainConfig, workdir: str | Path, *, peak: float | None
         f"epoch x {config.epochs} epochs, global batch {config.data.batch_size}, mesh "
         f"{config.mesh}")
     return train(config, workdir, loader, mesh=mesh, peak=peak, progress=progress,
-                 init_params=init_params, tokenizer=tokenizer)
+                 init_params=init_params, tokenizer=tokenizer,
+                 dev=data.dev_batches_for(config, tokenizer))

@@ -5,6 +5,7 @@
     tokens.json     run starts, so `--workdir W --epoch N` needs nothing outside W (review R6)
     metrics.jsonl   one JSON object per logged step
     tensorboard/    the same metrics as TensorBoard events
+    curves.png      loss and learning rate per step, dev perplexity per epoch (each epoch's end)
     checkpoints/    an Orbax CheckpointManager: one checkpoint per epoch (plus any every-N-steps
                     ones), each the TrainState and a JSON item with the data position, the
                     epoch and the run config
@@ -41,6 +42,7 @@ from limajax.tokenizer import (
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "curves.png"
 CHECKPOINTS_DIR = "checkpoints"
 
 
@@ -164,11 +166,43 @@ def tensorboard_writer(workdir: str | Path, step: int):
 
 
 def log_metrics(workdir: str | Path, writer, record: dict) -> None:
+    """Append a record to metrics.jsonl and TensorBoard (dev_* values under dev/)."""
     append_jsonl(Path(workdir) / METRICS_FILE, record)
     if writer is not None:
         for k, v in record.items():
             if k not in ("step", "epoch") and v is not None and math.isfinite(v):
-                writer.add_scalar(f"train/{k}", v, record["step"])
+                tag = f"dev/{k[4:]}" if k.startswith("dev_") else f"train/{k}"
+                writer.add_scalar(tag, v, record["step"])
+
+
+def plot_curves(workdir: str | Path) -> Path:
+    """curves.png: training loss per step, the learning rate, and dev perplexity per epoch if
+    the run has a dev split, from metrics.jsonl, so a user can look rather than read."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(workdir)
+    steps = [r for r in rows if "loss" in r]
+    dev = [r for r in rows if r.get("dev_ppl") is not None]
+    panels = 3 if dev else 2
+    fig, axes = plt.subplots(panels, 1, figsize=(7, 2.4 * panels), constrained_layout=True)
+    axes[0].plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=1)
+    axes[0].set(ylabel="training loss", title=f"{Path(workdir).resolve().name}: loss per step")
+    axes[1].plot([r["step"] for r in steps], [r["lr"] for r in steps], lw=1, color="tab:orange")
+    axes[1].set(xlabel="step", ylabel="learning rate")
+    if dev:
+        axes[2].plot([r["epoch"] for r in dev], [r["dev_ppl"] for r in dev], "o-",
+                     color="tab:green")
+        axes[2].set(xlabel="epoch", ylabel="dev perplexity")
+        axes[2].xaxis.get_major_locator().set_params(integer=True)
+    path = Path(workdir) / CURVES_FILE
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
 
 
 # --- checkpoints/ ---------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ the one before is used (F3); score checks its output first and says when it trim
 of a run says where the checkpoints are and how to use them."""
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -32,6 +33,22 @@ def run(tmp_path_factory, cli):
     result = cli(*args)
     assert result.exit_code == 0, result.output
     return root, args, result
+
+
+def test_dev_loss_and_curves_at_every_epoch_end(run):
+    """LIMA App. B compares dev perplexity across epochs: in the epoch line, metrics.jsonl and
+    TensorBoard, and curves.png beside them."""
+    root, _, result = run
+    epoch_lines = [x for x in result.stderr.splitlines() if x.startswith("epoch ")]
+    assert len(epoch_lines) == 2 and all(", dev loss " in x and "(perplexity " in x
+                                         for x in epoch_lines), result.stderr
+    rows = [json.loads(x) for x in (root / "w" / "metrics.jsonl").read_text().splitlines()]
+    dev = [r for r in rows if "dev_loss" in r]
+    assert [(r["epoch"], r["step"]) for r in dev] == [(1, 5), (2, 10)]
+    assert all(r["dev_ppl"] == pytest.approx(math.exp(r["dev_loss"])) for r in dev)
+    assert (root / "w" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    events = b"".join(p.read_bytes() for p in (root / "w" / "tensorboard").iterdir())
+    assert b"dev/ppl" in events
 
 
 def test_end_of_run_says_where_and_what_next(run):
