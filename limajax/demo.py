@@ -25,7 +25,7 @@ from limajax import convert, data, scoring, train
 from limajax.checkpoint import save_epoch_model_dir
 from limajax.config import load_recipe
 from limajax.errors import UserError
-from limajax.files import staged_dir
+from limajax.files import check_replaceable, mark_output, staged_dir
 from limajax.model import Llama
 from limajax.tokenizer import TokenSpec
 
@@ -58,11 +58,11 @@ def run_demo(workdir: str | Path, *, epochs: int | None = None, overwrite: bool 
     """Run every step into `workdir`; returns the figures it printed."""
     tiny = recipe()
     workdir = Path(workdir)
+    check_replaceable(workdir, overwrite=overwrite, command="demo")
     if workdir.exists():
-        if not overwrite:
-            raise UserError(f"{workdir}: already exists (pass --overwrite to start again)")
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
+    mark_output(workdir, "demo")  # first, so --overwrite may replace even a run cut short
     figures = {}
 
     banner("1. a tokenizer trained on the embedded sample dialogues")
@@ -75,7 +75,7 @@ def run_demo(workdir: str | Path, *, epochs: int | None = None, overwrite: bool 
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(
         nnx.state(Llama(base_config, rngs=nnx.Rngs(0)), nnx.Param)))
     base_tokens = TokenSpec(1, 2, None, 512, base_config.padded_vocab_size)
-    with staged_dir(workdir / "random-hf", marker="config.json") as tmp:
+    with staged_dir(workdir / "random-hf", command="demo") as tmp:
         convert.write_hf(tmp, params, base_config, base_tokens, workdir / "tokenizer.model")
 
     banner("3. limajax convert --from hf (adds LIMA's EOT token)")
@@ -106,7 +106,7 @@ def run_demo(workdir: str | Path, *, epochs: int | None = None, overwrite: bool 
     figures.update(first_loss=metrics[0]["loss"], last_loss=metrics[-1]["loss"])
 
     banner("8. the last epoch as a model directory, scored on the same prompts")
-    save_epoch_model_dir(workdir / "run", run.epochs, workdir / "lima")
+    save_epoch_model_dir(workdir / "run", run.epochs, workdir / "lima", command="demo")
     after = scoring.score_file(workdir / "lima", prompts, workdir / "scores-lima.jsonl", "1x1")
     figures.update(ppl_before=before["ppl"], ppl_after=after["ppl"])
     print(f"training loss {figures['first_loss']:.3f} -> {figures['last_loss']:.3f}; "
