@@ -60,7 +60,7 @@ def test_every_command_but_metas_works_without_torch(tmp_path, fixtures):
     commands = [
         ("help", ["--help"]),
         ("convert meta", ["convert", "--from", "meta", "--input", str(stories / "meta_layout"),
-                          "--output", f"{t}/m"]),
+                          "--tokenizer", str(stories / "tok512.model"), "--output", f"{t}/m"]),
         ("export meta", ["export", "--to", "meta", "--model", str(model), "--output", f"{t}/x"]),
         ("export hf", ["export", "--to", "hf", "--model", str(model), "--output", f"{t}/hf"]),
         ("convert hf", ["convert", "--from", "hf", "--input", f"{t}/hf", "--output", f"{t}/m2"]),
