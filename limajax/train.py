@@ -387,13 +387,11 @@ def train(config: TrainConfig, workdir: str | Path, loader: Loader, *, mesh: Mes
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}",
                                 tok_s=f"{record['tokens_per_sec']:.0f}")
                 bar.update()
-                end_of_epoch = index + 1 == steps_per_epoch
                 every = config.save_every_steps
-                if end_of_epoch or (every and step % every == 0):
+                if every and step % every == 0 and index + 1 < steps_per_epoch:
                     save_state(manager, state, {
-                        "step": step, "epoch": epoch + 1 if end_of_epoch else epoch,
-                        "end_of_epoch": end_of_epoch, "data": loader.get_state(),
-                        "config": config.to_dict()})
+                        "step": step, "epoch": epoch, "end_of_epoch": False,
+                        "data": loader.get_state(), "config": config.to_dict()})
             bar.close()
             dev_text = ""
             if evaluate is not None:  # LIMA App. B: dev perplexity beside quality, per epoch
@@ -409,6 +407,10 @@ def train(config: TrainConfig, workdir: str | Path, loader: Loader, *, mesh: Mes
                     f"{last['tokens_per_sec']:.0f} tokens/s, {mfu_text(last['mfu'], peak_source)}, "
                     f"{time.time() - start:.1f} s")
                 plot_curves(workdir)
+            # The epoch's checkpoint, after what reports it (LIMA §3: one per epoch).
+            save_state(manager, state, {
+                "step": step, "epoch": epoch + 1, "end_of_epoch": True,
+                "data": loader.get_state(), "config": config.to_dict()})
         if is_lead and logged:
             log(finished_message(workdir, config.epochs))
         return logged

@@ -143,9 +143,9 @@ def test_ctrl_c_exits_130_and_says_rerunning_resumes(tmp_path):
            "--no-progress"]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
     lines = []
-    for line in proc.stderr:  # wait for the first epoch's checkpoint, then interrupt
+    for line in proc.stderr:  # interrupt once epoch 1's checkpoint is written (epoch 2's line)
         lines.append(line)
-        if line.startswith("epoch 1/5"):
+        if line.startswith("epoch 2/5"):
             proc.send_signal(signal.SIGINT)
             break
     rest = proc.communicate(timeout=120)[1]
