@@ -17,14 +17,14 @@ def reference(tmp_path_factory):
     """An uninterrupted run on 2x4: (workdir, metrics, final params)."""
     run_dir = tmp_path_factory.mktemp("uninterrupted")
     config = ts.tiny_config()
-    metrics = train.train(config, run_dir, ts.Loader(config, ts.rows(ROWS)), progress=False,
+    metrics = train.train(config, run_dir, ts.KillableLoader(config, ts.rows(ROWS)), progress=False,
                           peak=1e12)
     return run_dir, metrics
 
 
 def _final_params(run_dir, mesh):
     config = ts.tiny_config()
-    setup = train.build(config, mesh, ts.Loader(config, ts.rows(ROWS)).steps_per_epoch)
+    setup = train.build(config, mesh, ts.KillableLoader(config, ts.rows(ROWS)).steps_per_epoch)
     with workdir.checkpoint_manager(run_dir) as manager:
         state, meta = workdir.restore_state(manager, manager.latest_step(), setup.abstract_state)
     return state, meta
@@ -44,8 +44,8 @@ def test_killed_runs_resume_exactly(reference, tmp_path):
     assert partial, "the step-8 save completed before the kill: nothing partial to ignore"
     # 3. Resume again (here): the half-written step-8 save is ignored, step 4 is used.
     config = ts.tiny_config()
-    metrics = train.train(config, tmp_path, ts.Loader(config, ts.rows(ROWS)), progress=False,
-                        peak=1e12)
+    metrics = train.train(config, tmp_path, ts.KillableLoader(config, ts.rows(ROWS)),
+                          progress=False, peak=1e12)
     assert metrics[0]["step"] == 5, (partial, metrics[0])  # resumed from step 4
     assert not [d for d in (tmp_path / "checkpoints").iterdir() if "tmp" in d.name]
     assert [m["step"] for m in workdir.checkpoints(tmp_path)] == [4, 8, 12]
@@ -85,7 +85,7 @@ def test_an_epoch_checkpoint_becomes_a_model_directory(reference, tmp_path):
     # config.json of the test run names no tokenizer: give it one, as `limajax train` would.
     config = json.loads((ref_dir / "config.json").read_text())
     (ref_dir / "config.json").write_text(json.dumps(config | {"tokenizer": str(ts.TOKENIZER)}))
-    out = checkpoint.save_epoch_model_dir(ref_dir, 3, tmp_path / "model")
+    out = checkpoint.save_epoch_model_dir(ref_dir, 3, tmp_path / "model", command="test")
     params, model_config, tokens = checkpoint.load_model_dir(out)
     assert model_config == ts.tiny_config().model and tokens.eot_id == 512
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want.params), strict=True):
@@ -101,7 +101,8 @@ def test_commands_read_a_workdir_epoch_like_a_model_directory(reference, tmp_pat
     ref_dir, _ = reference
     config = json.loads((ref_dir / "config.json").read_text())
     (ref_dir / "config.json").write_text(json.dumps(config | {"tokenizer": str(ts.TOKENIZER)}))
-    model_dir = checkpoint.save_epoch_model_dir(ref_dir, 2, tmp_path / "model")
+    model_dir = checkpoint.save_epoch_model_dir(ref_dir, 2, tmp_path / "model",
+                                                  command="test")
     texts = tmp_path / "texts.jsonl"
     texts.write_text('{"id": 1, "text": "How do I boil an egg?"}\n')
     run = CliRunner().invoke
@@ -125,3 +126,30 @@ def test_commands_read_a_workdir_epoch_like_a_model_directory(reference, tmp_pat
                    "--output", str(tmp_path / "x")])
     assert r.exit_code == 2 and "no checkpoint for epoch 9 (epochs saved: 1, 2, 3)" in r.output
     assert not (tmp_path / "x").exists()
+
+
+def test_ctrl_c_exits_130_and_says_rerunning_resumes(tmp_path):
+    """SIGINT mid-run: one line, no traceback, exit 130; the next run resumes (F6)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               JAX_COMPILATION_CACHE_DIR=str(ts.JAX_CACHE))
+    cmd = [sys.executable, "-c", "from limajax.cli import main; main()", "train", "--config",
+           str(ts.HERE.parents[1] / "configs" / "tiny.py"), "--workdir", str(tmp_path / "w"),
+           "--tokenizer", str(ts.TOKENIZER), "--set", "data.max_len=64", "--peak-flops", "1e12",
+           "--no-progress"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    lines = []
+    for line in proc.stderr:  # interrupt once epoch 1's checkpoint is written (epoch 2's line)
+        lines.append(line)
+        if line.startswith("epoch 2/5"):
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, "".join(lines) + rest
+    assert "interrupted; rerun the same command to resume" in rest
+    assert "Traceback" not in rest and "Aborted" not in rest
+    assert [m["step"] for m in workdir.checkpoints(tmp_path / "w")][0] == 6
