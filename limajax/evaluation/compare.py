@@ -28,12 +28,24 @@ def to_files(position: str, order: str) -> str:
     return position if order == "AB" else {FIRST: "B", SECOND: "A"}[position]
 
 
-def tally(rows) -> collections.Counter:
-    """Outcomes of the prompts whose orders are all in: {"A": n, "tie": n, "B": n, ...}."""
-    by_id = collections.defaultdict(dict)
-    for row in rows:
-        by_id[row["id"]][row["order"]] = row["verdict"]
-    return collections.Counter(combine(v) for v in by_id.values())
+class Running:
+    """Outcomes of the prompts whose orders are all judged ({"A": n, "tie": n, "B": n,
+    "unparsed": n}), kept up to date as judgments arrive."""
+
+    def __init__(self, orders: int, rows):
+        self.orders = orders
+        self.by_id: dict[str, dict] = collections.defaultdict(dict)
+        self.counts: collections.Counter = collections.Counter()
+        for row in rows:
+            self.add(row)
+
+    def add(self, row: dict) -> str:
+        verdicts = self.by_id[row["id"]]
+        verdicts[row["order"]] = row["verdict"]
+        if len(verdicts) == self.orders:
+            self.counts[combine(verdicts)] += 1
+        c = self.counts
+        return f"A {c['A']} / tie {c['tie']} / B {c['B']}"
 
 
 def compare(a_path: str, b_path: str, judge: judge_lib.Judge, output: str, *,
@@ -63,17 +75,11 @@ def compare(a_path: str, b_path: str, judge: judge_lib.Judge, output: str, *,
                 record=_recorder(sa.id, order, fingerprint, a_path, b_path,
                                  len(sa.response), len(sb.response))))
 
-    keys = {(sa.id, o) for sa, _ in pairs for o in wanted}
-
-    def postfix():
-        c = tally(row for k, row in out.done.items() if k in keys)
-        return f"A {c['A']} / tie {c['tie']} / B {c['B']}"
-
-    result = judge_lib.run(jobs, judge, template, out, progress=progress, postfix=postfix)
-    rows = [row for k, row in out.done.items() if k in keys]
+    running = Running(len(wanted), cached)
+    result = judge_lib.run(jobs, judge, template, out, progress=progress, on_row=running.add)
     return {"prompts": len(pairs), "judged": result.done, "cached": len(cached),
             "retries": result.retries, "unparsed": result.unparsed, "seconds": result.seconds,
-            "outcomes": tally(rows), "torn_line_dropped": out.torn}
+            "outcomes": running.counts, "torn_line_dropped": out.torn}
 
 
 def _recorder(id_, order, fingerprint, a_path, b_path, len_a, len_b):

@@ -128,8 +128,7 @@ def _failure(e: Exception, judge: Judge, job: Job) -> str:
         what = f"HTTP {e.status_code} after {judge.max_retries + 1} tries: {str(e)[:200]}"
     else:
         what = f"{e.__class__.__name__}: {str(e)[:200]}"
-    return _redact(f"{where}: {what} (while judging {job.key})",
-                   judge)
+    return _redact(f"{where}: {what} (while judging {job.key})", judge)
 
 
 async def _ask(client, judge: Judge, template: Template, job: Job, tally: Tally) -> dict:
@@ -159,11 +158,12 @@ async def _ask(client, judge: Judge, template: Template, job: Job, tally: Tally)
 
 
 def run(jobs: list[Job], judge: Judge, template: Template, out: JudgmentFile, *,
-        progress: bool = True, postfix: Callable[[], str] | None = None) -> Tally:
+        progress: bool = True, on_row: Callable[[dict], str] | None = None) -> Tally:
     """Judge every job, `judge.concurrency` at a time, appending each line to `out` as it
-    arrives. A job that fails after all retries stops the run with one line (what is done stays
-    done); Ctrl-C loses only the judgments in flight."""
-    import openai
+    arrives (`on_row` sees it and returns the progress bar's running figures). A job that fails
+    after all retries stops the run with one line (what is done stays done); Ctrl-C loses only
+    the judgments in flight."""
+    import openai  # here, not at the top: its import takes seconds, and `report` needs none
     from tqdm import tqdm
 
     key = judge.api_key()
@@ -189,7 +189,7 @@ def run(jobs: list[Job], judge: Judge, template: Template, out: JudgmentFile, *,
                 out.append(row)
                 tally.done += 1
                 bar.update(1)
-                bar.set_postfix_str((postfix() + ", " if postfix else "") +
+                bar.set_postfix_str((on_row(row) + ", " if on_row else "") +
                                     f"retries {tally.retries}, unparsed {tally.unparsed}",
                                     refresh=False)
 
