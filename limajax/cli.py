@@ -316,6 +316,40 @@ def sample(model_dir, workdir, epoch, prompts_path, output_path, text, temperatu
                f"{output_path}; {summary['skipped']} were already there")
 
 
+# --- serve: an OpenAI-compatible HTTP server with continuous batching (limajax.serving) -----------
+
+
+@main.command()
+@model_source_options
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (loopback: only this machine can connect).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--max-batch", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Decode slots: answers generated at once (continuous batching).")
+@click.option("--context", type=click.IntRange(min=2), default=None,
+              help="Tokens per slot, prompt and answer together (default and most: 2048, or "
+              "the model's context if shorter).")
+@click.option("--mesh", default="1x1", show_default=True, help="DATAxMODEL device mesh.")
+@click.option("--name", default=None, help="The model id in /v1/models (default: the path).")
+@user_errors
+def serve(model_dir, workdir, epoch, host, port, max_batch, context, mesh, name):
+    """Serve the model over an OpenAI-compatible HTTP API: /v1/chat/completions (LIMA's
+    dialogue format), /v1/completions (plain continuation), /v1/models, /health; streaming,
+    n, stop, seed and a `repetition_penalty` extension; omitted settings are LIMA §4.1's.
+
+    Example: limajax serve --workdir runs/lima-65b --epoch 7 --port 8000
+    """
+    source, epoch = model_source(model_dir, workdir, epoch)
+    from limajax import sharding
+
+    sharding.ensure_devices(sharding.mesh_devices(mesh))
+    from limajax.serving import serve as serve_lib
+
+    click.echo(f"serving {source} on http://{host}:{port}/v1 (Ctrl-C stops)", err=True)
+    serve_lib(source, epoch=epoch, host=host, port=port, max_batch=max_batch, mesh_spec=mesh,
+              context=context, name=name)
+
+
 # --- train / plan: LIMA's fine-tuning recipe on a mesh (limajax.train) --------------------------
 
 

@@ -321,6 +321,32 @@ def generate(model: Llama, mesh: Mesh, requests: Sequence[Request], batch_size: 
         yield list(zip(chunk, done, strict=True))
 
 
+class TextStream:
+    """A growing answer as text deltas, for streaming. Text that may still change is held back:
+    a character whose bytes are not all decoded yet, and an ending that may begin a stop
+    string. The answer ends at the first stop string, which is not part of it."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()):
+        self.tokenizer, self.stop, self.text = tokenizer, [s for s in stop if s], ""
+        self.stopped = False
+
+    def update(self, ids: Sequence[int], final: bool = False) -> str:
+        """The new text after `ids` (the whole answer so far); sets `stopped` at a stop string."""
+        text = self.tokenizer.decode(ids)
+        cuts = [text.find(s) for s in self.stop if s in text]
+        if cuts:
+            text, self.stopped, final = text[:min(cuts)], True, True
+        if not final:
+            text = text.rstrip("\ufffd")  # the replacement for a partial UTF-8 character
+            hold = max((n for s in self.stop for n in range(1, len(s))
+                        if text.endswith(s[:n])), default=0)
+            text = text[:len(text) - hold]
+        if not text.startswith(self.text):  # decoding re-spaced earlier text: send nothing new
+            return ""
+        delta, self.text = text[len(self.text):], text
+        return delta
+
+
 # --- `limajax sample`: GAIR prompt files in, answer files out (DESIGN §3) ------------------------
 
 
