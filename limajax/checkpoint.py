@@ -1,6 +1,6 @@
-"""Orbax on disk: params-only model directories (DESIGN §3).
+"""Model directories (DESIGN §3), and loading a model from one or from a training epoch.
 
-A model directory is what `convert` writes and `sample`/`serve`/`train --init`/`export` read:
+A model directory is what `convert` writes and `score`/`train --init`/`export` read:
 
     params/          Orbax checkpoint of the parameter tree (nnx.Param state as a pure dict)
     model.json       ModelConfig.to_dict()
@@ -8,36 +8,40 @@ A model directory is what `convert` writes and `sample`/`serve`/`train --init`/`
     tokens.json      bos/eos/eot ids and vocabulary sizes (limajax.tokenizer owns the format)
 
 Directories are built beside their destination and renamed into place when complete
-(`staged_dir`), so an interrupted run never leaves something that looks finished.
+(files.staged_dir), so an interrupted run never leaves something that looks finished.
+
+`load_for_inference(source, mesh, epoch=None)` is the one way to get a model to run: a model
+directory, or a training workdir's epoch (DESIGN §3), placed on a mesh, with its tokenizer.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
+import dataclasses
 import logging
 import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import nnx
 from orbax.checkpoint._src.serialization.type_handler_registry import (
     create_type_handler_registry,
 )
 
-from limajax.config import ModelConfig, read_json
+from limajax.config import ModelConfig, TrainConfig
 from limajax.errors import UserError
+from limajax.files import read_json, staged_dir, write_json
+from limajax.model import Llama
+from limajax.sharding import abstract_params, model_from_params
 from limajax.tokenizer import (
     TOKENIZER_FILE,
     TOKENS_FILE,
+    Tokenizer,
     TokenSpec,
     read_tokens_json,
     write_tokens_json,
 )
+from limajax.workdir import read_config, restore_epoch_params
 
 PARAMS_DIR = "params"
 MODEL_FILE = "model.json"
@@ -48,42 +52,6 @@ MODEL_FILE = "model.json"
 # memmap-backed array streams from the page cache to disk (~0.13 GiB peak for the same array),
 # which is what lets `convert` stay near one tensor of memory (tools/bench_convert.py).
 CHUNK_BYTES = 16 << 20
-
-
-# --- writing directories atomically -----------------------------------------------------------
-
-
-@contextlib.contextmanager
-def staged_dir(final: str | Path, *, overwrite: bool = False, marker: str = MODEL_FILE
-               ) -> Iterator[Path]:
-    """Yield an empty temporary directory beside `final`; rename it to `final` on success.
-
-    On any error the temporary directory is removed and `final` is untouched. An existing
-    `final` is replaced only with `overwrite`, and only if it is empty or holds `marker` (it
-    looks like an earlier output), so a mistyped --output never deletes someone's files.
-    """
-    final = Path(final)
-    if final.exists() or final.is_symlink():
-        if not overwrite:
-            raise UserError(f"{final}: already exists (pass --overwrite to replace it)")
-        if not final.is_dir() or (any(final.iterdir()) and not (final / marker).exists()):
-            raise UserError(f"{final}: refusing to replace it: it is not an earlier output "
-                            f"(no {marker} inside)")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
-    try:
-        yield tmp
-        if final.exists():
-            # Move the old output aside first: at every instant one complete directory exists.
-            old = tmp.with_suffix(".old")
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # --- the params checkpoint ----------------------------------------------------------------------
@@ -157,7 +125,7 @@ def write_model_dir(directory: str | Path, params, config: ModelConfig, tokens: 
         raise ValueError(f"tokens {tokens} disagree with the config's vocabulary "
                          f"{config.vocab_size}/{config.padded_vocab_size}")
     save_params(directory / PARAMS_DIR, params)
-    (directory / MODEL_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    write_json(directory / MODEL_FILE, config.to_dict())
     write_tokens_json(directory / TOKENS_FILE, tokens)
     if tokenizer is not None:
         shutil.copyfile(tokenizer, directory / TOKENIZER_FILE)
@@ -166,7 +134,7 @@ def write_model_dir(directory: str | Path, params, config: ModelConfig, tokens: 
 def save_model_dir(model_dir: str | Path, params, config: ModelConfig, tokens: TokenSpec,
                    tokenizer: str | Path | None = None, *, overwrite: bool = False) -> Path:
     """Write a complete model directory atomically (see module docstring)."""
-    with staged_dir(model_dir, overwrite=overwrite) as tmp:
+    with staged_dir(model_dir, marker=MODEL_FILE, overwrite=overwrite) as tmp:
         write_model_dir(tmp, params, config, tokens, tokenizer)
     return Path(model_dir)
 
@@ -210,122 +178,38 @@ def load_model_dir(model_dir: str | Path, shardings=None):
     return restore_params(params_dir, abstract_params(config, shardings)), config, tokens
 
 
-def abstract_params(config: ModelConfig, shardings=None) -> dict:
-    """Restore targets: the params' ShapeDtypeStructs placed as `shardings` says (None: the
-    first device; a Mesh: the sharding table's layout on it; or a tree of Shardings)."""
-    from limajax.sharding import abstract_model, single_device_mesh  # imports the model
-
-    mesh = shardings if isinstance(shardings, jax.sharding.Mesh) else single_device_mesh()
-    abstract = nnx.to_pure_dict(abstract_model(config, mesh)[1])
-    if shardings is not None and not isinstance(shardings, jax.sharding.Mesh):
-        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                abstract, shardings)
-    return abstract
+def run_tokens(run: TrainConfig, where: str | Path) -> tuple[TokenSpec, Path | None]:
+    """The token ids and tokenizer file a training run uses: its --init model directory's, or
+    its --tokenizer plus LIMA's EOT for a random model. `where` names the run in errors."""
+    if run.init is not None:
+        return read_tokens_json(Path(run.init) / TOKENS_FILE), tokenizer_path(run.init)
+    if run.tokenizer is None:
+        raise UserError(f"{where}: the run names no tokenizer")
+    tokenizer = Tokenizer.from_path(run.tokenizer).with_eot()
+    return tokenizer.spec, tokenizer.path
 
 
 def load_model(source: str | Path, shardings=None, *, epoch: int | None = None):
     """(params, ModelConfig, TokenSpec, tokenizer.model path or None) of a model directory, or,
     with `epoch`, of the checkpoint ending that epoch in a training workdir (DESIGN §3: wherever
-    a model directory is accepted, a workdir plus --epoch N is too)."""
-    from limajax.tokenizer import Tokenizer
-
+    a model directory is accepted, a workdir plus --epoch N is too). `shardings` as in
+    sharding.abstract_params."""
     if epoch is None:
         return (*load_model_dir(source, shardings), tokenizer_path(source))
-    run = read_run_config(source)
+    run = read_config(source)
     params = restore_epoch_params(source, epoch, abstract_params(run.model, shardings))
-    if run.init is not None:  # the run started from a model directory: its ids and tokenizer
-        return params, run.model, read_tokens_json(Path(run.init) / TOKENS_FILE), \
-            tokenizer_path(run.init)
-    if run.tokenizer is None:
-        raise UserError(f"{source}/config.json: the run names no tokenizer")
-    tokenizer = Tokenizer.from_path(run.tokenizer).with_eot()
-    return params, run.model, tokenizer.spec, tokenizer.path
+    return params, run.model, *run_tokens(run, Path(source) / "config.json")
 
 
-# --- training checkpoints (a workdir's checkpoints/, DESIGN §3) ---------------------------------
-#
-# One Orbax CheckpointManager per workdir, one checkpoint per epoch (plus any every-N-steps ones),
-# all kept by default: LIMA §3 picks a checkpoint among epochs 5-10 by hand. Each holds the
-# TrainState (params, optimiser state, step, base RNG key) and a JSON item with the data
-# position, the epoch and the resolved run config. Saves are asynchronous; Orbax writes each
-# into a temporary directory and renames it when complete, so a save cut short by a crash is
-# never mistaken for a checkpoint (and the leftover is cleaned up on the next start).
-
-CHECKPOINTS_DIR = "checkpoints"
-
-
-def train_manager(workdir: str | Path, max_to_keep: int | None = None, *,
-                  async_save: bool = True) -> ocp.CheckpointManager:
-    """The CheckpointManager of a training workdir (its directory is created on first save)."""
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True)
-    return ocp.CheckpointManager(Path(workdir).absolute() / CHECKPOINTS_DIR, options=options)
-
-
-def _state_tree(state) -> dict:
-    return {"step": state.step, "params": state.params, "opt_state": state.opt_state,
-            "rng": state.rng}
-
-
-def save_train_state(manager: ocp.CheckpointManager, state, meta: dict) -> None:
-    """Start an asynchronous save of `state` with `meta` (step, data position, epoch, config)."""
-    manager.save(meta["step"], args=ocp.args.Composite(
-        state=ocp.args.StandardSave(_state_tree(state)), meta=ocp.args.JsonSave(meta)))
-
-
-def restore_train_state(manager: ocp.CheckpointManager, step: int, abstract_state):
-    """(TrainState, meta) of checkpoint `step`, placed by the shardings in `abstract_state`
-    (any mesh: a checkpoint written on 2x4 restores onto 4x2 or one device)."""
-    # Explicit abstract targets: a bare restore() in a fresh manager restores nothing.
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(_state_tree(abstract_state)),
-        meta=ocp.args.JsonRestore()))
-    tree = restored["state"]
-    state = type(abstract_state)(tree["step"], tree["params"], tree["opt_state"], tree["rng"])
-    return state, restored["meta"]
-
-
-def train_checkpoints(workdir: str | Path) -> list[dict]:
-    """The meta of every complete checkpoint in a workdir, oldest first."""
-    with train_manager(workdir) as manager:
-        return [manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-                for step in manager.all_steps()]
-
-
-def epoch_step(workdir: str | Path, epoch: int) -> int:
-    """The step of the checkpoint that ends `epoch` (1-based), for `--workdir W --epoch N`."""
-    metas = train_checkpoints(workdir)
-    for meta in metas:
-        if meta.get("end_of_epoch") and meta["epoch"] == epoch:
-            return meta["step"]
-    have = sorted(m["epoch"] for m in metas if m.get("end_of_epoch"))
-    raise UserError(f"{workdir}: no checkpoint for epoch {epoch} "
-                    f"(epochs saved: {', '.join(map(str, have)) or 'none'})")
-
-
-def restore_epoch_params(workdir: str | Path, epoch: int, abstract_params):
-    """Only the parameters of the checkpoint ending `epoch` (for sample/serve/export), restored
-    into `abstract_params` (ShapeDtypeStructs with shardings)."""
-    step = epoch_step(workdir, epoch)
-    with train_manager(workdir) as manager:
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(
-                {"params": abstract_params},
-                restore_args={"params": ocp.checkpoint_utils.construct_restore_args(
-                    abstract_params)},
-                partial_restore=True)))
-    return restored["state"]["params"]
-
-
-def read_run_config(workdir: str | Path):
-    """The resolved TrainConfig a training workdir was run with."""
-    from limajax.config import TrainConfig
-
-    path = Path(workdir) / "config.json"
-    if not path.is_file():
-        raise UserError(f"{workdir}: no config.json (not a limajax training workdir)")
-    return TrainConfig.from_dict(read_json(path))
+def load_for_inference(source: str | Path, mesh: jax.sharding.Mesh, *,
+                       epoch: int | None = None) -> tuple[Llama, Tokenizer]:
+    """A model directory (or a workdir's `epoch`) as a model placed on `mesh` by the sharding
+    table, restored straight into its shards, with its tokenizer: what score, sample and serve
+    run."""
+    params, config, tokens, tokenizer_file = load_model(source, mesh, epoch=epoch)
+    if tokenizer_file is None:
+        raise UserError(f"{source}: no {TOKENIZER_FILE} to turn text into ids")
+    return model_from_params(config, params, mesh), Tokenizer.from_path(tokenizer_file, tokens)
 
 
 def save_epoch_model_dir(workdir: str | Path, epoch: int, output: str | Path, *,
@@ -334,3 +218,53 @@ def save_epoch_model_dir(workdir: str | Path, epoch: int, output: str | Path, *,
     params, config, tokens, tokenizer = load_model(workdir, epoch=epoch)
     return save_model_dir(output, jax.device_get(params), config, tokens, tokenizer,
                           overwrite=overwrite)
+
+
+# --- a training run's starting point (`train --init`) ---------------------------------------------
+
+# The fields that make two model configs the same network; dtype, remat and the vocabulary
+# padding are the run's choice.
+ARCHITECTURE = ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "norm_eps",
+                "rope_theta", "rope_scaling", "tie_embeddings")
+
+
+def resolve_init(config: TrainConfig):
+    """(config with the model's vocabulary settled, tokenizer, init-params loader or None).
+
+    With `init`, the model directory's config must agree with the recipe's architecture; its
+    vocabulary (LIMA's EOT included) and tokenizer are used. Without, the recipe's model is
+    initialised at random for `tokenizer` plus EOT.
+    """
+    if config.init is None:
+        if config.tokenizer is None:
+            raise UserError("a random model needs a tokenizer: --set tokenizer=PATH/tokenizer."
+                            "model, or start from a converted model with --init MODEL_DIR")
+        tokens, path = run_tokens(config, "--tokenizer")
+        model = config.model.replace(vocab_size=tokens.vocab_size)
+        return dataclasses.replace(config, model=model), Tokenizer.from_path(path, tokens), None
+    stored = read_model_config(config.init)
+    for name in ARCHITECTURE:
+        if getattr(stored, name) != getattr(config.model, name):
+            raise UserError(
+                f"--init {config.init}: its model.json has {name} = {getattr(stored, name)!r} "
+                f"but the recipe's model has {getattr(config.model, name)!r}; pick the recipe "
+                "for that model")
+    tokens, path = run_tokens(config, "--init")
+    if path is None:
+        raise UserError(f"--init {config.init}: the model directory has no {TOKENIZER_FILE}")
+    if tokens.eot_id is None:
+        raise UserError(f"--init {config.init}: the model has no EOT token (LIMA §3); convert "
+                        "it with --add-eot")
+    model = config.model.replace(vocab_size=stored.vocab_size,
+                                 vocab_multiple=stored.vocab_multiple)
+    if model.padded_vocab_size != stored.padded_vocab_size:
+        raise UserError(f"--init {config.init}: padded vocabulary {stored.padded_vocab_size} "
+                        f"differs from the recipe's {model.padded_vocab_size}")
+    config = dataclasses.replace(config, model=model)
+
+    def init_params(mesh):
+        params, _, _ = load_model_dir(config.init, shardings=mesh)
+        # e.g. a model directory converted to bfloat16: train on float32 master weights.
+        return jax.tree.map(lambda p: p.astype(config.model.param_dtype), params)
+
+    return config, Tokenizer.from_path(path, tokens), init_params

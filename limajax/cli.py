@@ -215,7 +215,7 @@ def score(model_dir, workdir, epoch, input_path, output_path, mesh, batch_size):
     """
     from limajax import sharding
 
-    sharding.ensure_devices(sharding.mesh_devices(mesh))
+    sharding.start(mesh)  # before anything touches the devices
     from limajax.scoring import score_file
 
     source, epoch = model_source(model_dir, workdir, epoch)
@@ -353,50 +353,6 @@ def serve(model_dir, workdir, epoch, host, port, max_batch, context, mesh, name)
 # --- train / plan: LIMA's fine-tuning recipe on a mesh (limajax.train) --------------------------
 
 
-def _recipe(config_path, mesh, init, data_dir, overrides, tokenizer=None):
-    """A recipe file with the command line's changes applied (flags, then --set)."""
-    import dataclasses
-
-    from limajax.config import apply_overrides, load_recipe
-
-    config = load_recipe(config_path)
-    changes = {k: v for k, v in (("mesh", mesh), ("init", init), ("tokenizer", tokenizer))
-               if v is not None}
-    config = dataclasses.replace(config, **changes)
-    if data_dir is not None:
-        config = dataclasses.replace(config, data=dataclasses.replace(config.data, path=data_dir))
-    return apply_overrides(config, overrides)
-
-
-def _start_processes(mesh: str, coordinator, num_processes, process_id):
-    """Simulate the mesh's devices on CPU if needed, and join a multi-process run if asked."""
-    import os
-
-    from limajax import sharding
-
-    devices = sharding.mesh_devices(mesh)
-    if coordinator is not None or num_processes is not None or process_id is not None:
-        if None in (coordinator, num_processes, process_id):
-            raise UserError("--coordinator, --num-processes and --process-id go together")
-        if devices % num_processes:
-            raise UserError(f"mesh {mesh} ({devices} devices) does not split over "
-                            f"{num_processes} processes")
-        import jax
-
-        # Each CPU process simulates its share of the mesh (no effect on accelerators). Not
-        # ensure_devices: it queries the backend, which must wait for initialize().
-        jax.config.update("jax_num_cpu_devices", devices // num_processes)
-        jax.distributed.initialize(coordinator, num_processes, process_id)
-        return
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get(
-            "TPU_WORKER_HOSTNAMES", ""):
-        import jax
-
-        jax.distributed.initialize()  # JAX finds the coordinator on SLURM and TPU pods
-        return
-    sharding.ensure_devices(devices)
-
-
 @main.command()
 @click.option("--config", "config_path", required=True, type=click.Path(path_type=str),
               help="A recipe file from configs/ (defines `config = TrainConfig(...)`).")
@@ -431,16 +387,17 @@ def train(config_path, mesh, init, data_dir, workdir, overrides, tokenizer, save
     Example: limajax train --config configs/lima_65b.py --init models/llama1-65b
     --data data/lima --workdir runs/lima-65b
     """
-    import dataclasses
 
-    config = _recipe(config_path, mesh, init, data_dir, overrides, tokenizer)
-    if save_every_steps is not None:
-        config = dataclasses.replace(config, save_every_steps=save_every_steps)
-    _start_processes(config.mesh, coordinator, num_processes, process_id)
+    from limajax import sharding
+    from limajax.config import load_recipe
+
+    config = load_recipe(config_path, overrides, mesh=mesh, init=init, tokenizer=tokenizer,
+                         save_every_steps=save_every_steps, data={"path": data_dir})
+    sharding.start(config.mesh, coordinator, num_processes, process_id)
     from limajax import train as train_lib
 
     try:
-        train_lib.train(config, workdir, peak=peak_flops, progress=progress)
+        train_lib.train_recipe(config, workdir, peak=peak_flops, progress=progress)
     except train_lib.Diverged as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
@@ -464,13 +421,14 @@ def plan(config_path, mesh, device_memory, seq_len, overrides):
 
     Example: limajax plan --config configs/lima_65b.py --mesh 8x8 --device-memory 32GiB
     """
-    config = _recipe(config_path, mesh, None, None, overrides)
     from limajax import sharding
+    from limajax.config import load_recipe
 
-    sharding.ensure_devices(sharding.mesh_devices(config.mesh))
-    from limajax import train as train_lib
+    config = load_recipe(config_path, overrides, mesh=mesh)
+    sharding.start(config.mesh)
+    from limajax import plan as plan_lib
 
-    report = train_lib.plan(config, train_lib.parse_bytes(device_memory), seq_len=seq_len)
+    report = plan_lib.plan(config, plan_lib.parse_bytes(device_memory), seq_len=seq_len)
     click.echo(report.format())
     if not report.fits:
         sys.exit(1)
@@ -497,6 +455,6 @@ def demo(workdir, epochs, overwrite):
     from limajax import sharding
     from limajax.demo import recipe, run_demo
 
-    sharding.ensure_devices(sharding.mesh_devices(recipe().mesh))  # simulated on a CPU host
+    sharding.start(recipe().mesh)  # simulated on a CPU host
 
     run_demo(workdir, epochs=epochs, overwrite=overwrite)

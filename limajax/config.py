@@ -7,9 +7,10 @@ so a config read back from JSON equals the one that wrote it.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
-import json
 import math
+import runpy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,20 +30,6 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
-
-
-def read_json(path: str | Path) -> dict:
-    """A JSON object from a file; missing, malformed or not an object is the user's to fix."""
-    path = Path(path)
-    try:
-        obj = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    return obj
 
 
 def meta_ffn_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
@@ -259,7 +246,6 @@ def _from_dict(cls, d: dict[str, Any], where: str):
 
 def _parse_value(text: str, current: Any, key: str) -> Any:
     """'2e-5' -> 2e-5 etc., checked against the type of the value it replaces."""
-    import ast
 
     if isinstance(current, str):
         return text
@@ -309,15 +295,20 @@ def _replace_path(obj, path: list[str], text: str, key: str):
     return dataclasses.replace(obj, **{path[0]: value})
 
 
-def load_recipe(path: str) -> TrainConfig:
-    """Run a recipe file from configs/ and return its `config` (a TrainConfig)."""
-    import runpy
-    from pathlib import Path
-
+def load_recipe(path: str, overrides: list[str] | tuple[str, ...] = (), **fields) -> TrainConfig:
+    """Run a recipe file from configs/ and return its `config` (a TrainConfig), with `fields`
+    (values from command-line flags, a dict for a section's; None means "the recipe's") and
+    then the `--set` overrides applied."""
     if not Path(path).is_file():
         raise UserError(f"--config {path}: no such file")
     namespace = runpy.run_path(path)
     config = namespace.get("config")
     if not isinstance(config, TrainConfig):
         raise UserError(f"--config {path}: the file must define `config = TrainConfig(...)`")
-    return config
+    for name, value in fields.items():
+        if isinstance(value, dict):  # a section's values, e.g. data={"path": ...}
+            value = dataclasses.replace(getattr(config, name),
+                                        **{k: v for k, v in value.items() if v is not None})
+        if value is not None:
+            config = dataclasses.replace(config, **{name: value})
+    return apply_overrides(config, overrides)

@@ -28,7 +28,7 @@ def recipe():
     return load_recipe(str(RECIPE))
 
 
-def say(message: str) -> None:
+def banner(message: str) -> None:
     print(f"\n== {message}", file=sys.stderr, flush=True)
 
 
@@ -52,7 +52,8 @@ def run_demo(workdir: str | Path, *, epochs: int | None = None, overwrite: bool 
     from flax import nnx
 
     from limajax import convert, data, scoring, train
-    from limajax.checkpoint import save_epoch_model_dir, staged_dir
+    from limajax.checkpoint import save_epoch_model_dir
+    from limajax.files import staged_dir
     from limajax.model import Llama
 
     tiny = recipe()
@@ -64,12 +65,12 @@ def run_demo(workdir: str | Path, *, epochs: int | None = None, overwrite: bool 
     workdir.mkdir(parents=True)
     figures = {}
 
-    say("1. a tokenizer trained on the embedded sample dialogues")
+    banner("1. a tokenizer trained on the embedded sample dialogues")
     samples = [r.conversations for r in data.read_gair_file(data.SAMPLE_DATA / "train.jsonl",
                                                              "train")[0]]
     train_tokenizer([t for c in samples for t in c], workdir / "tokenizer.model")
 
-    say("2. a random tiny LLaMA written in Meta's layout (consolidated.00/01.pth, params.json)")
+    banner("2. a random tiny LLaMA written in Meta's layout (consolidated.00/01.pth, params.json)")
     base_config = tiny.model.replace(vocab_size=512)  # the tokenizer's pieces; EOT comes next
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(
         nnx.state(Llama(base_config, rngs=nnx.Rngs(0)), nnx.Param)))
@@ -77,15 +78,15 @@ def run_demo(workdir: str | Path, *, epochs: int | None = None, overwrite: bool 
         convert.write_meta(tmp, params, base_config, n_shards=2)
         shutil.copyfile(workdir / "tokenizer.model", tmp / "tokenizer.model")
 
-    say("3. limajax convert --from meta (adds LIMA's EOT token)")
+    banner("3. limajax convert --from meta (adds LIMA's EOT token)")
     config, tokens, _ = convert.convert("meta", workdir / "meta", workdir / "base")
     print(f"{workdir / 'base'}: {config.n_params:,} parameters, vocabulary {tokens.vocab_size} "
           f"(EOT {tokens.eot_id})", file=sys.stderr)
 
-    say("4. limajax export --to hf (loads in transformers)")
+    banner("4. limajax export --to hf (loads in transformers)")
     convert.export("hf", workdir / "base", workdir / "base-hf")
 
-    say("5. limajax data prepare (the embedded sample dialogues)")
+    banner("5. limajax data prepare (the embedded sample dialogues)")
     data.prepare(data.SAMPLE_DATA, workdir / "data", data.PrepareOptions())
 
     prompts = workdir / "prompts.jsonl"
@@ -93,18 +94,18 @@ def run_demo(workdir: str | Path, *, epochs: int | None = None, overwrite: bool 
     prompts.write_text("".join(json.dumps({"id": i, "text": r.conversations[0]}) + "\n"
                                for i, r in enumerate(rows)))
 
-    say("6. limajax score: the random model on the held-out sample prompts")
+    banner("6. limajax score: the random model on the held-out sample prompts")
     before = scoring.score_file(workdir / "base", prompts, workdir / "scores-base.jsonl", "1x1")
     print(f"perplexity {before['ppl']:.1f} over {before['tokens']} tokens", file=sys.stderr)
 
-    say("7. limajax train --config configs/tiny.py --init base --mesh 2x4 (LIMA §3 recipe)")
+    banner("7. limajax train --config configs/tiny.py --init base --mesh 2x4 (LIMA §3 recipe)")
     run = dataclasses.replace(
         tiny, init=str(workdir / "base"), epochs=epochs or tiny.epochs,
         data=dataclasses.replace(tiny.data, path=str(workdir / "data")))
-    metrics = train.train(run, workdir / "run", progress=False)
+    metrics = train.train_recipe(run, workdir / "run", progress=False)
     figures.update(first_loss=metrics[0]["loss"], last_loss=metrics[-1]["loss"])
 
-    say("8. the last epoch as a model directory, scored on the same prompts")
+    banner("8. the last epoch as a model directory, scored on the same prompts")
     save_epoch_model_dir(workdir / "run", run.epochs, workdir / "lima")
     after = scoring.score_file(workdir / "lima", prompts, workdir / "scores-lima.jsonl", "1x1")
     figures.update(ppl_before=before["ppl"], ppl_after=after["ppl"])

@@ -12,31 +12,27 @@ conversion (reference/lima-and-llama.md §5.3).
 
 from __future__ import annotations
 
+import contextvars
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.core import spmd
 
 from limajax.config import ModelConfig
 
-# Models are sharded by compiling their initialiser with explicit out_shardings (sharding.py),
-# never eagerly at construction, so a model can also be built on one device with no mesh.
-nnx.use_eager_sharding(False)
+# How logical names become a layout, installed by sharding.activate: the model names the axes of
+# its activations and never sees a mesh. None (the default): activations are left to XLA.
+ACTIVATION_LAYOUT: contextvars.ContextVar[Callable | None] = contextvars.ContextVar(
+    "activation_layout", default=None)
 
 
 def constrain(x: jax.Array, *names: str | None) -> jax.Array:
-    """Pin an activation's layout by logical names; a no-op outside a mesh with rules."""
-    rules, mesh = dict(spmd.get_logical_axis_rules()), jax.sharding.get_abstract_mesh()
-    if not rules or mesh.empty:
-        return x
-    axes = []
-    for size, name in zip(x.shape, names, strict=True):
-        axis = rules.get(name)
-        axes.append(axis if axis is not None and size % mesh.shape[axis] == 0 else None)
-    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*axes))
+    """Pin an activation's layout by logical names; a no-op outside sharding.activate."""
+    layout = ACTIVATION_LAYOUT.get()
+    return x if layout is None else jax.lax.with_sharding_constraint(x, layout(names, x.shape))
 
 
 class KVCache(NamedTuple):
@@ -90,7 +86,14 @@ NORMAL_INIT = nnx.initializers.normal(0.02)  # LLaMA's initialiser scale
 
 
 def param_init(names: tuple[str, ...], init=NORMAL_INIT):
-    return nnx.with_partitioning(init, names)
+    # Logical names only: sharding.py places the parameters (jit with out_shardings), so they
+    # are never sharded eagerly at construction and a model builds on one device with no mesh.
+    return nnx.with_partitioning(init, names, eager_sharding=False)
+
+
+def logical_axes(v: nnx.Variable) -> tuple[str | None, ...]:
+    """The logical axis names a parameter was created with (None for an unnamed axis)."""
+    return v.get_metadata().get("out_sharding") or (None,) * len(v.get_value().shape)
 
 
 class RMSNorm(nnx.Module):
@@ -201,7 +204,7 @@ class Block(nnx.Module):
         return constrain(out, "act_batch", None, None), cache
 
 
-REMAT_POLICIES = {
+CHECKPOINT_POLICIES = {  # config.remat -> what jax.checkpoint saves
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
@@ -250,7 +253,7 @@ class Llama(nnx.Module):
             return block(x, positions, inv_freq, layer_cache, rate, key)
 
         if config.remat != "none":  # recompute activations in the backward pass
-            layer = nnx.remat(layer, policy=REMAT_POLICIES[config.remat])
+            layer = nnx.remat(layer, policy=CHECKPOINT_POLICIES[config.remat])
         run_layers = nnx.scan(layer, in_axes=(nnx.Carry, 0, 0, 0, 0), out_axes=(nnx.Carry, 0),
                               transform_metadata={nnx.PARTITION_NAME: "layers"})
         x, layer_caches = run_layers(x, self.layers, layer_caches, rates, keys)

@@ -13,6 +13,7 @@ import optax
 from flax import nnx
 
 from limajax.config import OptimConfig
+from limajax.model import logical_axes
 
 
 def schedule(config: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -34,8 +35,7 @@ def decay_mask(abstract_state: nnx.State) -> dict:
     """A pure dict like the params: True where weight decay applies (matrices only)."""
 
     def is_matrix(v: nnx.Variable) -> bool:
-        names = v.get_metadata().get("out_sharding") or (None,) * len(v.get_value().shape)
-        return matrix_axes(names) >= 2
+        return matrix_axes(logical_axes(v)) >= 2
 
     mask = jax.tree.map(lambda v: v.replace(is_matrix(v)), abstract_state,
                         is_leaf=lambda x: isinstance(x, nnx.Variable))

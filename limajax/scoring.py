@@ -9,68 +9,51 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
 from limajax import sharding
-from limajax.checkpoint import load_model
+from limajax.checkpoint import load_for_inference
+from limajax.data import bucket_length, buckets_for
 from limajax.errors import UserError
+from limajax.files import read_jsonl, staged_file
 from limajax.model import Llama
 from limajax.tokenizer import Tokenizer
+from limajax.train import token_nll
 
 
 def read_texts(path: str | Path) -> list[dict]:
     """Rows {"id", "text"} of a JSONL file; a bad line is reported by file and line number."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise UserError(f'{path}:{n}: expected an object with a string "text"')
-            rows.append({"id": row.get("id", n), "text": row["text"]})
+    for where, n, row in read_jsonl(path):
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise UserError(f'{where}: expected an object with a string "text"')
+        rows.append({"id": row.get("id", n), "text": row["text"]})
     if not rows:
         raise UserError(f"{path}: no rows")
     return rows
 
 
-def length_bucket(n: int, limit: int) -> int:
-    """The smallest power of two >= n (at least 16, at most limit): few shapes compile."""
-    return min(limit, max(16, 1 << (n - 1).bit_length()))
-
-
 @nnx.jit
 def token_logprobs(model: Llama, tokens: jax.Array) -> jax.Array:
-    """log p(tokens[t] | tokens[:t]) for t >= 1: [B, T-1]."""
-    logits = model(tokens)[:, :-1]
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    """log p(tokens[t] | tokens[:t]) for t >= 1: [B, T-1] (the training loss's numerics)."""
+    return -token_nll(model(tokens)[:, :-1], tokens[:, 1:])
 
 
 def score(model: Llama, tokenizer: Tokenizer, rows: list[dict], mesh: Mesh,
           batch_size: int = 8) -> Iterator[dict]:
     """Rows with token_ids (BOS first), logprobs of every token after the first, nll and ppl."""
-    data = mesh.shape["data"]
-    batch_size = data * math.ceil(batch_size / data)  # rows split evenly over the data axis
+    batch_size = sharding.whole_rows(batch_size, mesh)  # rows split evenly over the data axis
     limit = model.config.max_seq_len
     encoded = [[tokenizer.bos_id] + tokenizer.encode(r["text"])[: limit - 1] for r in rows]
     for start in range(0, len(rows), batch_size):
         chunk = encoded[start:start + batch_size]
-        width = length_bucket(max(len(ids) for ids in chunk), limit)
+        width = bucket_length(max(len(ids) for ids in chunk), buckets_for(limit))
         tokens = np.zeros((batch_size, width), np.int32)  # right padding is never attended to
         for i, ids in enumerate(chunk):
             tokens[i, :len(ids)] = ids
@@ -89,22 +72,12 @@ def score_file(model_dir: str, input_path: str, output_path: str, mesh_spec: str
     """`limajax score`: read texts, write scored rows atomically, return a summary."""
     rows = read_texts(input_path)
     mesh = sharding.make_mesh(mesh_spec, jax.devices()[:sharding.mesh_devices(mesh_spec)])
-    params, config, tokens, tokenizer_file = load_model(model_dir, mesh, epoch=epoch)
-    if tokenizer_file is None:
-        raise UserError(f"{model_dir}: no tokenizer.model to turn the texts into ids")
-    model = sharding.model_from_params(config, params, mesh)
-    tokenizer = Tokenizer.from_path(tokenizer_file, tokens)
-    output = Path(output_path)
-    tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
+    model, tokenizer = load_for_inference(model_dir, mesh, epoch=epoch)
     total_nll, total_tokens = 0.0, 0
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            for row in score(model, tokenizer, rows, mesh, batch_size):
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                total_nll += -sum(row["logprobs"])
-                total_tokens += len(row["logprobs"])
-        tmp.replace(output)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with staged_file(output_path) as f:
+        for row in score(model, tokenizer, rows, mesh, batch_size):
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            total_nll += -sum(row["logprobs"])
+            total_tokens += len(row["logprobs"])
     nll = total_nll / max(total_tokens, 1)
     return {"rows": len(rows), "tokens": total_tokens, "nll": nll, "ppl": math.exp(nll)}

@@ -2,23 +2,29 @@
 
 Parameters are sharded on both axes (DESIGN §4): fully sharded data parallel over `data`
 (ZeRO-3: each device holds 1/D of every matrix along `embed`) and tensor parallel over `model`
-(heads, mlp, vocab). Activations are split by batch over `data` and by heads/mlp over `model`.
-This table is the only place parallelism is decided.
+(heads, mlp, vocab). Activations (and the KV cache) are split by batch over `data` and by
+heads/mlp over `model`. This module is the only place parallelism is decided: the table, the
+one resolver from logical names to a PartitionSpec (the model's activation constraints use it
+through `activate`), every sharding built from them, the divisibility checks, and starting the
+devices and processes of a run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 
 import jax
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from limajax.config import ModelConfig
+from limajax import model as model_lib
+from limajax.config import ModelConfig, TrainConfig
 from limajax.errors import UserError
-from limajax.model import Llama
+from limajax.model import KVCache, Llama, logical_axes
 
 RULES: tuple[tuple[str, str | None], ...] = (
     # parameters
@@ -30,12 +36,17 @@ RULES: tuple[tuple[str, str | None], ...] = (
     ("head_dim", None),
     ("layers", None),
     ("norm", None),
-    # activations
+    # activations and the KV cache
     ("act_batch", "data"),
     ("act_heads", "model"),
+    ("act_kv_heads", "model"),
     ("act_mlp", "model"),
     ("act_vocab", "model"),
 )
+CACHE_AXES = ("layers", "act_batch", None, "act_kv_heads", None)  # KVCache [L, B, S, K, H]
+
+
+# --- devices, processes and the mesh -------------------------------------------------------------
 
 
 def parse_mesh(spec: str) -> tuple[int, int]:
@@ -52,7 +63,31 @@ def mesh_devices(spec: str) -> int:
     return data * model
 
 
-def ensure_devices(n: int) -> None:
+def start(mesh: str, coordinator: str | None = None, num_processes: int | None = None,
+          process_id: int | None = None) -> None:
+    """Ready the devices of a run on `mesh` before JAX's first operation: join a multi-process
+    run if asked (or if SLURM / a TPU pod says so), and on a CPU host simulate the devices the
+    mesh needs (DESIGN §4). Every command that uses devices calls this first."""
+    devices = mesh_devices(mesh)
+    if coordinator is not None or num_processes is not None or process_id is not None:
+        if None in (coordinator, num_processes, process_id):
+            raise UserError("--coordinator, --num-processes and --process-id go together")
+        if devices % num_processes:
+            raise UserError(f"mesh {mesh} ({devices} devices) does not split over "
+                            f"{num_processes} processes")
+        # Each CPU process simulates its share of the mesh (no effect on accelerators). Not
+        # simulate_devices: it queries the backend, which must wait for initialize().
+        jax.config.update("jax_num_cpu_devices", devices // num_processes)
+        jax.distributed.initialize(coordinator, num_processes, process_id)
+        return
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get(
+            "TPU_WORKER_HOSTNAMES", ""):
+        jax.distributed.initialize()  # JAX finds the coordinator on SLURM and TPU pods
+        return
+    simulate_devices(devices)
+
+
+def simulate_devices(n: int) -> None:
     """On a CPU host, simulate n devices if a mesh needs more than there are (DESIGN §4).
 
     Must run before JAX's first operation: the CPU device count is fixed once the backend
@@ -81,6 +116,31 @@ def single_device_mesh() -> Mesh:
     return make_mesh((1, 1), jax.devices()[:1])
 
 
+def check(config: TrainConfig, mesh: Mesh) -> None:
+    """Divisibility a train step relies on, checked before anything is built (DESIGN §2)."""
+    data, model = mesh.shape["data"], mesh.shape["model"]
+    d = config.data
+    if d.batch_size % data:
+        raise UserError(f"batch_size {d.batch_size} does not divide across the data axis of "
+                        f"mesh {data}x{model} ({data}); use a batch that is a multiple "
+                        f"of {data}")
+    if d.micro_batch_size is not None and d.micro_batch_size % data:
+        raise UserError(f"micro_batch_size {d.micro_batch_size} does not divide across the data "
+                        f"axis ({data}) of mesh {data}x{model}")
+    if config.model.n_heads % model:
+        raise UserError(f"n_heads {config.model.n_heads} does not divide across the model axis "
+                        f"({model}) of mesh {data}x{model}")
+
+
+def whole_rows(batch_size: int, mesh: Mesh) -> int:
+    """`batch_size` rounded up so the rows split evenly over the data axis."""
+    data = mesh.shape["data"]
+    return data * -(-batch_size // data)
+
+
+# --- the one resolver ------------------------------------------------------------------------
+
+
 def spec_for(names: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh,
              replicated: list[str] | None = None) -> PartitionSpec:
     """Logical names -> PartitionSpec; a dimension its mesh axis does not divide is replicated
@@ -97,6 +157,21 @@ def spec_for(names: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh,
     return PartitionSpec(*axes)
 
 
+@contextlib.contextmanager
+def activate(mesh: Mesh):
+    """The mesh, the logical rules and the model's activation layout (this module's resolver)
+    in force while tracing the model."""
+    token = model_lib.ACTIVATION_LAYOUT.set(lambda names, shape: spec_for(names, shape, mesh))
+    try:
+        with jax.set_mesh(mesh), nnx.logical_axis_rules(RULES):
+            yield
+    finally:
+        model_lib.ACTIVATION_LAYOUT.reset(token)
+
+
+# --- shardings of parameters, optimiser state, batches and caches ---------------------------------
+
+
 def _is_variable(x) -> bool:
     return isinstance(x, nnx.Variable)
 
@@ -105,11 +180,44 @@ def state_shardings(state: nnx.State, mesh: Mesh, replicated: list[str] | None =
     """NamedShardings for every variable of an (abstract) model state, from its logical names."""
 
     def sharding(v: nnx.Variable):
-        names = v.get_metadata().get("out_sharding") or (None,) * len(v.get_value().shape)
-        return v.replace(NamedSharding(mesh, spec_for(names, v.get_value().shape, mesh,
-                                                      replicated)))
+        shape = v.get_value().shape
+        return v.replace(NamedSharding(mesh, spec_for(logical_axes(v), shape, mesh, replicated)))
 
     return jax.tree.map(sharding, state, is_leaf=_is_variable)
+
+
+def replicated_sharding(mesh: Mesh) -> NamedSharding:
+    """A full copy on every device (scalars: the step, the RNG key, metrics)."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Token arrays [B, T]: rows split over `data`, replicated over `model`."""
+    return NamedSharding(mesh, PartitionSpec("data"))
+
+
+def micro_batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Micro batches [n_micro, B/n_micro, T]: each micro batch split over `data` like a batch."""
+    return NamedSharding(mesh, PartitionSpec(None, "data"))
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, opt_abstract, param_shardings,
+                        mesh: Mesh):
+    """Adam's moments live where their parameters do; counters are replicated."""
+    return optax.tree_map_params(
+        tx, lambda _, s: s, opt_abstract, param_shardings,
+        transform_non_params=lambda _: replicated_sharding(mesh),
+        is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+
+
+def cache_shardings(config: ModelConfig, batch: int, length: int, mesh: Mesh) -> KVCache:
+    """Where a KVCache.empty(config, batch, length) lives: like the activations it holds."""
+    shape = (config.n_layers, batch, length, config.n_kv_heads, config.head_dim)
+    s = NamedSharding(mesh, spec_for(CACHE_AXES, shape, mesh))
+    return KVCache(s, s)
+
+
+# --- models placed on a mesh ---------------------------------------------------------------------
 
 
 def abstract_model(config: ModelConfig, mesh: Mesh, replicated: list[str] | None = None):
@@ -121,6 +229,17 @@ def abstract_model(config: ModelConfig, mesh: Mesh, replicated: list[str] | None
                                                     sharding=s.get_value())),
         state, shardings, is_leaf=_is_variable)
     return graphdef, abstract
+
+
+def abstract_params(config: ModelConfig, shardings=None) -> dict:
+    """The params' ShapeDtypeStructs placed as `shardings` says (None: the first device; a Mesh:
+    the sharding table's layout on it; or a tree of Shardings): targets to restore into."""
+    mesh = shardings if isinstance(shardings, Mesh) else single_device_mesh()
+    abstract = nnx.to_pure_dict(abstract_model(config, mesh)[1])
+    if shardings is not None and not isinstance(shardings, Mesh):
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                abstract, shardings)
+    return abstract
 
 
 def init_model(config: ModelConfig, mesh: Mesh, seed: int = 0) -> Llama:
@@ -147,6 +266,7 @@ def model_from_params(config: ModelConfig, params: dict, mesh: Mesh | None = Non
         bad = [jax.tree_util.keystr(k) for k, ok in jax.tree_util.tree_leaves_with_path(shapes_ok)
                if not ok]
         raise UserError(f"parameters do not match the model config: {', '.join(bad)}")
+
     def place(a: jax.ShapeDtypeStruct, p):
         # jax arrays (e.g. restored into their shards) move device to device, never via host.
         p = p.astype(a.dtype) if isinstance(p, jax.Array) else np.asarray(p, a.dtype)
@@ -155,15 +275,3 @@ def model_from_params(config: ModelConfig, params: dict, mesh: Mesh | None = Non
     placed = jax.tree.map(place, expected, params)
     nnx.replace_by_pure_dict(abstract, placed)
     return nnx.merge(graphdef, abstract)
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Token arrays [B, T]: rows split over `data`, replicated over `model`."""
-    return NamedSharding(mesh, PartitionSpec("data"))
-
-
-@contextlib.contextmanager
-def activate(mesh: Mesh):
-    """The mesh and the logical rules in force while tracing the model."""
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(RULES):
-        yield

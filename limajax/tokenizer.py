@@ -15,15 +15,15 @@ model that has no EOT yet (a converted base model); `Tokenizer.with_eot()` adds 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import sentencepiece as spm
 
-from limajax.config import VOCAB_MULTIPLE, read_json
+from limajax.config import VOCAB_MULTIPLE
 from limajax.errors import UserError
+from limajax.files import read_json, write_json
 
 TOKENIZER_FILE = "tokenizer.model"
 TOKENS_FILE = "tokens.json"
@@ -92,7 +92,24 @@ def read_tokens_json(path: str | Path) -> TokenSpec:
 
 
 def write_tokens_json(path: str | Path, spec: TokenSpec) -> None:
-    Path(path).write_text(json.dumps(spec.to_json(), indent=2) + "\n")
+    write_json(path, spec.to_json())
+
+
+def load_sentencepiece(path: str | Path) -> spm.SentencePieceProcessor:
+    """A SentencePiece model; a file that is not one is a UserError naming it."""
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.Load(str(path))
+    except (OSError, RuntimeError) as e:
+        raise UserError(f"{path}: not a SentencePiece model ({e})") from None
+    return sp
+
+
+def check_fits(sp: spm.SentencePieceProcessor, path: Path, base_vocab: int, tensor: str) -> None:
+    """A tokenizer with more pieces than the weights have rows belongs to another model."""
+    if sp.vocab_size() > base_vocab:
+        raise UserError(f"{path}: the tokenizer has {sp.vocab_size()} pieces but {tensor} has "
+                        f"only {base_vocab} rows (wrong tokenizer for these weights?)")
 
 
 class Encoded(NamedTuple):
@@ -124,11 +141,7 @@ class Tokenizer:
             raise UserError(
                 f"{model_file}: not found (expected a model directory or a {TOKENIZER_FILE})"
             )
-        sp = spm.SentencePieceProcessor()
-        try:
-            sp.Load(str(model_file))
-        except (OSError, RuntimeError) as e:
-            raise UserError(f"{model_file}: not a SentencePiece model ({e})") from None
+        sp = load_sentencepiece(model_file)
         if spec is None and path.is_dir():
             spec = read_tokens_json(path / TOKENS_FILE)
         elif spec is None:  # a bare tokenizer: EOT is the first id past its pieces (LIMA §3)

@@ -10,9 +10,7 @@ bit for bit.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -24,11 +22,22 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
+from tqdm import tqdm
 
-from limajax import optim, sharding
+from limajax import data, optim, sharding
+from limajax.checkpoint import resolve_init
 from limajax.config import ModelConfig, TrainConfig
-from limajax.errors import UserError
+from limajax.workdir import (
+    check_config,
+    checkpoint_manager,
+    log_metrics,
+    restore_state,
+    save_state,
+    tensorboard_writer,
+    truncate_metrics,
+    write_config,
+)
 
 
 class TrainState(NamedTuple):
@@ -91,22 +100,6 @@ class Setup:
         return sharding.batch_sharding(self.mesh)
 
 
-def check_mesh(config: TrainConfig, mesh: Mesh) -> None:
-    """Divisibility the step relies on, checked before anything is built (DESIGN §2)."""
-    data, model = mesh.shape["data"], mesh.shape["model"]
-    d = config.data
-    if d.batch_size % data:
-        raise UserError(f"batch_size {d.batch_size} does not divide across the data axis of "
-                        f"mesh {data}x{model} ({data}); use a batch that is a multiple "
-                        f"of {data}")
-    if d.micro_batch_size is not None and d.micro_batch_size % data:
-        raise UserError(f"micro_batch_size {d.micro_batch_size} does not divide across the data "
-                        f"axis ({data}) of mesh {data}x{model}")
-    if config.model.n_heads % model:
-        raise UserError(f"n_heads {config.model.n_heads} does not divide across the model axis "
-                        f"({model}) of mesh {data}x{model}")
-
-
 def build(config: TrainConfig, mesh: Mesh, steps_per_epoch: int) -> Setup:
     """Everything about a run that does not need memory: shapes, shardings, the optimiser."""
     graphdef, abstract = sharding.abstract_model(config.model, mesh)
@@ -114,13 +107,9 @@ def build(config: TrainConfig, mesh: Mesh, steps_per_epoch: int) -> Setup:
     tx = optim.optimizer(config.optim, total, optim.decay_mask(abstract))
     params = nnx.to_pure_dict(abstract)
     param_shardings = jax.tree.map(lambda a: a.sharding, params)
-    replicated = NamedSharding(mesh, PartitionSpec())
     opt_abstract = jax.eval_shape(tx.init, params)
-    # Adam's moments live where their parameters do; counters are replicated.
-    opt_shardings = optax.tree_map_params(
-        tx, lambda _, s: s, opt_abstract, param_shardings,
-        transform_non_params=lambda _: replicated,
-        is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+    opt_shardings = sharding.opt_state_shardings(tx, opt_abstract, param_shardings, mesh)
+    replicated = sharding.replicated_sharding(mesh)
     shardings = TrainState(replicated, param_shardings, opt_shardings, replicated)
     shapes = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, opt_abstract,
                         jax.ShapeDtypeStruct((2,), jnp.uint32))
@@ -131,13 +120,14 @@ def build(config: TrainConfig, mesh: Mesh, steps_per_epoch: int) -> Setup:
 
 
 def make_train_step(setup: Setup):
-    """The jitted step: (state, global batch) -> (state, metrics); the old state is donated."""
+    """The jitted step: (state, global batch) -> (state, metrics); the old state is donated.
+    Call (or lower) it inside `sharding.activate(setup.mesh)`."""
     config, graphdef, tx = setup.config, setup.graphdef, setup.tx
     rates = dropout_rates(config.model.n_layers, config.dropout)
     n_micro = config.data.accumulation_steps
     lr_at = optim.schedule(config.optim, setup.total_steps)
     param_shardings = setup.state_shardings.params
-    micro_sharding = NamedSharding(setup.mesh, PartitionSpec(None, "data"))
+    micro_sharding = sharding.micro_batch_sharding(setup.mesh)
 
     def summed_loss(params, batch, key):
         model = nnx.merge(graphdef, params)
@@ -181,16 +171,10 @@ def make_train_step(setup: Setup):
         return TrainState(state.step + 1, params, opt_state, state.rng), metrics
 
     batch_shardings = {k: setup.batch_sharding for k in BATCH_KEYS}
-    replicated = NamedSharding(setup.mesh, PartitionSpec())
-    jitted = jax.jit(step, in_shardings=(setup.state_shardings, batch_shardings),
-                     out_shardings=(setup.state_shardings, replicated), donate_argnums=0)
-
-    def run(state, batch):
-        with sharding.activate(setup.mesh):
-            return jitted(state, batch)
-
-    run.jitted = jitted
-    return run
+    return jax.jit(step, in_shardings=(setup.state_shardings, batch_shardings),
+                   out_shardings=(setup.state_shardings,
+                                  sharding.replicated_sharding(setup.mesh)),
+                   donate_argnums=0)
 
 
 def init_state(setup: Setup, params: dict | None = None) -> TrainState:
@@ -199,7 +183,7 @@ def init_state(setup: Setup, params: dict | None = None) -> TrainState:
     if params is None:
         params = nnx.to_pure_dict(nnx.state(sharding.init_model(config.model, mesh, config.seed)))
     opt_state = jax.jit(setup.tx.init, out_shardings=setup.state_shardings.opt_state)(params)
-    replicated = NamedSharding(mesh, PartitionSpec())
+    replicated = sharding.replicated_sharding(mesh)
     step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
     rng = jax.device_put(jax.random.PRNGKey(config.seed), replicated)
     return TrainState(step, params, opt_state, rng)
@@ -268,91 +252,43 @@ class Diverged(Exception):
     """The loss became NaN or infinite; the run stopped before saving that state."""
 
 
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
-
-def run_config_json(config: TrainConfig) -> dict:
-    return config.to_dict()
-
-
-def check_workdir(workdir: Path, config: TrainConfig) -> None:
-    """A workdir belongs to one run: resuming with a different recipe is refused (the mesh may
-    change: checkpoints restore onto any mesh)."""
-    path = workdir / "config.json"
-    if not path.exists():
-        if (workdir / "checkpoints").exists() and any((workdir / "checkpoints").iterdir()):
-            raise UserError(f"{workdir}: holds checkpoints but no config.json; "
-                            "use a new --workdir")
-        return
-    try:
-        old = TrainConfig.from_dict(json.loads(path.read_text()))
-    except (ValueError, TypeError, UserError) as e:
-        raise UserError(f"{path}: not a limajax run config ({e}); use a new --workdir") from None
-    old_d, new_d = _flat(old.to_dict()), _flat(config.to_dict())
-    diffs = [k for k in sorted(set(old_d) | set(new_d))
-             if k != "mesh" and old_d.get(k) != new_d.get(k)]
-    if diffs:
-        k = diffs[0]
-        raise UserError(f"{workdir} holds another run's checkpoints ({k}: {old_d.get(k)!r} there, "
-                        f"{new_d.get(k)!r} here{' and more' if len(diffs) > 1 else ''}); use a "
-                        "new --workdir")
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def run(config: TrainConfig, workdir: str | Path, loader: Loader, *, mesh: Mesh | None = None,
-        init_params=None, peak: float | None = None,
-        progress: bool = True) -> list[dict]:
+def train(config: TrainConfig, workdir: str | Path, loader: Loader, *, mesh: Mesh | None = None,
+          init_params=None, peak: float | None = None, progress: bool = True) -> list[dict]:
     """Train (or resume) in `workdir` on batches from `loader`; returns this session's metrics.
 
     `loader` is data.Batches (or anything with its steps_per_epoch, get_state/set_state and
     iteration). `init_params`: None (random), a params dict, or mesh -> params (loaded only if
-    there is no checkpoint to resume). The workdir follows DESIGN §3: config.json,
-    metrics.jsonl, checkpoints/, and TensorBoard event files.
+    there is no checkpoint to resume). The workdir follows DESIGN §3 (limajax/workdir.py).
     """
-    from tqdm import tqdm
-
-    from limajax import checkpoint
-
     mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
-    check_mesh(config, mesh)
+    sharding.check(config, mesh)
     workdir = Path(workdir)
-    main = jax.process_index() == 0
-    check_workdir(workdir, config)
+    is_lead = jax.process_index() == 0
+    check_config(workdir, config)
     setup = build(config, mesh, loader.steps_per_epoch)
-    if main:
+    if is_lead:
         workdir.mkdir(parents=True, exist_ok=True)
-    manager = checkpoint.train_manager(workdir, config.max_to_keep)
+    manager = checkpoint_manager(workdir, config.max_to_keep)
+    writer = None
     try:
         latest = manager.latest_step()
         if latest is not None:
-            state, meta = checkpoint.restore_train_state(manager, latest, setup.abstract_state)
+            state, meta = restore_state(manager, latest, setup.abstract_state)
             position = meta["data"]
             if position["epoch"] >= config.epochs:
-                say(f"the run in {workdir} is complete ({config.epochs} epochs, step {latest})")
+                log(f"the run in {workdir} is complete ({config.epochs} epochs, step {latest})")
             else:
-                say(f"resuming from the checkpoint at step {latest}: epoch "
+                log(f"resuming from the checkpoint at step {latest}: epoch "
                     f"{position['epoch'] + 1}, batch {position['index'] + 1} next")
         else:
             params = init_params(mesh) if callable(init_params) else init_params
             state, position = init_state(setup, params), {"epoch": 0, "index": 0}
         step = int(jax.device_get(state.step))
-        metrics_path = workdir / "metrics.jsonl"
-        if main:
-            write_json(workdir / "config.json", config.to_dict())
-            truncate_metrics(metrics_path, step)  # a killed run's steps past the checkpoint
-        writer = tensorboard_writer(workdir, step) if main else None
+        if is_lead:
+            write_config(workdir, config)
+            truncate_metrics(workdir, step)  # a killed run's steps past the checkpoint
+            writer = tensorboard_writer(workdir, step)
         train_step = make_train_step(setup)
         peak_flops_total, peak_source = peak_flops(config.model.dtype, peak)
         loader.set_state(position)
@@ -362,42 +298,46 @@ def run(config: TrainConfig, workdir: str | Path, loader: Loader, *, mesh: Mesh 
         for epoch in range(position["epoch"], config.epochs):
             first = position["index"] if epoch == position["epoch"] else 0
             bar = tqdm(total=steps_per_epoch, initial=first, unit="step", leave=False,
-                       desc=f"epoch {epoch + 1}/{config.epochs}", disable=not (progress and main))
+                       desc=f"epoch {epoch + 1}/{config.epochs}",
+                       disable=not (progress and is_lead))
             epoch_losses = []
             for index in range(first, steps_per_epoch):
                 batch = put_batch(next(batches), setup)
                 t0 = time.perf_counter()
-                state, m = train_step(state, batch)
-                m = {k: float(v) for k, v in jax.device_get(m).items()}
+                with sharding.activate(mesh):
+                    state, metrics = train_step(state, batch)
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 dt = time.perf_counter() - t0
                 step += 1
-                if not math.isfinite(m["loss"]):
-                    raise Diverged(f"the loss is {m['loss']} at step {step} (epoch {epoch + 1}); "
-                                   f"stopped; the last good checkpoint is step "
+                if not math.isfinite(metrics["loss"]):
+                    raise Diverged(f"the loss is {metrics['loss']} at step {step} (epoch "
+                                   f"{epoch + 1}); stopped; the last good checkpoint is step "
                                    f"{manager.latest_step()}")
                 b, t = batch["inputs"].shape
-                record = {"step": step, "epoch": epoch + 1, "loss": m["loss"], "lr": m["lr"],
-                          "grad_norm": m["grad_norm"], "tokens_per_sec": b * t / dt,
+                record = {"step": step, "epoch": epoch + 1, "loss": metrics["loss"],
+                          "lr": metrics["lr"], "grad_norm": metrics["grad_norm"],
+                          "tokens_per_sec": b * t / dt,
                           "mfu": b * t * flops_per_token(config.model, t) / dt / peak_flops_total,
                           "time": time.time() - start, "seq_len": t,
-                          "target_tokens": int(m["target_tokens"])}
-                epoch_losses.append(m["loss"])
-                if main and step % config.log_every_steps == 0:
-                    log_metrics(metrics_path, writer, record)
+                          "target_tokens": int(metrics["target_tokens"])}
+                epoch_losses.append(metrics["loss"])
+                if is_lead and step % config.log_every_steps == 0:
+                    log_metrics(workdir, writer, record)
                 logged.append(record)
-                bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{record['tokens_per_sec']:.0f}")
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}",
+                                tok_s=f"{record['tokens_per_sec']:.0f}")
                 bar.update()
                 end_of_epoch = index + 1 == steps_per_epoch
                 every = config.save_every_steps
                 if end_of_epoch or (every and step % every == 0):
-                    checkpoint.save_train_state(manager, state, {
+                    save_state(manager, state, {
                         "step": step, "epoch": epoch + 1 if end_of_epoch else epoch,
                         "end_of_epoch": end_of_epoch, "data": loader.get_state(),
                         "config": config.to_dict()})
             bar.close()
-            if main:
+            if is_lead:
                 last = logged[-1]
-                say(f"epoch {epoch + 1}/{config.epochs}: step {step}, mean loss "
+                log(f"epoch {epoch + 1}/{config.epochs}: step {step}, mean loss "
                     f"{np.mean(epoch_losses):.4f}, lr {last['lr']:.3g}, "
                     f"{last['tokens_per_sec']:.0f} tokens/s, MFU {last['mfu']:.1%} "
                     f"(peak: {peak_source}), {time.time() - start:.1f} s")
@@ -405,270 +345,27 @@ def run(config: TrainConfig, workdir: str | Path, loader: Loader, *, mesh: Mesh 
     finally:
         manager.wait_until_finished()
         manager.close()
-        if main and "writer" in locals() and writer is not None:
+        if writer is not None:
             writer.close()
 
 
-def say(message: str) -> None:
+def log(message: str) -> None:
+    """A line on stderr from the lead process only."""
     if jax.process_index() == 0:
         print(message, file=sys.stderr, flush=True)
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Keep the metrics of steps <= `step` (a resumed run repeats the ones after it)."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
-
-
-def tensorboard_writer(workdir: Path, step: int):
-    from tensorboardX import SummaryWriter
-
-    # purge_step drops events a killed run wrote past the checkpoint we resume from.
-    return SummaryWriter(str(workdir / "tensorboard"), purge_step=step + 1 if step else None)
-
-
-def log_metrics(path: Path, writer, record: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-    if writer is not None:
-        for k, v in record.items():
-            if k not in ("step", "epoch"):
-                writer.add_scalar(f"train/{k}", v, record["step"])
-
-
-# --- a run from a recipe: model, tokenizer and data resolved (what `limajax train` calls) -------
-
-# The fields that make two model configs the same network; dtype, remat and the vocabulary
-# padding are the run's choice.
-ARCHITECTURE = ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "norm_eps",
-                "rope_theta", "rope_scaling", "tie_embeddings")
-
-
-def resolve(config: TrainConfig):
-    """(config with the model's vocabulary settled, tokenizer, init-params loader or None).
-
-    With `init`, the model directory's config must agree with the recipe's architecture; its
-    vocabulary (LIMA's EOT included) and tokenizer are used. Without, the recipe's model is
-    initialised at random for `tokenizer` plus EOT.
-    """
-    from limajax import checkpoint
-    from limajax.tokenizer import Tokenizer
-
-    if config.init is not None:
-        stored = checkpoint.read_model_config(config.init)
-        for name in ARCHITECTURE:
-            if getattr(stored, name) != getattr(config.model, name):
-                raise UserError(
-                    f"--init {config.init}: its model.json has {name} = "
-                    f"{getattr(stored, name)!r} but the recipe's model has "
-                    f"{getattr(config.model, name)!r}; pick the recipe for that model")
-        if checkpoint.tokenizer_path(config.init) is None:
-            raise UserError(f"--init {config.init}: the model directory has no tokenizer.model")
-        tokenizer = Tokenizer.from_path(config.init)
-        if tokenizer.eot_id is None:
-            raise UserError(f"--init {config.init}: the model has no EOT token (LIMA §3); "
-                            "convert it with --add-eot")
-        model = config.model.replace(vocab_size=stored.vocab_size,
-                                     vocab_multiple=stored.vocab_multiple)
-        if model.padded_vocab_size != stored.padded_vocab_size:
-            raise UserError(f"--init {config.init}: padded vocabulary {stored.padded_vocab_size}"
-                            f" differs from the recipe's {model.padded_vocab_size}")
-        config = dataclasses.replace(config, model=model)
-
-        def init_params(mesh):
-            params, _, _ = checkpoint.load_model_dir(config.init, shardings=mesh)
-            # e.g. a model directory converted to bfloat16: train on float32 master weights.
-            return jax.tree.map(lambda p: p.astype(config.model.param_dtype), params)
-
-        return config, tokenizer, init_params
-    if config.tokenizer is None:
-        raise UserError("a random model needs a tokenizer: --set tokenizer=PATH/tokenizer.model, "
-                        "or start from a converted model with --init MODEL_DIR")
-    tokenizer = Tokenizer.from_path(config.tokenizer).with_eot()
-    model = config.model.replace(vocab_size=tokenizer.vocab_size)
-    return dataclasses.replace(config, model=model), tokenizer, None
-
-
-def training_source(config: TrainConfig):
-    """The training dialogues: a prepared dataset (--data) or the embedded sample data."""
-    from limajax import data
-
-    if config.data.path is not None:
-        return data.load(config.data.path, "train")
-    rows, _ = data.read_gair_file(data.SAMPLE_DATA / "train.jsonl", "train")
-    return [{"conversations": list(r.conversations)} for r in rows]
-
-
-def make_loader(config: TrainConfig, tokenizer, source):
-    from limajax import data
-
-    d = config.data
-    buckets = sorted({b for b in data.BUCKETS if b < d.max_len} | {d.max_len})
-    return data.Batches(source, tokenizer, batch_size=d.batch_size, seed=d.seed,
-                        num_epochs=config.epochs, max_len=d.max_len, buckets=buckets,
-                        train_on_prompts=d.train_on_prompt)
-
-
-def train(config: TrainConfig, workdir: str | Path, *, peak: float | None = None,
-          progress: bool = True) -> list[dict]:
-    """`limajax train`: resolve the recipe, then run (or resume) it in `workdir`."""
+def train_recipe(config: TrainConfig, workdir: str | Path, *, peak: float | None = None,
+                 progress: bool = True) -> list[dict]:
+    """`limajax train`: settle the recipe's model, tokenizer and data, then train (or resume)
+    in `workdir`."""
     mesh = sharding.make_mesh(config.mesh)
-    check_mesh(config, mesh)
-    config, tokenizer, init_params = resolve(config)
-    check_workdir(Path(workdir), config)
-    loader = make_loader(config, tokenizer, training_source(config))
-    say(f"{config.model.n_params / 1e6:,.2f}M parameters, {loader.steps_per_epoch} steps per "
+    sharding.check(config, mesh)
+    config, tokenizer, init_params = resolve_init(config)
+    check_config(workdir, config)
+    loader = data.batches_for(config, tokenizer)
+    log(f"{config.model.n_params / 1e6:,.2f}M parameters, {loader.steps_per_epoch} steps per "
         f"epoch x {config.epochs} epochs, global batch {config.data.batch_size}, mesh "
         f"{config.mesh}")
-    return run(config, workdir, loader, mesh=mesh, peak=peak, progress=progress,
-               init_params=init_params)
-
-
-# --- plan: compile the real step ahead of time and read its memory (`limajax plan`) -------------
-
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_bytes(text: str) -> int:
-    """'32GiB' -> 34359738368; '16GB' -> 16e9; a bare number is bytes."""
-    import re
-
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS | {"": 1}:
-        raise UserError(f"--device-memory {text!r}: expected a size like 32GiB, 16GB or 80GiB")
-    return int(float(m.group(1)) * _UNITS.get(m.group(2).lower(), 1))
-
-
-def gib(n: float) -> str:
-    return f"{n / 2**30:,.2f} GiB"
-
-
-def per_device_bytes(tree) -> int:
-    """Bytes of the largest shard of every array in a tree of sharded ShapeDtypeStructs."""
-    total = 0
-    for a in jax.tree.leaves(tree):
-        shape = a.sharding.shard_shape(a.shape) if a.sharding is not None else a.shape
-        total += math.prod(shape) * jnp.dtype(a.dtype).itemsize
-    return total
-
-
-@dataclasses.dataclass
-class Plan:
-    """Per-device memory of one train step, from the compiler and from arithmetic."""
-
-    config: TrainConfig
-    devices: int
-    seq_len: int
-    device_memory: int
-    params: int
-    opt_state: int
-    batch: int
-    compiled_arguments: int
-    compiled_outputs: int
-    compiled_aliased: int
-    compiled_temp: int
-    analytic: dict[str, float]
-    compile_seconds: float
-
-    @property
-    def total(self) -> int:
-        """What the step needs at its peak: inputs + outputs not written in place + temporaries."""
-        return self.compiled_arguments + self.compiled_outputs - self.compiled_aliased + \
-            self.compiled_temp
-
-    @property
-    def fits(self) -> bool:
-        return self.total <= self.device_memory
-
-    def format(self) -> str:
-        c, m = self.config, self.config.model
-        a = self.analytic
-        micro = c.data.micro_batch_size or c.data.batch_size
-        rows = [
-            f"plan: {m.n_params / 1e9:,.2f}B parameters, mesh {c.mesh} ({self.devices} devices), "
-            f"global batch {c.data.batch_size} x {self.seq_len} tokens (micro batch {micro}), "
-            f"params {m.param_dtype}, compute {m.dtype}, remat {m.remat}",
-            f"{'per device':<34}{'compiled':>14}{'analytic':>14}",
-            f"{'  parameters':<34}{gib(self.params):>14}{gib(a['params']):>14}",
-            f"{'  optimizer state (AdamW mu, nu)':<34}{gib(self.opt_state):>14}"
-            f"{gib(a['opt_state']):>14}",
-            f"{'  batch':<34}{gib(self.batch):>14}{gib(a['batch']):>14}",
-            f"{'  temporaries (grads, activations)':<34}{gib(self.compiled_temp):>14}"
-            f"{gib(a['temp']):>14}",
-            f"{'    of which: gradients':<34}{'':>14}{gib(a['grads']):>14}",
-            f"{'    of which: saved activations':<34}{'':>14}{gib(a['activations']):>14}",
-            f"{'    of which: one layer recomputed':<34}{'':>14}{gib(a['layer']):>14}",
-            f"{'    of which: logits and loss':<34}{'':>14}{gib(a['logits']):>14}",
-            f"{'  outputs not updated in place':<34}"
-            f"{gib(self.compiled_outputs - self.compiled_aliased):>14}{'':>14}",
-            f"{'  total':<34}{gib(self.total):>14}{gib(a['total']):>14}",
-            f"device memory {gib(self.device_memory)}: "
-            + ("fits" if self.fits else "DOES NOT FIT")
-            + f" ({self.total / self.device_memory:.0%} used; compiled in "
-            f"{self.compile_seconds:.1f} s on {jax.devices()[0].platform})",
-        ]
-        return "\n".join(rows)
-
-
-def analytic_memory(config: TrainConfig, mesh: Mesh, seq_len: int) -> dict[str, float]:
-    """Bytes per device by arithmetic: fully sharded state, and activations as remat keeps them."""
-    m, d = config.model, config.data
-    data, model = mesh.shape["data"], mesh.shape["model"]
-    n_dev = data * model
-    act = jnp.dtype(m.dtype).itemsize
-    n = m.n_params + (m.padded_vocab_size - m.vocab_size) * m.dim * (
-        1 if m.tie_embeddings else 2)
-    param_bytes = jnp.dtype(m.param_dtype).itemsize
-    rows = (d.micro_batch_size or d.batch_size) // data  # rows per device in one micro batch
-    t, dim = seq_len, m.dim
-    heads, ffn, vocab = m.n_heads // model, m.ffn_dim // model, m.padded_vocab_size // model
-    out = {"params": n * param_bytes / n_dev, "opt_state": 2 * n * 4 / n_dev,
-           "batch": 4 * d.batch_size * t * 4 / data}
-    accumulators = 1 if d.accumulation_steps == 1 else 2  # + the running sum
-    out["grads"] = accumulators * n * 4 / n_dev
-    # remat "full" keeps each layer's input (the residual stream) for the backward pass.
-    saved = {"full": rows * t * dim * act,
-             "dots": rows * t * (4 * dim + 3 * ffn + 2 * m.n_heads // model * m.head_dim) * act,
-             "none": rows * t * (6 * dim + 4 * ffn + 3 * heads * t) * act}[m.remat]
-    out["activations"] = m.n_layers * saved
-    # One layer at a time: its gathered weights, f32 attention scores and probabilities, and
-    # the feed-forward hidden state, forward and backward.
-    layer_weights = (m.n_params - m.vocab_size * dim * 2) / m.n_layers / model * act
-    out["layer"] = (2 * layer_weights + 3 * rows * heads * t * t * 4
-                    + 4 * rows * t * ffn * act + 6 * rows * t * dim * act)
-    # float32 logits, their log-softmax and gradient, for the vocabulary shard.
-    out["logits"] = 3 * rows * t * vocab * 4
-    out["temp"] = out["grads"] + out["activations"] + out["layer"] + out["logits"]
-    out["total"] = out["params"] + out["opt_state"] + out["batch"] + out["temp"]
-    return out
-
-
-def plan(config: TrainConfig, device_memory: int, *, seq_len: int | None = None,
-         mesh: Mesh | None = None) -> Plan:
-    """Lower and compile the real train_step on abstract sharded inputs: nothing is allocated."""
-    mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
-    check_mesh(config, mesh)
-    t = seq_len or config.data.max_len
-    setup = build(config, mesh, steps_per_epoch=1)
-    step = make_train_step(setup)
-    b = config.data.batch_size
-    batch = {k: jax.ShapeDtypeStruct((b, t), jnp.float32 if k == "loss_mask" else jnp.int32,
-                                     sharding=setup.batch_sharding) for k in BATCH_KEYS}
-    t0 = time.perf_counter()
-    with sharding.activate(mesh):
-        compiled = step.jitted.lower(setup.abstract_state, batch).compile()
-    seconds = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
-    return Plan(config, mesh.size, t, device_memory,
-                params=per_device_bytes(setup.abstract_state.params),
-                opt_state=per_device_bytes(setup.abstract_state.opt_state),
-                batch=per_device_bytes(batch),
-                compiled_arguments=mem.argument_size_in_bytes,
-                compiled_outputs=mem.output_size_in_bytes,
-                compiled_aliased=mem.alias_size_in_bytes,
-                compiled_temp=mem.temp_size_in_bytes,
-                analytic=analytic_memory(config, mesh, t), compile_seconds=seconds)
+    return train(config, workdir, loader, mesh=mesh, peak=peak, progress=progress,
+                 init_params=init_params)

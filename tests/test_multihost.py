@@ -1,7 +1,6 @@
 """`limajax train --coordinator ... --num-processes 2 --process-id I`: two processes with 4 CPU
 devices each train exactly like one process with 8."""
 
-import json
 import os
 import socket
 import subprocess
@@ -12,6 +11,7 @@ import train_support as ts
 from click.testing import CliRunner
 
 from limajax.cli import main
+from limajax.workdir import read_metrics
 
 TINY = str(ts.HERE.parents[1] / "configs" / "tiny.py")
 ARGS = ["--config", TINY, "--tokenizer", str(ts.TOKENIZER), "--mesh", "2x4", "--no-progress",
@@ -22,10 +22,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _metrics(workdir):
-    return [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_two_processes_equal_one(tmp_path):
@@ -43,7 +39,7 @@ def test_two_processes_equal_one(tmp_path):
 
     r = CliRunner().invoke(main, ["train", *ARGS, "--workdir", str(tmp_path / "single")])
     assert r.exit_code == 0, r.output
-    multi, single = _metrics(tmp_path / "multi"), _metrics(tmp_path / "single")
+    multi, single = read_metrics(tmp_path / "multi"), read_metrics(tmp_path / "single")
     assert [m["step"] for m in multi] == list(range(1, 13))  # written once, by process 0
     np.testing.assert_allclose([m["loss"] for m in multi], [m["loss"] for m in single],
                                rtol=1e-6, atol=1e-6)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import train_support as ts
 
-from limajax import checkpoint, sharding, train
+from limajax import checkpoint, sharding, train, workdir
 
 ROWS = 32  # 4 steps per epoch, 3 epochs: 12 steps
 
@@ -15,24 +15,19 @@ ROWS = 32  # 4 steps per epoch, 3 epochs: 12 steps
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """An uninterrupted run on 2x4: (workdir, metrics, final params)."""
-    workdir = tmp_path_factory.mktemp("uninterrupted")
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
     config = ts.tiny_config()
-    metrics = train.run(config, workdir, ts.Loader(config, ts.rows(ROWS)), progress=False,
-                        peak=1e12)
-    return workdir, metrics
+    metrics = train.train(config, run_dir, ts.Loader(config, ts.rows(ROWS)), progress=False,
+                          peak=1e12)
+    return run_dir, metrics
 
 
-def _final_params(workdir, mesh):
+def _final_params(run_dir, mesh):
     config = ts.tiny_config()
     setup = train.build(config, mesh, ts.Loader(config, ts.rows(ROWS)).steps_per_epoch)
-    with checkpoint.train_manager(workdir) as manager:
-        state, meta = checkpoint.restore_train_state(manager, manager.latest_step(),
-                                                     setup.abstract_state)
+    with workdir.checkpoint_manager(run_dir) as manager:
+        state, meta = workdir.restore_state(manager, manager.latest_step(), setup.abstract_state)
     return state, meta
-
-
-def _metrics(workdir):
-    return [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_killed_runs_resume_exactly(reference, tmp_path):
@@ -40,7 +35,7 @@ def test_killed_runs_resume_exactly(reference, tmp_path):
     # 1. SIGKILL in the middle of epoch 2 (its 3rd batch), once epoch 1's checkpoint is written.
     p = ts.run_script(tmp_path, "2x4", 8, "kill=1.2", "wait=4", f"rows={ROWS}")
     assert p.returncode == -9, p.stderr[-2000:]
-    assert [m["step"] for m in checkpoint.train_checkpoints(tmp_path)] == [4]
+    assert [m["step"] for m in workdir.checkpoints(tmp_path)] == [4]
     # 2. Resume; SIGKILL again just after epoch 2's asynchronous save has started.
     p = ts.run_script(tmp_path, "2x4", 8, "kill=2.0", f"rows={ROWS}")
     assert p.returncode == -9, p.stderr[-2000:]
@@ -49,11 +44,11 @@ def test_killed_runs_resume_exactly(reference, tmp_path):
     assert partial, "the step-8 save completed before the kill: nothing partial to ignore"
     # 3. Resume again (here): the half-written step-8 save is ignored, step 4 is used.
     config = ts.tiny_config()
-    metrics = train.run(config, tmp_path, ts.Loader(config, ts.rows(ROWS)), progress=False,
+    metrics = train.train(config, tmp_path, ts.Loader(config, ts.rows(ROWS)), progress=False,
                         peak=1e12)
     assert metrics[0]["step"] == 5, (partial, metrics[0])  # resumed from step 4
     assert not [d for d in (tmp_path / "checkpoints").iterdir() if "tmp" in d.name]
-    assert [m["step"] for m in checkpoint.train_checkpoints(tmp_path)] == [4, 8, 12]
+    assert [m["step"] for m in workdir.checkpoints(tmp_path)] == [4, 8, 12]
 
     # Bitwise-equal parameters and optimiser state, and the same metrics after the resume.
     mesh = sharding.make_mesh("2x4")
@@ -61,7 +56,7 @@ def test_killed_runs_resume_exactly(reference, tmp_path):
     want, _ = _final_params(ref_dir, mesh)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    logged = _metrics(tmp_path)
+    logged = workdir.read_metrics(tmp_path)
     assert [m["step"] for m in logged] == list(range(1, 13))
     keys = ("step", "epoch", "loss", "lr", "grad_norm", "target_tokens")
     assert [{k: m[k] for k in keys} for m in logged] == [
@@ -84,9 +79,9 @@ def test_checkpoint_restores_onto_other_meshes(reference):
 def test_an_epoch_checkpoint_becomes_a_model_directory(reference, tmp_path):
     ref_dir, _ = reference
     want, _ = _final_params(ref_dir, sharding.single_device_mesh())
-    assert checkpoint.epoch_step(ref_dir, 3) == 12
+    assert workdir.epoch_step(ref_dir, 3) == 12
     with pytest.raises(checkpoint.UserError, match="no checkpoint for epoch 7"):
-        checkpoint.epoch_step(ref_dir, 7)
+        workdir.epoch_step(ref_dir, 7)
     # config.json of the test run names no tokenizer: give it one, as `limajax train` would.
     config = json.loads((ref_dir / "config.json").read_text())
     (ref_dir / "config.json").write_text(json.dumps(config | {"tokenizer": str(ts.TOKENIZER)}))

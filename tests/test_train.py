@@ -9,7 +9,7 @@ import pytest
 import train_support as ts
 from flax import nnx
 
-from limajax import data, optim, sharding, train
+from limajax import data, optim, sharding, train, workdir
 from limajax.config import DataConfig, OptimConfig, TrainConfig, apply_overrides, preset
 from limajax.errors import UserError
 
@@ -96,8 +96,9 @@ def step_setup():
 def _one_step(config, mesh, params, batch):
     setup = train.build(config, mesh, steps_per_epoch=2)
     params = jax.tree.map(jnp.copy, params)  # the step donates its input
-    state, metrics = train.make_train_step(setup)(train.init_state(setup, params),
-                                                  train.put_batch(batch, setup))
+    with sharding.activate(mesh):
+        state, metrics = train.make_train_step(setup)(train.init_state(setup, params),
+                                                      train.put_batch(batch, setup))
     return jax.device_get(state.params), {k: float(v) for k, v in metrics.items()}
 
 
@@ -135,7 +136,7 @@ def test_it_learns(tmp_path):
         mesh="1x1", epochs=60, dropout=0.0, optim=OptimConfig(lr=1e-2, end_lr=1e-3),
         data=DataConfig(batch_size=8, max_len=32))
     loader = ts.Loader(config, ts.rows(8))
-    metrics = train.run(config, tmp_path, loader, mesh=sharding.single_device_mesh(),
+    metrics = train.train(config, tmp_path, loader, mesh=sharding.single_device_mesh(),
                         progress=False, peak=1e12)
     assert metrics[0]["loss"] > 4.0
     assert metrics[-1]["loss"] < 0.1, [m["loss"] for m in metrics[::10]]
@@ -176,22 +177,19 @@ def test_nan_loss_stops_the_run_keeping_the_last_good_checkpoint(tmp_path):
                 yield batch
 
     with pytest.raises(train.Diverged, match="at step 3 .*last good checkpoint is step 2"):
-        train.run(config, tmp_path, Poisoned(config, ts.rows()), progress=False, peak=1e12)
-    from limajax import checkpoint
-
-    assert [m["step"] for m in checkpoint.train_checkpoints(tmp_path)] == [1, 2]
+        train.train(config, tmp_path, Poisoned(config, ts.rows()), progress=False, peak=1e12)
+    assert [m["step"] for m in workdir.checkpoints(tmp_path)] == [1, 2]
 
 
 def test_bad_setups_are_user_errors(tmp_path):
     config = ts.tiny_config()
     with pytest.raises(UserError, match="batch_size 6 does not divide across the data axis"):
-        train.check_mesh(apply_overrides(config, ["data.batch_size=6"]),
-                         sharding.make_mesh("4x2"))
+        sharding.check(apply_overrides(config, ["data.batch_size=6"]), sharding.make_mesh("4x2"))
     with pytest.raises(UserError, match="n_heads 2 does not divide across the model axis"):
-        train.check_mesh(apply_overrides(config, ["model.n_kv_heads=2", "model.n_heads=2"]),
-                         sharding.make_mesh("2x4"))
+        sharding.check(apply_overrides(config, ["model.n_kv_heads=2", "model.n_heads=2"]),
+                       sharding.make_mesh("2x4"))
     (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
     other = apply_overrides(config, ["optim.lr=2e-5"])
     with pytest.raises(UserError, match="holds another run's checkpoints .*optim.lr"):
-        train.check_workdir(tmp_path, other)
-    train.check_workdir(tmp_path, apply_overrides(config, ["mesh=1x1"]))  # a new mesh is fine
+        workdir.check_config(tmp_path, other)
+    workdir.check_config(tmp_path, apply_overrides(config, ["mesh=1x1"]))  # a new mesh is fine

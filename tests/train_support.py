@@ -141,7 +141,7 @@ def start_script(workdir, mesh: str, devices: int, *args: str) -> subprocess.Pop
 
 def three_steps(config, mesh):
     """Losses and final parameters of three steps on `mesh` (no workdir)."""
-    from limajax import train
+    from limajax import sharding, train
     from limajax.config import apply_overrides
 
     config = apply_overrides(config, ["epochs=1"])
@@ -150,7 +150,8 @@ def three_steps(config, mesh):
     step = train.make_train_step(setup)
     losses = []
     for batch in list(Loader(config, rows(24)))[:3]:
-        state, m = step(state, train.put_batch(batch, setup))
+        with sharding.activate(mesh):
+            state, m = step(state, train.put_batch(batch, setup))
         losses.append(float(m["loss"]))
     return losses, params_numpy(state)
 
@@ -178,7 +179,7 @@ def main(argv):
     kill = tuple(int(x) for x in opts["kill"].split(".")) if "kill" in opts else None
     after = Path(workdir) / "checkpoints" / opts["wait"] if "wait" in opts else None
     loader = Loader(config, rows(int(opts.get("rows", 16))), kill, after)
-    metrics = train.run(config, workdir, loader, progress=False, peak=1e12)
+    metrics = train.train(config, workdir, loader, progress=False, peak=1e12)
     out = Path(workdir) / f"out.{opts.get('tag', 'run')}"
     import jax
 
@@ -191,13 +192,13 @@ def main(argv):
 
 def _final_state(config, workdir, steps_per_epoch):
     """The latest checkpoint, restored onto one device."""
-    from limajax import checkpoint, sharding, train
+    from limajax import sharding, train
+    from limajax.workdir import checkpoint_manager, restore_state
 
     mesh = sharding.single_device_mesh()
     setup = train.build(config, mesh, steps_per_epoch)
-    manager = checkpoint.train_manager(workdir)
-    state, _ = checkpoint.restore_train_state(manager, manager.latest_step(),
-                                              setup.abstract_state)
+    manager = checkpoint_manager(workdir)
+    state, _ = restore_state(manager, manager.latest_step(), setup.abstract_state)
     manager.close()
     return state
 

@@ -39,7 +39,8 @@ def bench_limajax(args) -> dict:
     times = []
     for i in range(args.warmup + args.steps):
         t = time.perf_counter()
-        state, m = step(state, batch)
+        with sharding.activate(mesh):
+            state, m = step(state, batch)
         jax.block_until_ready(m["loss"])
         if i >= args.warmup:
             times.append(time.perf_counter() - t)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from limajax.checkpoint import staged_dir, write_model_dir
+from limajax.checkpoint import MODEL_FILE, load_model, write_model_dir
 from limajax.config import ModelConfig
 from limajax.convert.hf import config_from_hf, hf_config, read_hf, write_hf
 from limajax.convert.meta import config_from_meta, meta_params_json, read_meta, write_meta
@@ -32,6 +32,7 @@ from limajax.convert.table import (
     weights_for,
 )
 from limajax.errors import UserError
+from limajax.files import staged_dir
 from limajax.tokenizer import TOKENIZER_FILE, TokenSpec
 
 __all__ = ["EOT_TEXT", "WEIGHTS", "Converted", "Weight", "allocate", "config_from_hf",
@@ -51,7 +52,7 @@ def convert(source: str, input_dir: str | Path, output: str | Path, *,
     if source == "hf" and tokenizer is not None:
         raise UserError("--tokenizer is for --from meta; an HF checkpoint's tokenizer.model is "
                         "read from its directory")
-    with staged_dir(output, overwrite=overwrite) as tmp:
+    with staged_dir(output, marker=MODEL_FILE, overwrite=overwrite) as tmp:
         staging = tmp / ".staging"
         staging.mkdir()
         if source == "meta":
@@ -70,8 +71,6 @@ def export(target: str, model_dir: str | Path, output: str | Path, *, shards: in
            overwrite: bool = False, epoch: int | None = None) -> ModelConfig:
     """`limajax export`: a model directory (or a training workdir's epoch) -> a Hugging Face or
     Meta checkpoint directory, built beside `output` and renamed when complete."""
-    from limajax.checkpoint import load_model
-
     if target not in ("hf", "meta"):
         raise UserError(f"--to {target!r}: expected hf or meta")
     if shards < 1 or (target == "hf" and shards != 1):

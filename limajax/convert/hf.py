@@ -10,29 +10,27 @@ from pathlib import Path
 
 import numpy as np
 
-from limajax.config import ModelConfig, RopeScaling, read_json
+from limajax.config import ModelConfig, RopeScaling
 from limajax.convert.table import (
-    DTYPES,
     EOT_TEXT,
     IGNORED,
+    NUMPY_DTYPES,
     WEIGHTS,
     Converted,
     allocate,
-    check_tokenizer,
+    converted_config,
     extract,
     file_order,
     init_eot,
     layout_shape,
     place,
-    sentencepiece_model,
     sizes_for,
     source_keys,
     token_spec,
-    with_eot,
-    write_json,
 )
 from limajax.errors import UserError
-from limajax.tokenizer import TOKENIZER_FILE, TokenSpec
+from limajax.files import read_json, write_json
+from limajax.tokenizer import TOKENIZER_FILE, TokenSpec, check_fits, load_sentencepiece
 
 
 def _hf_rope(cfg: dict, where: Path) -> tuple[float, RopeScaling | None]:
@@ -150,12 +148,12 @@ def read_hf(input_dir: str | Path, *, dtype: str = "float32", add_eot: bool = Tr
         tokenizer = tokenizer if tokenizer.is_file() else None
         bos, eos = _first_id(cfg.get("bos_token_id"), 1), _first_id(cfg.get("eos_token_id"), 2)
         if tokenizer is not None:
-            check_tokenizer(sentencepiece_model(tokenizer), tokenizer, base_vocab,
-                             WEIGHTS[0].hf)
+            check_fits(load_sentencepiece(tokenizer), tokenizer, base_vocab,
+                       WEIGHTS[0].hf)
         eot_id = _eot_in_hf(input_dir, base_vocab)
         if eot_id is not None:  # exported by limajax: EOT is already there
             add_eot, base_vocab = False, base_vocab - 1
-        config = with_eot(config, base_vocab + int(eot_id is not None), add_eot, dtype)
+        config = converted_config(config, base_vocab + int(eot_id is not None), add_eot, dtype)
         params = allocate(config, staging)
         sizes = sizes_for(config, base_vocab + int(eot_id is not None))
         for w, layer, key in expected:
@@ -247,7 +245,7 @@ def hf_generation_config(tokens: TokenSpec) -> dict:
 def hf_tokenizer_config(tokenizer: Path, tokens: TokenSpec, config: ModelConfig) -> dict:
     """tokenizer_config.json for the SentencePiece model, EOT declared as an added special token
     (so transformers encodes EOT_TEXT as EOT's id and `skip_special_tokens` drops it)."""
-    sp = sentencepiece_model(tokenizer)
+    sp = load_sentencepiece(tokenizer)
 
     def special(text):
         return {"content": text, "lstrip": False, "normalized": False, "rstrip": False,
@@ -274,7 +272,7 @@ def write_hf(directory: str | Path, params: dict, config: ModelConfig, tokens: T
 
     directory = Path(directory)
     sizes = sizes_for(config, config.vocab_size)
-    itemsize = np.dtype(DTYPES[config.param_dtype]).itemsize
+    itemsize = np.dtype(NUMPY_DTYPES[config.param_dtype]).itemsize
     shards, size = [[]], 0
     for entry in file_order(config, "hf"):
         nbytes = math.prod(layout_shape(entry[0].hf_layout, sizes)) * itemsize

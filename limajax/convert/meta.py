@@ -9,28 +9,26 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from limajax.config import ModelConfig, RopeScaling, meta_ffn_dim, read_json
+from limajax.config import ModelConfig, RopeScaling, meta_ffn_dim
 from limajax.convert.table import (
     IGNORED,
     WEIGHTS,
     Converted,
     Weight,
     allocate,
-    check_tokenizer,
+    converted_config,
     extract,
     file_order,
     init_eot,
     layout_shape,
     place,
-    sentencepiece_model,
     sizes_for,
     source_keys,
     token_spec,
-    with_eot,
-    write_json,
 )
 from limajax.errors import UserError
-from limajax.tokenizer import TOKENIZER_FILE
+from limajax.files import read_json, write_json
+from limajax.tokenizer import TOKENIZER_FILE, check_fits, load_sentencepiece
 
 META_KEYS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
              "ffn_dim_multiplier", "norm_eps", "rope_theta", "use_scaled_rope", "max_seq_len",
@@ -165,15 +163,15 @@ def read_meta(input_dir: str | Path, *, tokenizer: str | Path | None = None,
     if "output.weight" not in keys:  # Meta always writes it; without it the model is tied
         config = config.replace(tie_embeddings=True)
 
-    plan = _plan_meta(config, base_vocab, files, shards, keys)
+    plan = _check_meta_tensors(config, base_vocab, files, shards, keys)
     tokenizer = _find_meta_tokenizer(input_dir, tokenizer)
     bos, eos = 1, 2  # LLaMA-1/2's; the tokenizer's when there is one
     if tokenizer is not None:
-        sp = sentencepiece_model(tokenizer)
-        check_tokenizer(sp, tokenizer, base_vocab, emb.meta)
+        sp = load_sentencepiece(tokenizer)
+        check_fits(sp, tokenizer, base_vocab, emb.meta)
         bos, eos = sp.bos_id(), sp.eos_id()
 
-    config = with_eot(config, base_vocab, add_eot, dtype)
+    config = converted_config(config, base_vocab, add_eot, dtype)
     params = allocate(config, staging)
     sizes = sizes_for(config, base_vocab)
     for w, layer, key, axis in plan:
@@ -204,7 +202,7 @@ def _same_embedding_and_output(params: dict, vocab: int) -> bool:
     return True
 
 
-def _plan_meta(config, base_vocab, files, shards, keys):
+def _check_meta_tensors(config, base_vocab, files, shards, keys):
     """Check every tensor of every shard against params.json before any data is read."""
     expected = source_keys(config, "meta")
     known = {key for _, _, key in expected}

@@ -14,7 +14,6 @@ targets themselves can be np.memmap files (`allocate(..., staging)`).
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from limajax.tokenizer import TokenSpec
 # The text of LIMA's EOT token where a format needs one (HF's tokenizer_config.json). Inside
 # limajax EOT is only an id: SentencePiece has no piece for it (limajax/tokenizer.py).
 EOT_TEXT = "<EOT>"
-DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
 @dataclass(frozen=True)
@@ -146,7 +145,7 @@ def allocate(config: ModelConfig, staging: Path | None = None) -> dict:
     params: dict = {}
     for w in weights_for(config):
         shape = ((config.n_layers,) if w.per_layer else ()) + layout_shape(w.layout, sizes)
-        dtype = DTYPES[config.param_dtype]
+        dtype = NUMPY_DTYPES[config.param_dtype]
         if staging is None:
             array = np.zeros(shape, dtype)
         else:
@@ -197,18 +196,11 @@ class Converted(NamedTuple):
     tokenizer: Path | None  # the SentencePiece model to copy into the model directory
 
 
-# --- tokenizers and token ids -----------------------------------------------------------------
-
-
-def sentencepiece_model(path: Path):
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor()
-    try:
-        sp.Load(str(path))
-    except (OSError, RuntimeError) as e:
-        raise UserError(f"{path}: not a SentencePiece model ({e})") from None
-    return sp
+def converted_config(config: ModelConfig, base_vocab: int, add_eot: bool, dtype: str
+                     ) -> ModelConfig:
+    """The model directory's config: the base vocabulary plus LIMA's EOT if added, parameters
+    (and the compute dtype) in the `--dtype` asked for."""
+    return config.replace(vocab_size=base_vocab + int(add_eot), param_dtype=dtype, dtype=dtype)
 
 
 def token_spec(config: ModelConfig, bos: int, eos: int, eot_id: int | None, where: str
@@ -217,23 +209,6 @@ def token_spec(config: ModelConfig, bos: int, eos: int, eot_id: int | None, wher
         return TokenSpec(bos, eos, eot_id, config.vocab_size, config.padded_vocab_size)
     except ValueError as e:
         raise UserError(f"{where}: {e}") from None
-
-
-def check_tokenizer(sp, path: Path, base_vocab: int, tensor: str) -> None:
-    if sp.vocab_size() > base_vocab:
-        raise UserError(f"{path}: the tokenizer has {sp.vocab_size()} pieces but {tensor} has "
-                        f"only {base_vocab} rows (wrong tokenizer for these weights?)")
-
-
-def with_eot(config: ModelConfig, base_vocab: int, add_eot: bool, dtype: str) -> ModelConfig:
-    return config.replace(vocab_size=base_vocab + int(add_eot), param_dtype=dtype, dtype=dtype)
-
-
-# --- small file helpers ----------------------------------------------------------------------
-
-
-def write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 def file_order(config: ModelConfig, fmt: str) -> list[tuple[Weight, int | None, str]]:

@@ -1,0 +1,122 @@
+"""LIMA's dialogues as a versioned TFDS dataset (ArrayRecord, no TensorFlow needed), prepared
+from GAIR's files once and read back as random-access sources."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import tensorflow_datasets as tfds
+
+from limajax import __version__
+from limajax.data.gair import SPLITS, PrepareOptions, read_gair_dir, select
+from limajax.errors import UserError
+from limajax.files import staged_dir
+
+
+class Lima(tfds.core.GeneratorBasedBuilder):
+    """LIMA's dialogues from GAIR's JSONL files (a manual download), stored as ArrayRecord."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "id, conversations, source; unanswered last training turns dropped."}
+    MANUAL_DOWNLOAD_INSTRUCTIONS = (
+        "LIMA is gated on the Hugging Face hub: accept the terms at "
+        "https://huggingface.co/datasets/GAIR/lima, download train.jsonl and test.jsonl into a "
+        "directory and pass it as the manual directory (`limajax data prepare --input DIR`)."
+    )
+
+    def __init__(self, *, options: PrepareOptions | None = None, **kwargs):
+        self.options = options or PrepareOptions()
+        # ArrayRecord, because the default tfrecord format needs TensorFlow to write.
+        super().__init__(file_format="array_record", **kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        # DatasetInfo built by hand: dataset_info_from_configs wants a package directory.
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="LIMA (Zhou et al. 2023): 1,000 curated prompts and responses, plus "
+            "30 multi-turn dialogues, in GAIR's schema.",
+            features=tfds.features.FeaturesDict({
+                "id": tfds.features.Text(),
+                "conversations": tfds.features.Sequence(tfds.features.Text()),
+                "source": tfds.features.Text(),
+            }),
+            disable_shuffling=True,  # keep the files' order: example i is the i-th row
+            homepage="https://huggingface.co/datasets/GAIR/lima",
+            license="CC BY-NC-SA, or the source data's stricter license (GAIR/lima card)",
+            metadata=tfds.core.MetadataDict(),
+        )
+
+    def _split_generators(self, dl_manager):
+        splits, report = read_gair_dir(dl_manager.manual_dir)
+        splits, selected = select(splits, self.options)
+        self.info.metadata.update(report | selected | {"limajax_version": __version__})
+        return {split: self._generate_examples(rows) for split, rows in splits.items()}
+
+    def _generate_examples(self, rows):
+        for r in rows:
+            yield r.id, {"id": r.id, "conversations": list(r.conversations), "source": r.source}
+
+
+def prepare(input_dir: str | Path, output_dir: str | Path,
+            options: PrepareOptions | None = None) -> dict:
+    """Build the dataset into `output_dir` atomically (all or nothing); returns its metadata."""
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    options = options or PrepareOptions()
+    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
+        raise UserError(f"{output_dir}: already exists and is not empty; choose a new --output")
+    select(read_gair_dir(input_dir)[0], options)  # every input error before any output
+    # overwrite: only an empty directory gets this far (checked above).
+    with staged_dir(output_dir, marker="lima", overwrite=True) as tmp:
+        tfds.disable_progress_bar()
+        builder = Lima(data_dir=tmp, options=options)
+        with contextlib.redirect_stdout(io.StringIO()):  # tfds prints its own progress lines
+            builder.download_and_prepare(
+                download_dir=tmp / "downloads",
+                download_config=tfds.download.DownloadConfig(manual_dir=str(input_dir)),
+            )
+        shutil.rmtree(tmp / "downloads", ignore_errors=True)
+    return dict(builder.info.metadata)
+
+
+def dataset_dir(data_dir: str | Path) -> Path:
+    """The prepared dataset's version directory inside `data_dir` (or `data_dir` itself)."""
+    data_dir = Path(data_dir)
+    if (data_dir / "dataset_info.json").is_file():
+        return data_dir
+    found = sorted(
+        (p.parent for p in data_dir.glob("lima/*/dataset_info.json")
+         if tfds.core.Version.is_valid(p.parent.name)),
+        key=lambda p: tfds.core.Version(p.name),
+    )
+    if not found:
+        raise UserError(f"{data_dir}: no prepared LIMA dataset (run `limajax data prepare`)")
+    return found[-1]
+
+
+def read_metadata(data_dir: str | Path) -> dict:
+    """What `prepare` recorded: input checksums, options, examples per split."""
+    path = dataset_dir(data_dir) / "metadata.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def split_names(data_dir: str | Path) -> list[str]:
+    info = tfds.builder_from_directory(dataset_dir(data_dir)).info
+    return [s for s in SPLITS if s in info.splits]
+
+
+def load(data_dir: str | Path, split: str = "train"):
+    """A random-access source of one split's records (dicts of bytes), in the input files' order."""
+    builder = tfds.builder_from_directory(dataset_dir(data_dir))
+    if split not in builder.info.splits:
+        have = ", ".join(builder.info.splits)
+        raise UserError(f"{data_dir}: no {split!r} split (it has: {have})")
+    return builder.as_data_source(split=split)
+
+
+def conversations(record) -> list[str]:
+    """A record's turns as text (TFDS gives Text features back as bytes)."""
+    return [t.decode("utf-8") if isinstance(t, bytes) else t for t in record["conversations"]]

@@ -1,0 +1,113 @@
+"""Files on disk, read with errors a user can act on and written so nothing half-done remains.
+
+Every command reads JSON and JSONL through `read_json` / `read_jsonl` (a bad line is reported
+as `file:line`), and writes through `write_json`, `staged_file` or `staged_dir`: the output is
+built beside its destination and renamed into place when complete, so an interrupted run never
+leaves something that looks finished (DESIGN §2, "errors are for people").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from limajax.errors import UserError
+
+
+def read_json(path: str | Path) -> dict:
+    """A JSON object from a file; missing, malformed or not an object is the user's to fix."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return obj
+
+
+def read_jsonl(path: str | Path, data: bytes | None = None) -> Iterator[tuple[str, int, Any]]:
+    """(where, line number, value) for each non-blank line; `where` is "file:line" for the
+    caller's own checks. Invalid UTF-8 or JSON is a UserError naming the line. `data`: the
+    file's bytes if the caller already read them (e.g. to checksum them)."""
+    path = Path(path)
+    if data is None:
+        if not path.is_file():
+            raise UserError(f"{path}: no such file")
+        data = path.read_bytes()
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
+        where = f"{path}:{lineno}"
+        try:
+            line = raw.decode("utf-8")
+            if not line.strip():
+                continue
+            yield where, lineno, json.loads(line)
+        except UnicodeDecodeError:
+            raise UserError(f"{where}: not UTF-8 text") from None
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+
+
+def write_json(path: str | Path, obj) -> None:
+    """Write `obj` as indented JSON, atomically (a reader sees the old file or the new one)."""
+    with staged_file(path) as f:
+        f.write(json.dumps(obj, indent=2) + "\n")
+
+
+def append_jsonl(path: str | Path, row: dict) -> None:
+    """Append one row to a JSONL file (a crash loses at most the row being written)."""
+    with Path(path).open("a", encoding="utf-8") as f:
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+@contextlib.contextmanager
+def staged_file(path: str | Path) -> Iterator[IO[str]]:
+    """A text file opened beside `path`, renamed onto it on success and removed on failure."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def staged_dir(final: str | Path, *, marker: str, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary directory beside `final`; rename it to `final` on success.
+
+    On any error the temporary directory is removed and `final` is untouched. An existing
+    `final` is replaced only with `overwrite`, and only if it is empty or holds `marker` (it
+    looks like an earlier output), so a mistyped --output never deletes someone's files.
+    """
+    final = Path(final)
+    if final.exists() or final.is_symlink():
+        if not overwrite:
+            raise UserError(f"{final}: already exists (pass --overwrite to replace it)")
+        if not final.is_dir() or (any(final.iterdir()) and not (final / marker).exists()):
+            raise UserError(f"{final}: refusing to replace it: it is not an earlier output "
+                            f"(no {marker} inside)")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            # Move the old output aside first: at every instant one complete directory exists.
+            old = tmp.with_suffix(".old")
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,161 @@
+"""`limajax plan`: compile the real train step ahead of time on abstract sharded inputs and read
+its memory per device, beside an estimate by arithmetic. Nothing is allocated, so a 65B run on
+an 8x8 mesh is planned on a laptop (jax-stack-notes §6)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from limajax import sharding
+from limajax.config import TrainConfig
+from limajax.errors import UserError
+from limajax.train import BATCH_KEYS, build, make_train_step
+
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'32GiB' -> 34359738368; '16GB' -> 16e9; a bare number is bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS | {"": 1}:
+        raise UserError(f"--device-memory {text!r}: expected a size like 32GiB, 16GB or 80GiB")
+    return int(float(m.group(1)) * _UNITS.get(m.group(2).lower(), 1))
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:,.2f} GiB"
+
+
+def per_device_bytes(tree) -> int:
+    """Bytes of the largest shard of every array in a tree of sharded ShapeDtypeStructs."""
+    total = 0
+    for a in jax.tree.leaves(tree):
+        shape = a.sharding.shard_shape(a.shape) if a.sharding is not None else a.shape
+        total += math.prod(shape) * jnp.dtype(a.dtype).itemsize
+    return total
+
+
+@dataclasses.dataclass
+class Plan:
+    """Per-device memory of one train step, from the compiler and from arithmetic."""
+
+    config: TrainConfig
+    devices: int
+    seq_len: int
+    device_memory: int
+    params: int
+    opt_state: int
+    batch: int
+    compiled_arguments: int
+    compiled_outputs: int
+    compiled_aliased: int
+    compiled_temp: int
+    analytic: dict[str, float]
+    compile_seconds: float
+
+    @property
+    def total(self) -> int:
+        """What the step needs at its peak: inputs + outputs not written in place + temporaries."""
+        return self.compiled_arguments + self.compiled_outputs - self.compiled_aliased + \
+            self.compiled_temp
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.device_memory
+
+    def format(self) -> str:
+        c, m = self.config, self.config.model
+        a = self.analytic
+        micro = c.data.micro_batch_size or c.data.batch_size
+        rows = [
+            f"plan: {m.n_params / 1e9:,.2f}B parameters, mesh {c.mesh} ({self.devices} devices), "
+            f"global batch {c.data.batch_size} x {self.seq_len} tokens (micro batch {micro}), "
+            f"params {m.param_dtype}, compute {m.dtype}, remat {m.remat}",
+            f"{'per device':<34}{'compiled':>14}{'analytic':>14}",
+            f"{'  parameters':<34}{gib(self.params):>14}{gib(a['params']):>14}",
+            f"{'  optimizer state (AdamW mu, nu)':<34}{gib(self.opt_state):>14}"
+            f"{gib(a['opt_state']):>14}",
+            f"{'  batch':<34}{gib(self.batch):>14}{gib(a['batch']):>14}",
+            f"{'  temporaries (grads, activations)':<34}{gib(self.compiled_temp):>14}"
+            f"{gib(a['temp']):>14}",
+            f"{'    of which: gradients':<34}{'':>14}{gib(a['grads']):>14}",
+            f"{'    of which: saved activations':<34}{'':>14}{gib(a['activations']):>14}",
+            f"{'    of which: one layer recomputed':<34}{'':>14}{gib(a['layer']):>14}",
+            f"{'    of which: logits and loss':<34}{'':>14}{gib(a['logits']):>14}",
+            f"{'  outputs not updated in place':<34}"
+            f"{gib(self.compiled_outputs - self.compiled_aliased):>14}{'':>14}",
+            f"{'  total':<34}{gib(self.total):>14}{gib(a['total']):>14}",
+            f"device memory {gib(self.device_memory)}: "
+            + ("fits" if self.fits else "DOES NOT FIT")
+            + f" ({self.total / self.device_memory:.0%} used; compiled in "
+            f"{self.compile_seconds:.1f} s on {jax.devices()[0].platform})",
+        ]
+        return "\n".join(rows)
+
+
+def analytic_memory(config: TrainConfig, mesh: Mesh, seq_len: int) -> dict[str, float]:
+    """Bytes per device by arithmetic: fully sharded state, and activations as remat keeps them."""
+    m, d = config.model, config.data
+    data, model = mesh.shape["data"], mesh.shape["model"]
+    n_dev = data * model
+    act = jnp.dtype(m.dtype).itemsize
+    n = m.n_params + (m.padded_vocab_size - m.vocab_size) * m.dim * (
+        1 if m.tie_embeddings else 2)
+    param_bytes = jnp.dtype(m.param_dtype).itemsize
+    rows = (d.micro_batch_size or d.batch_size) // data  # rows per device in one micro batch
+    t, dim = seq_len, m.dim
+    heads, ffn, vocab = m.n_heads // model, m.ffn_dim // model, m.padded_vocab_size // model
+    out = {"params": n * param_bytes / n_dev, "opt_state": 2 * n * 4 / n_dev,
+           "batch": 4 * d.batch_size * t * 4 / data}
+    accumulators = 1 if d.accumulation_steps == 1 else 2  # + the running sum
+    out["grads"] = accumulators * n * 4 / n_dev
+    # remat "full" keeps each layer's input (the residual stream) for the backward pass.
+    saved = {"full": rows * t * dim * act,
+             "dots": rows * t * (4 * dim + 3 * ffn + 2 * m.n_heads // model * m.head_dim) * act,
+             "none": rows * t * (6 * dim + 4 * ffn + 3 * heads * t) * act}[m.remat]
+    out["activations"] = m.n_layers * saved
+    # One layer at a time: its gathered weights, f32 attention scores and probabilities, and
+    # the feed-forward hidden state, forward and backward.
+    layer_weights = (m.n_params - m.vocab_size * dim * 2) / m.n_layers / model * act
+    out["layer"] = (2 * layer_weights + 3 * rows * heads * t * t * 4
+                    + 4 * rows * t * ffn * act + 6 * rows * t * dim * act)
+    # float32 logits, their log-softmax and gradient, for the vocabulary shard.
+    out["logits"] = 3 * rows * t * vocab * 4
+    out["temp"] = out["grads"] + out["activations"] + out["layer"] + out["logits"]
+    out["total"] = out["params"] + out["opt_state"] + out["batch"] + out["temp"]
+    return out
+
+
+def plan(config: TrainConfig, device_memory: int, *, seq_len: int | None = None,
+         mesh: Mesh | None = None) -> Plan:
+    """Lower and compile the real train_step on abstract sharded inputs: nothing is allocated."""
+    mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
+    sharding.check(config, mesh)
+    t = seq_len or config.data.max_len
+    setup = build(config, mesh, steps_per_epoch=1)
+    step = make_train_step(setup)
+    b = config.data.batch_size
+    batch = {k: jax.ShapeDtypeStruct((b, t), jnp.float32 if k == "loss_mask" else jnp.int32,
+                                     sharding=setup.batch_sharding) for k in BATCH_KEYS}
+    t0 = time.perf_counter()
+    with sharding.activate(mesh):
+        compiled = step.lower(setup.abstract_state, batch).compile()
+    seconds = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    return Plan(config, mesh.size, t, device_memory,
+                params=per_device_bytes(setup.abstract_state.params),
+                opt_state=per_device_bytes(setup.abstract_state.opt_state),
+                batch=per_device_bytes(batch),
+                compiled_arguments=mem.argument_size_in_bytes,
+                compiled_outputs=mem.output_size_in_bytes,
+                compiled_aliased=mem.alias_size_in_bytes,
+                compiled_temp=mem.temp_size_in_bytes,
+                analytic=analytic_memory(config, mesh, t), compile_seconds=seconds)
