@@ -292,7 +292,7 @@ def sample(model_dir, workdir, epoch, prompts_path, output_path, text, temperatu
     source, epoch = model_source(model_dir, workdir, epoch)
     from limajax import sharding
 
-    sharding.ensure_devices(sharding.mesh_devices(mesh))
+    sharding.start(mesh)  # before anything touches the devices
     from limajax import sampling
 
     if text is not None:
@@ -342,7 +342,7 @@ def serve(model_dir, workdir, epoch, host, port, max_batch, context, mesh, name)
     source, epoch = model_source(model_dir, workdir, epoch)
     from limajax import sharding
 
-    sharding.ensure_devices(sharding.mesh_devices(mesh))
+    sharding.start(mesh)  # before anything touches the devices
     from limajax.serving import serve as serve_lib
 
     click.echo(f"serving {source} on http://{host}:{port}/v1 (Ctrl-C stops)", err=True)

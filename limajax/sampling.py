@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import os
 import sys
 import time
 import zlib
@@ -33,10 +31,11 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from limajax import sharding
-from limajax.checkpoint import load_model
+from limajax.checkpoint import load_for_inference
+from limajax.data import bucket_length, buckets_for
 from limajax.errors import UserError
+from limajax.files import append_jsonl, read_jsonl, staged_file
 from limajax.model import KVCache, Llama, constrain
-from limajax.scoring import length_bucket
 from limajax.tokenizer import MAX_LEN, Tokenizer
 
 FINISH_REASONS = ("", "eot", "eos", "length")  # a row's finish code indexes this; 0 = running
@@ -166,8 +165,7 @@ def prompt_hash(prompt_id) -> int:
 
 def constrain_cache(cache: KVCache) -> KVCache:
     """The cache is laid out like the activations: rows over `data`, K/V heads over `model`."""
-    names = (None, "act_batch", None, "act_heads", None)
-    return KVCache(constrain(cache.k, *names), constrain(cache.v, *names))
+    return KVCache(*(constrain(c, *sharding.CACHE_AXES) for c in cache))
 
 
 @nnx.jit(static_argnames=("cache_length",))
@@ -271,9 +269,10 @@ def batch_arrays(requests: Sequence[Request], batch: int, limit: int):
     """Right-padded prompts and per-row arrays for `prefill`, padded to `batch` rows with rows
     that are finished from the start; and the cache length bucket."""
     lengths = [len(r.ids) for r in requests]
-    width = length_bucket(max(lengths), limit)
-    cache_length = length_bucket(max(n + r.settings.max_new_tokens
-                                     for n, r in zip(lengths, requests, strict=True)), limit)
+    buckets = buckets_for(limit)
+    width = bucket_length(max(lengths), buckets)
+    cache_length = bucket_length(min(limit, max(n + r.settings.max_new_tokens for n, r in
+                                                zip(lengths, requests, strict=True))), buckets)
     prompts = np.zeros((batch, width), np.int32)
     for i, r in enumerate(requests):
         prompts[i, :len(r.ids)] = r.ids
@@ -309,8 +308,7 @@ def generate(model: Llama, mesh: Mesh, requests: Sequence[Request], batch_size: 
              stops: np.ndarray) -> Iterator[list[tuple[int, Completion]]]:
     """Answer all requests, in batches of prompts of similar length (shortest first), yielding
     each batch's (request index, completion) pairs as it finishes."""
-    data = mesh.shape["data"]
-    batch = data * math.ceil(batch_size / data)  # rows split evenly over the data axis
+    batch = sharding.whole_rows(batch_size, mesh)
     limit = context_length(model)
     for i, r in enumerate(requests):
         check_prompt(r.ids, limit, f"request {i} ({r.prompt_id})")
@@ -352,28 +350,18 @@ class TextStream:
 
 def read_prompts(path: str | Path) -> list[dict]:
     """GAIR rows {"id", "conversations": [...]}; a row without an id gets its line number."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
     rows, lines = [], {}
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            conv = row.get("conversations") if isinstance(row, dict) else None
-            if not (isinstance(conv, list) and conv and all(isinstance(t, str) for t in conv)):
-                raise UserError(f'{path}:{n}: expected an object with "conversations", a '
-                                "non-empty list of strings")
-            row = {"id": n, **row}
-            if str(row["id"]) in lines:
-                raise UserError(f"{path}:{n}: id {row['id']!r} was already used on line "
-                                f"{lines[str(row['id'])]}")
-            lines[str(row["id"])] = n
-            rows.append(row)
+    for where, n, row in read_jsonl(path):
+        conv = row.get("conversations") if isinstance(row, dict) else None
+        if not (isinstance(conv, list) and conv and all(isinstance(t, str) for t in conv)):
+            raise UserError(f'{where}: expected an object with "conversations", a non-empty '
+                            "list of strings")
+        row = {"id": n, **row}
+        if str(row["id"]) in lines:
+            raise UserError(f"{where}: id {row['id']!r} was already used on line "
+                            f"{lines[str(row['id'])]}")
+        lines[str(row["id"])] = n
+        rows.append(row)
     if not rows:
         raise UserError(f"{path}: no prompts")
     return rows
@@ -387,17 +375,6 @@ def prompt_ids(tokenizer: Tokenizer, conversations: Sequence[str], raw: bool) ->
         return [tokenizer.bos_id] + tokenizer.encode(conversations[0])
     turns = conversations[:-1] if len(conversations) % 2 == 0 else conversations
     return tokenizer.encode_dialogue(turns, max_len=sys.maxsize).ids.tolist()
-
-
-def load_for_sampling(source: str, mesh: Mesh, epoch: int | None = None
-                      ) -> tuple[Llama, Tokenizer]:
-    """A model directory (or a workdir's epoch) placed on `mesh`, with its tokenizer."""
-    params, config, tokens, tokenizer_file = load_model(source, mesh, epoch=epoch)
-    if tokenizer_file is None:
-        raise UserError(f"{source}: the model has no tokenizer.model, so prompts cannot be "
-                        "turned into ids (convert it with --tokenizer)")
-    return sharding.model_from_params(config, params, mesh), Tokenizer.from_path(
-        tokenizer_file, tokens)
 
 
 def answered(path: Path) -> set[tuple[str, int]]:
@@ -432,7 +409,7 @@ def sample_file(source: str, prompts_path: str, output_path: str, settings: Sett
     output = Path(output_path)
     done = answered(output)
     mesh = sharding.make_mesh(mesh_spec, jax.devices()[:sharding.mesh_devices(mesh_spec)])
-    model, tokenizer = load_for_sampling(source, mesh, epoch)
+    model, tokenizer = load_for_inference(source, mesh, epoch=epoch)
     limit = context_length(model)
     todo = []
     for row in rows:
@@ -445,18 +422,16 @@ def sample_file(source: str, prompts_path: str, output_path: str, settings: Sett
     generated, start = 0, time.perf_counter()
     bar = tqdm.tqdm(total=len(todo), unit="answer", disable=not progress)
     output.parent.mkdir(parents=True, exist_ok=True)
-    with output.open("a", encoding="utf-8") as f, bar:
+    with bar:
         for finished in generate(model, mesh, [r for _, r in todo], batch_size,
                                  stop_ids(tokenizer)):
             for i, c in finished:
                 row, request = todo[i]
-                f.write(json.dumps({
+                append_jsonl(output, {
                     **row, "response": tokenizer.decode(c.text_tokens()),
                     "sample": request.sample, **meta, "prompt_tokens": len(request.ids),
-                    "completion_tokens": len(c.tokens), "finish_reason": c.finish},
-                    ensure_ascii=False) + "\n")
+                    "completion_tokens": len(c.tokens), "finish_reason": c.finish})
                 generated += len(c.tokens)
-            f.flush()
             bar.update(len(finished))
             bar.set_postfix_str(f"{generated / (time.perf_counter() - start):.1f} tokens/s")
     _in_input_order(output, rows)
@@ -470,19 +445,15 @@ def _in_input_order(output: Path, rows: list[dict]) -> None:
     lines = output.read_text(encoding="utf-8").splitlines(keepends=True)
     keyed = [(json.loads(line), line) for line in lines]
     keyed.sort(key=lambda x: (place.get(str(x[0]["id"]), len(place)), x[0]["sample"]))
-    tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text("".join(line for _, line in keyed), encoding="utf-8")
-        tmp.replace(output)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with staged_file(output) as f:
+        f.write("".join(line for _, line in keyed))
 
 
 def sample_text(source: str, text: str, settings: Settings, *, epoch: int | None = None,
                 num_samples: int = 1, mesh_spec: str = "1x1", raw: bool = False) -> list[str]:
     """`limajax sample --prompt TEXT`: the answers to one prompt."""
     mesh = sharding.make_mesh(mesh_spec, jax.devices()[:sharding.mesh_devices(mesh_spec)])
-    model, tokenizer = load_for_sampling(source, mesh, epoch)
+    model, tokenizer = load_for_inference(source, mesh, epoch=epoch)
     ids = prompt_ids(tokenizer, [text], raw)
     check_prompt(ids, context_length(model), "--prompt")
     requests = [Request(ids, settings, "prompt", k) for k in range(num_samples)]

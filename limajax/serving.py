@@ -36,6 +36,7 @@ from jax.sharding import Mesh
 from pydantic import BaseModel, Field
 
 from limajax import sharding
+from limajax.checkpoint import load_for_inference
 from limajax.errors import UserError
 from limajax.model import Llama
 from limajax.sampling import (
@@ -87,8 +88,7 @@ class Engine:
 
     def __init__(self, model: Llama, tokenizer: Tokenizer, mesh: Mesh, max_batch: int = 16,
                  cache_length: int | None = None, steps_per_call: int = 8):
-        data = mesh.shape["data"]
-        self.max_batch = data * -(-max_batch // data)  # rows split evenly over `data`
+        self.max_batch = sharding.whole_rows(max_batch, mesh)
         self.model, self.tokenizer, self.mesh = model, tokenizer, mesh
         self.cache_length = min(cache_length or context_length(model), context_length(model))
         self.steps_per_call = steps_per_call
@@ -361,10 +361,8 @@ def serve(source: str, *, epoch: int | None = None, host: str = "127.0.0.1", por
     """`limajax serve`: load the model, start the engine, and serve until interrupted."""
     import uvicorn
 
-    from limajax.sampling import load_for_sampling
-
     mesh = sharding.make_mesh(mesh_spec, jax.devices()[:sharding.mesh_devices(mesh_spec)])
-    model, tokenizer = load_for_sampling(source, mesh, epoch)
+    model, tokenizer = load_for_inference(source, mesh, epoch=epoch)
     engine = Engine(model, tokenizer, mesh, max_batch, context)
     name = name or (source if epoch is None else f"{source}@epoch{epoch}")
     try:

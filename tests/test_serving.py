@@ -15,7 +15,7 @@ import pytest
 import uvicorn
 
 from limajax import sharding
-from limajax.sampling import load_for_sampling
+from limajax.checkpoint import load_for_inference
 from limajax.serving import Engine, make_app
 
 CONTEXT = 512  # tokens per slot
@@ -24,7 +24,7 @@ CONTEXT = 512  # tokens per slot
 @pytest.fixture(scope="module")
 def server(stories):
     mesh = sharding.single_device_mesh()
-    model, tokenizer = load_for_sampling(str(stories / "model"), mesh)
+    model, tokenizer = load_for_inference(stories / "model", mesh)
     engine = Engine(model, tokenizer, mesh, max_batch=8, cache_length=CONTEXT)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
