@@ -14,15 +14,23 @@ import shutil
 import sys
 from pathlib import Path
 
+import jax
+import numpy as np
+import sentencepiece as spm
+from flax import nnx
+
+from limajax import convert, data, scoring, train
+from limajax.checkpoint import save_epoch_model_dir
+from limajax.config import load_recipe
 from limajax.errors import UserError
+from limajax.files import staged_dir
+from limajax.model import Llama
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
 
 
 def recipe():
     """configs/tiny.py, the demo's training recipe (it lives in the checkout, not the package)."""
-    from limajax.config import load_recipe
-
     if not RECIPE.is_file():
         raise UserError(f"{RECIPE}: not found (the demo runs from a limajax checkout)")
     return load_recipe(str(RECIPE))
@@ -34,8 +42,6 @@ def banner(message: str) -> None:
 
 def train_tokenizer(texts: list[str], path: Path, vocab_size: int = 512) -> None:
     """A small BPE SentencePiece model shaped like LLaMA's (byte fallback, bos 1, eos 2)."""
-    import sentencepiece as spm
-
     corpus = path.with_suffix(".txt")
     corpus.write_text("\n".join(t.replace("\n", " ") for t in texts), encoding="utf-8")
     spm.SentencePieceTrainer.train(
@@ -47,15 +53,6 @@ def train_tokenizer(texts: list[str], path: Path, vocab_size: int = 512) -> None
 
 def run_demo(workdir: str | Path, *, epochs: int | None = None, overwrite: bool = False) -> dict:
     """Run every step into `workdir`; returns the figures it printed."""
-    import jax
-    import numpy as np
-    from flax import nnx
-
-    from limajax import convert, data, scoring, train
-    from limajax.checkpoint import save_epoch_model_dir
-    from limajax.files import staged_dir
-    from limajax.model import Llama
-
     tiny = recipe()
     workdir = Path(workdir)
     if workdir.exists():

@@ -1,5 +1,7 @@
-"""Test set-up: 8 simulated CPU devices, set before JAX starts (DESIGN §5)."""
+"""Test set-up: 8 simulated CPU devices, set before JAX starts (DESIGN §5), and the fixtures
+several test files share."""
 
+import json
 import os
 
 os.environ["XLA_FLAGS"] = (
@@ -7,28 +9,58 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from pathlib import Path  # noqa: E402
-
 import pytest  # noqa: E402
+from click.testing import CliRunner  # noqa: E402
+from train_support import FIXTURES  # noqa: E402
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+from limajax import data  # noqa: E402
+from limajax.cli import main  # noqa: E402
+from limajax.tokenizer import Tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def fixtures() -> Path:
+def fixtures():
     if not FIXTURES.is_dir():
         pytest.fail(f"fixtures not found at {FIXTURES} (../shared/fixtures beside the checkout)")
     return FIXTURES
 
 
 @pytest.fixture(scope="session")
-def stories(fixtures, tmp_path_factory) -> Path:
+def llama_tokenizer_file(fixtures):
+    """The real LLaMA-1/2 SentencePiece model (32,000 pieces)."""
+    return fixtures / "llama_tokenizer" / "tokenizer.model"
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer(llama_tokenizer_file):
+    return Tokenizer.from_path(llama_tokenizer_file)
+
+
+@pytest.fixture(scope="session")
+def lima_rows(fixtures):
+    """GAIR's 1,029 real training rows, as JSON objects."""
+    with open(fixtures / "lima" / "train.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="session")
+def lima_dataset(fixtures, tmp_path_factory):
+    """The real training dialogues, prepared once per test session."""
+    out = tmp_path_factory.mktemp("lima") / "data"
+    data.prepare(fixtures / "lima", out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def cli():
+    """Run `limajax ARGS...` in-process: cli("convert", "--from", ...) -> click's Result."""
+    return lambda *args: CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="session")
+def stories(fixtures, tmp_path_factory):
     """stories260K (a real trained model) converted from Meta's layout into `model/` and
     exported for transformers into `hf/`, once per session."""
-    from click.testing import CliRunner
-
-    from limajax.cli import main
-
     root = tmp_path_factory.mktemp("stories")
     src = fixtures / "stories260K"
     result = CliRunner().invoke(main, [

@@ -7,21 +7,17 @@ import pytest
 
 from limajax import data
 from limajax.errors import UserError
-from limajax.tokenizer import Tokenizer
-
-KEYS = ("inputs", "targets", "loss_mask", "positions")
+from limajax.train import BATCH_KEYS as KEYS
 
 
 @pytest.fixture(scope="module")
-def tok(fixtures):
-    return Tokenizer.from_path(fixtures / "llama_tokenizer" / "tokenizer.model")
+def tok(llama_tokenizer):
+    return llama_tokenizer
 
 
 @pytest.fixture(scope="module")
-def source(fixtures, tmp_path_factory):
-    out = tmp_path_factory.mktemp("lima") / "data"
-    data.prepare(fixtures / "lima", out)
-    return data.load(out, "train")
+def source(lima_dataset):
+    return data.load(lima_dataset, "train")
 
 
 @pytest.fixture(scope="module")

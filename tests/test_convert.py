@@ -9,11 +9,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 from limajax import convert, sharding
 from limajax.checkpoint import load_model_dir
-from limajax.cli import main
 from limajax.config import ModelConfig
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
@@ -36,13 +34,8 @@ LENGTHS = (13, 9, 4)  # a right-padded batch
 OFFSET = 1000  # positions start here: long wavelengths (and Llama 3.1's scaling) matter
 
 
-def run(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    return result
-
-
-def ok(*args):
-    result = run(*args)
+def ok(result):
+    """A CLI result that succeeded."""
     assert result.exit_code == 0, result.output
     return result
 
@@ -164,9 +157,9 @@ def case(request, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def from_hf(case):
-    ok("convert", "--from", "hf", "--input", case["root"] / "hf", "--output",
-       case["root"] / "from_hf")
+def from_hf(case, cli):
+    ok(cli("convert", "--from", "hf", "--input", case["root"] / "hf", "--output",
+           case["root"] / "from_hf"))
     return case["root"] / "from_hf"
 
 
@@ -180,22 +173,22 @@ def test_convert_from_hf_gives_transformers_logits(case, from_hf):
 
 
 @pytest.mark.parametrize("n_shards", [2, 4])
-def test_convert_from_meta_shards_gives_transformers_logits(case, n_shards):
+def test_convert_from_meta_shards_gives_transformers_logits(case, n_shards, cli):
     meta = case["root"] / f"meta{n_shards}"
     if not meta.exists():
         write_meta_independently(case["model"], meta, n_shards)
     out = case["root"] / f"from_meta{n_shards}"
-    ok("convert", "--from", "meta", "--input", meta, "--output", out, "--no-add-eot")
+    ok(cli("convert", "--from", "meta", "--input", meta, "--output", out, "--no-add-eot"))
     ours, config = our_logits(out, case["tokens"], case["positions"])
     assert config.vocab_size == VOCAB and config.ffn_dim == 96
     assert config.tie_embeddings == case["model"].config.tie_word_embeddings  # copy detected
     assert_same_real_positions(ours, case["ref"], VOCAB)
 
 
-def test_export_to_hf_round_trip_with_eot(case, from_hf, tmp_path):
+def test_export_to_hf_round_trip_with_eot(case, from_hf, tmp_path, cli):
     from transformers import AutoModelForCausalLM
 
-    ok("export", "--to", "hf", "--model", from_hf, "--output", tmp_path / "out")
+    ok(cli("export", "--to", "hf", "--model", from_hf, "--output", tmp_path / "out"))
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["vocab_size"] == VOCAB + 1  # real vocabulary: EOT in, padding out
     assert config["rope_theta"] == config["rope_parameters"]["rope_theta"]  # 4.x and 5.x
@@ -286,81 +279,81 @@ def assert_user_error(result, output, *words):
     assert not [p for p in output.parent.iterdir() if p.name.startswith(f".{output.name}.")]
 
 
-def test_missing_shard(sources, tmp_path):
+def test_missing_shard(sources, tmp_path, cli):
     meta = copy(sources / "meta", tmp_path / "meta")
     (meta / "consolidated.01.pth").unlink()
     out = tmp_path / "out"
-    assert_user_error(run("convert", "--from", "meta", "--input", meta, "--output", out), out,
+    assert_user_error(cli("convert", "--from", "meta", "--input", meta, "--output", out), out,
                       "consolidated.01.pth", "missing")
 
 
-def test_missing_last_shard(sources, tmp_path):
+def test_missing_last_shard(sources, tmp_path, cli):
     meta = copy(sources / "meta", tmp_path / "meta")
     (meta / "consolidated.03.pth").unlink()  # no gap to see: the shapes no longer add up
     out = tmp_path / "out"
-    assert_user_error(run("convert", "--from", "meta", "--input", meta, "--output", out), out,
+    assert_user_error(cli("convert", "--from", "meta", "--input", meta, "--output", out), out,
                       "consolidated.00.pth", "in each of 3 shards")
 
 
-def test_shards_of_mismatched_shapes(sources, tmp_path):
+def test_shards_of_mismatched_shapes(sources, tmp_path, cli):
     meta = copy(sources / "meta", tmp_path / "meta")
     shard = torch.load(meta / "consolidated.02.pth", weights_only=True)
     shard["layers.1.feed_forward.w2.weight"] = torch.zeros(128, 48)
     torch.save(shard, meta / "consolidated.02.pth")
     out = tmp_path / "out"
-    assert_user_error(run("convert", "--from", "meta", "--input", meta, "--output", out), out,
+    assert_user_error(cli("convert", "--from", "meta", "--input", meta, "--output", out), out,
                       "consolidated.02.pth", "layers.1.feed_forward.w2.weight", "[128, 48]")
 
 
-def test_params_json_disagreeing_with_the_weights(sources, tmp_path):
+def test_params_json_disagreeing_with_the_weights(sources, tmp_path, cli):
     meta = copy(sources / "meta", tmp_path / "meta")
     params = json.loads((meta / "params.json").read_text())
     (meta / "params.json").write_text(json.dumps({**params, "n_kv_heads": 4}))
     out = tmp_path / "out"
-    assert_user_error(run("convert", "--from", "meta", "--input", meta, "--output", out), out,
+    assert_user_error(cli("convert", "--from", "meta", "--input", meta, "--output", out), out,
                       "layers.0.attention.wk.weight", "params.json disagrees")
 
 
-def test_unsafe_pickle_is_refused(sources, tmp_path):
+def test_unsafe_pickle_is_refused(sources, tmp_path, cli):
     meta = copy(sources / "meta", tmp_path / "meta")
     torch.save({"x": shutil.copy}, meta / "consolidated.00.pth")  # a callable: code, not data
     out = tmp_path / "out"
-    assert_user_error(run("convert", "--from", "meta", "--input", meta, "--output", out), out,
+    assert_user_error(cli("convert", "--from", "meta", "--input", meta, "--output", out), out,
                       "consolidated.00.pth", "cannot be read")
 
 
-def test_unsupported_architecture(sources, tmp_path):
+def test_unsupported_architecture(sources, tmp_path, cli):
     hf = copy(sources / "hf", tmp_path / "hf")
     config = json.loads((hf / "config.json").read_text())
     config["architectures"] = ["MistralForCausalLM"]
     (hf / "config.json").write_text(json.dumps(config))
     out = tmp_path / "out"
-    assert_user_error(run("convert", "--from", "hf", "--input", hf, "--output", out), out,
+    assert_user_error(cli("convert", "--from", "hf", "--input", hf, "--output", out), out,
                       "config.json", "MistralForCausalLM")
 
 
-def test_truncated_safetensors(sources, tmp_path):
+def test_truncated_safetensors(sources, tmp_path, cli):
     hf = copy(sources / "hf", tmp_path / "hf")
     data = (hf / "model.safetensors").read_bytes()
     (hf / "model.safetensors").write_bytes(data[:len(data) // 2])
     out = tmp_path / "out"
-    assert_user_error(run("convert", "--from", "hf", "--input", hf, "--output", out), out,
+    assert_user_error(cli("convert", "--from", "hf", "--input", hf, "--output", out), out,
                       "model.safetensors", "interrupted")
 
 
-def test_existing_output_needs_overwrite(sources, tmp_path):
+def test_existing_output_needs_overwrite(sources, tmp_path, cli):
     out = tmp_path / "out"
     out.mkdir()
     (out / "precious.txt").write_text("mine")
-    result = run("convert", "--from", "hf", "--input", sources / "hf", "--output", out)
+    result = cli("convert", "--from", "hf", "--input", sources / "hf", "--output", out)
     assert result.exit_code == 2 and "--overwrite" in result.output, result.output
     # --overwrite replaces an earlier output, never a directory of other files.
-    result = run("convert", "--from", "hf", "--input", sources / "hf", "--output", out,
+    result = cli("convert", "--from", "hf", "--input", sources / "hf", "--output", out,
                  "--overwrite")
     assert result.exit_code == 2 and "not an earlier output" in result.output, result.output
     assert (out / "precious.txt").read_text() == "mine"
     (out / "precious.txt").unlink()
-    ok("convert", "--from", "hf", "--input", sources / "hf", "--output", out, "--overwrite")
-    ok("convert", "--from", "hf", "--input", sources / "hf", "--output", out, "--overwrite",
-       "--no-add-eot")
+    ok(cli("convert", "--from", "hf", "--input", sources / "hf", "--output", out, "--overwrite"))
+    ok(cli("convert", "--from", "hf", "--input", sources / "hf", "--output", out, "--overwrite",
+           "--no-add-eot"))
     assert json.loads((out / "tokens.json").read_text())["eot_id"] is None

@@ -5,29 +5,8 @@ import json
 import numpy as np
 import pytest
 import sentencepiece as spm
-from click.testing import CliRunner
 
 from limajax import data
-from limajax.cli import main
-
-
-@pytest.fixture(scope="module")
-def tokenizer_file(fixtures):
-    return fixtures / "llama_tokenizer" / "tokenizer.model"
-
-
-@pytest.fixture(scope="module")
-def gair_rows(fixtures):
-    with open(fixtures / "lima" / "train.jsonl") as f:
-        return [json.loads(line) for line in f]
-
-
-@pytest.fixture(scope="module")
-def lima_dir(fixtures, tmp_path_factory):
-    """The real 1,029 training dialogues, prepared once for this module."""
-    out = tmp_path_factory.mktemp("lima") / "data"
-    data.prepare(fixtures / "lima", out)
-    return out
 
 
 def write_gair(directory, split, rows):
@@ -37,40 +16,37 @@ def write_gair(directory, split, rows):
     return directory
 
 
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def test_prepare_keeps_every_real_dialogue_and_every_turn(lima_dir, gair_rows):
-    source = data.load(lima_dir, "train")
-    assert len(source) == len(gair_rows) == 1029
-    for i, row in enumerate(gair_rows):
+def test_prepare_keeps_every_real_dialogue_and_every_turn(lima_dataset, lima_rows):
+    source = data.load(lima_dataset, "train")
+    assert len(source) == len(lima_rows) == 1029
+    for i, row in enumerate(lima_rows):
         record = source[i]
         assert record["id"].decode() == f"train-{i + 1:05d}"  # the input file's line number
         assert data.conversations(record) == row["conversations"]
         assert record["source"].decode() == row["source"]
-    assert sum(len(r["conversations"]) > 2 for r in gair_rows) == 29  # multi-turn, all kept
-    meta = data.read_metadata(lima_dir)
+    assert sum(len(r["conversations"]) > 2 for r in lima_rows) == 29  # multi-turn, all kept
+    meta = data.read_metadata(lima_dataset)
     # The checksum of the input is recorded (fixture README gives this sha256).
     assert meta["inputs"]["train.jsonl"]["sha256"] == (
         "f3075cdda491a890e6a91fefd1487522330425f04353cbbc4578f7f5be959c0b"
     )
     assert meta["examples"] == {"train": 1029}
-    assert data.dataset_dir(lima_dir).name == "1.0.0"
-    assert data.split_names(lima_dir) == ["train"]
+    assert data.dataset_dir(lima_dataset).name == "1.0.0"
+    assert data.split_names(lima_dataset) == ["train"]
 
 
-def test_inspect_counts_equal_a_direct_sentencepiece_count(lima_dir, gair_rows, tokenizer_file):
-    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_file))
+def test_inspect_counts_equal_a_direct_sentencepiece_count(lima_dataset, lima_rows,
+                                                           llama_tokenizer_file, cli):
+    sp = spm.SentencePieceProcessor(model_file=str(llama_tokenizer_file))
     lengths, loss = [], 0
-    for row in gair_rows:  # BOS, then each turn and its EOT; loss on odd (assistant) turns
+    for row in lima_rows:  # BOS, then each turn and its EOT; loss on odd (assistant) turns
         pieces = [len(sp.encode(t)) + 1 for t in row["conversations"]]
         lengths.append(1 + sum(pieces))
         flags = [0] + [f for k, n in enumerate(pieces) for f in [k % 2] * n]
         loss += sum(flags[:2048])
     lengths = np.array(lengths)
 
-    result = run("data", "inspect", "--data", lima_dir, "--tokenizer", tokenizer_file)
+    result = cli("data", "inspect", "--data", lima_dataset, "--tokenizer", llama_tokenizer_file)
     assert result.exit_code == 0, result.output
     p50, p90, p99 = np.percentile(lengths, [50, 90, 99]).round().astype(int)
     trimmed = int((lengths > 2048).sum())
@@ -83,22 +59,22 @@ def test_inspect_counts_equal_a_direct_sentencepiece_count(lima_dir, gair_rows, 
     assert "2049-4096" in result.output  # the text histogram
 
 
-def test_inspect_plot_and_train_on_prompts(lima_dir, tokenizer_file, tmp_path):
+def test_inspect_plot_and_train_on_prompts(lima_dataset, llama_tokenizer_file, tmp_path, cli):
     from limajax.tokenizer import Tokenizer
 
-    tok = Tokenizer.from_path(tokenizer_file)
-    [assistant] = data.inspect(lima_dir, tok)
-    [everything] = data.inspect(lima_dir, tok, train_on_prompts=True)
+    tok = Tokenizer.from_path(llama_tokenizer_file)
+    [assistant] = data.inspect(lima_dataset, tok)
+    [everything] = data.inspect(lima_dataset, tok, train_on_prompts=True)
     assert everything.loss_tokens == everything.tokens - everything.examples  # all but BOS
     assert assistant.loss_tokens < everything.loss_tokens
-    result = run("data", "inspect", "--data", lima_dir, "--tokenizer", tokenizer_file,
+    result = cli("data", "inspect", "--data", lima_dataset, "--tokenizer", llama_tokenizer_file,
                  "--plot", tmp_path / "lengths.png")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "lengths.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "length histogram" not in result.output
 
 
-def test_splits_odd_turns_and_metadata(tmp_path):
+def test_splits_odd_turns_and_metadata(tmp_path, cli):
     gair = tmp_path / "gair"
     write_gair(gair, "train", [
         {"conversations": ["q1", "a1"], "source": "stackexchange"},
@@ -108,7 +84,7 @@ def test_splits_odd_turns_and_metadata(tmp_path):
         {"conversations": ["q3", "a3"]},  # no source: "unknown"
     ])
     write_gair(gair, "test", [{"conversations": ["a test prompt"], "source": "AskReddit"}])
-    result = run("data", "prepare", "--input", gair, "--output", tmp_path / "out")
+    result = cli("data", "prepare", "--input", gair, "--output", tmp_path / "out")
     assert result.exit_code == 0, result.output
     assert "dropped 2 unanswered last user turns; skipped 1" in result.output
     train, test = data.load(tmp_path / "out", "train"), data.load(tmp_path / "out", "test")
@@ -122,13 +98,13 @@ def test_splits_odd_turns_and_metadata(tmp_path):
     assert meta["examples"] == {"train": 3, "test": 1}
 
 
-def test_subsets_for_the_ablations_are_seeded_and_recorded(tmp_path):
+def test_subsets_for_the_ablations_are_seeded_and_recorded(tmp_path, cli):
     rows = [{"conversations": [f"q{i}", f"a{i}"], "source": "se" if i % 3 else "wikihow"}
             for i in range(30)]
     gair = write_gair(tmp_path / "gair", "train", rows)
 
     def prepare(name, *flags):
-        result = run("data", "prepare", "--input", gair, "--output", tmp_path / name, *flags)
+        result = cli("data", "prepare", "--input", gair, "--output", tmp_path / name, *flags)
         assert result.exit_code == 0, result.output
         load = data.load
         return {split: [data.conversations(s[i])[0] for i in range(len(s))]
@@ -149,10 +125,10 @@ def test_subsets_for_the_ablations_are_seeded_and_recorded(tmp_path):
                                "sources": ["wikihow"]}
     assert meta["examples"] == {"train": 4, "dev": 5}
 
-    result = run("data", "prepare", "--input", gair, "--output", tmp_path / "e",
+    result = cli("data", "prepare", "--input", gair, "--output", tmp_path / "e",
                  "--sources", "reddit")
     assert result.exit_code == 2 and "present: se (20), wikihow (10)" in result.output
-    result = run("data", "prepare", "--input", gair, "--output", tmp_path / "f", "--sample", 31)
+    result = cli("data", "prepare", "--input", gair, "--output", tmp_path / "f", "--sample", 31)
     assert result.exit_code == 2 and "--sample 31" in result.output
 
 
@@ -167,46 +143,46 @@ BAD_LINES = [
 
 
 @pytest.mark.parametrize("line, message", BAD_LINES)
-def test_bad_input_line_is_one_line_exit_2_and_no_output(tmp_path, line, message):
+def test_bad_input_line_is_one_line_exit_2_and_no_output(tmp_path, line, message, cli):
     gair = write_gair(tmp_path / "gair", "train", ['{"conversations": ["q", "a"]}', line])
-    result = run("data", "prepare", "--input", gair, "--output", tmp_path / "out")
+    result = cli("data", "prepare", "--input", gair, "--output", tmp_path / "out")
     assert result.exit_code == 2
     assert result.stderr.strip().count("\n") == 0 and message in result.stderr
     assert str(gair / "train.jsonl") in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gair"]  # nothing half-written
 
 
-def test_missing_inputs_and_existing_output(tmp_path):
-    result = run("data", "prepare", "--input", tmp_path / "nowhere", "--output", tmp_path / "o")
+def test_missing_inputs_and_existing_output(tmp_path, cli):
+    result = cli("data", "prepare", "--input", tmp_path / "nowhere", "--output", tmp_path / "o")
     assert result.exit_code == 2 and "no such directory" in result.stderr
     (tmp_path / "empty").mkdir()
-    result = run("data", "prepare", "--input", tmp_path / "empty", "--output", tmp_path / "o")
+    result = cli("data", "prepare", "--input", tmp_path / "empty", "--output", tmp_path / "o")
     assert result.exit_code == 2 and "no train.jsonl" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
 
     gair = write_gair(tmp_path / "gair", "train", [{"conversations": ["q", "a"]}])
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("mine")
-    result = run("data", "prepare", "--input", gair, "--output", tmp_path / "taken")
+    result = cli("data", "prepare", "--input", gair, "--output", tmp_path / "taken")
     assert result.exit_code == 2 and "not empty" in result.stderr
     assert [p.name for p in (tmp_path / "taken").iterdir()] == ["keep.txt"]
 
-    result = run("data", "inspect", "--data", tmp_path / "empty", "--tokenizer", "x.model")
+    result = cli("data", "inspect", "--data", tmp_path / "empty", "--tokenizer", "x.model")
     assert result.exit_code == 2 and result.stderr.startswith("error: ")
 
 
-def test_an_empty_output_directory_is_filled(tmp_path):
+def test_an_empty_output_directory_is_filled(tmp_path, cli):
     gair = write_gair(tmp_path / "gair", "train", [{"conversations": ["q", "a"]}])
     (tmp_path / "out").mkdir()
-    assert run("data", "prepare", "--input", gair, "--output", tmp_path / "out").exit_code == 0
+    assert cli("data", "prepare", "--input", gair, "--output", tmp_path / "out").exit_code == 0
     assert len(data.load(tmp_path / "out")) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gair", "out"]
 
 
-def test_the_embedded_sample_is_the_default_input(tmp_path):
+def test_the_embedded_sample_is_the_default_input(tmp_path, cli):
     lines = {split: (data.SAMPLE_DATA / f"{split}.jsonl").read_text().splitlines()
              for split in ("train", "test")}
-    result = run("data", "prepare", "--output", tmp_path / "sample")
+    result = cli("data", "prepare", "--output", tmp_path / "sample")
     assert result.exit_code == 0, result.output
     assert f"train: {len(lines['train'])}, test: {len(lines['test'])}" in result.output
     for split in ("train", "test"):

@@ -1,6 +1,5 @@
 """Tokenizer: the EOT convention, tokens.json, and dialogue ids + loss masks on LIMA's real data."""
 
-import json
 
 import numpy as np
 import pytest
@@ -11,13 +10,13 @@ from limajax.tokenizer import Tokenizer, TokenSpec, read_tokens_json, write_toke
 
 
 @pytest.fixture(scope="module")
-def model_file(fixtures):
-    return fixtures / "llama_tokenizer" / "tokenizer.model"
+def model_file(llama_tokenizer_file):
+    return llama_tokenizer_file
 
 
 @pytest.fixture(scope="module")
-def tok(model_file):
-    return Tokenizer.from_path(model_file)
+def tok(llama_tokenizer):
+    return llama_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +25,8 @@ def sp(model_file):
 
 
 @pytest.fixture(scope="module")
-def dialogues(fixtures):
-    with open(fixtures / "lima" / "train.jsonl") as f:
-        return [json.loads(line)["conversations"] for line in f]
+def dialogues(lima_rows):
+    return [r["conversations"] for r in lima_rows]
 
 
 def test_bare_tokenizer_puts_eot_past_the_vocabulary(tok):

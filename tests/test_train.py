@@ -29,7 +29,7 @@ def test_lima_step_count_and_schedule():
     np.testing.assert_allclose(got, expected, rtol=1e-5)  # linear in between
 
 
-def test_recipe_files_cite_lima():
+def test_recipes_resolve_to_lima_settings():
     import runpy
     from pathlib import Path
 
@@ -43,7 +43,6 @@ def test_recipe_files_cite_lima():
         assert c.data.max_len == 2048
     assert (c7.data.batch_size, c7.dropout) == (64, 0.2)
     assert (c65.data.batch_size, c65.dropout, c65.mesh) == (32, 0.3, "8x8")
-    assert "LIMA §3" in (root / "lima_65b.py").read_text()
 
 
 def test_weight_decay_touches_matrices_only():
@@ -77,11 +76,7 @@ def test_dropout_rises_with_depth_and_evaluation_is_deterministic():
     tokens = jnp.arange(16).reshape(2, 8) % 500
     a, b = model(tokens), model(tokens)  # evaluation and sampling: no dropout arguments
     np.testing.assert_array_equal(a, b)
-    c = model(tokens, dropout_rates=rates, dropout_key=jax.random.key(1))
-    assert not np.allclose(a, c)
-    # Only the last layers drop: with a rate of 0 everywhere, the key changes nothing.
-    d = model(tokens, dropout_rates=jnp.zeros(4), dropout_key=jax.random.key(1))
-    np.testing.assert_allclose(a, d, rtol=1e-6, atol=1e-6)
+    # (test_model.py checks that the rates drop out per layer and only with a key.)
 
 
 @pytest.fixture(scope="module")

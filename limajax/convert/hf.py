@@ -9,6 +9,8 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 
 from limajax.config import ModelConfig, RopeScaling
 from limajax.convert.table import (
@@ -106,8 +108,6 @@ def _hf_files(input_dir: Path) -> dict[str, Path]:
 
 
 def _safe_open(path: Path, stack: ExitStack):
-    from safetensors import SafetensorError, safe_open
-
     if not path.is_file():
         raise UserError(f"{path}: not found (named in model.safetensors.index.json)")
     try:
@@ -268,8 +268,6 @@ def write_hf(directory: str | Path, params: dict, config: ModelConfig, tokens: T
              tokenizer: str | Path | None = None, *, max_shard_bytes: int = 5 << 30) -> None:
     """A transformers checkpoint (safetensors, sharded with an index past `max_shard_bytes`,
     config.json, generation_config.json, tokenizer) in an existing directory."""
-    from safetensors.numpy import save_file
-
     directory = Path(directory)
     sizes = sizes_for(config, config.vocab_size)
     itemsize = np.dtype(NUMPY_DTYPES[config.param_dtype]).itemsize

@@ -17,6 +17,7 @@ import math
 from collections.abc import Sequence
 
 import grain
+import jax
 import numpy as np
 
 from limajax.config import TrainConfig
@@ -79,8 +80,6 @@ class Batches:
         read_options: grain.ReadOptions = DEFAULT_READ_OPTIONS,
     ):
         if process_index is None or process_count is None:
-            import jax  # only to learn which process this is
-
             process_index, process_count = jax.process_index(), jax.process_count()
         if batch_size <= 0 or batch_size % process_count:
             raise UserError(
