@@ -316,6 +316,34 @@ def sample(model_dir, workdir, epoch, prompts_path, output_path, text, temperatu
                f"{output_path}; {summary['skipped']} were already there")
 
 
+# --- chat: a conversation in the terminal (limajax.chat) ------------------------------------------
+
+
+@main.command()
+@model_source_options
+@sampling_options
+@user_errors
+def chat(model_dir, workdir, epoch, temperature, top_p, repetition_penalty, max_new_tokens,
+         greedy, seed, mesh):
+    """Talk with the model in LIMA's dialogue format, the answer streaming in as it is made.
+
+    /reset forgets the conversation, /settings shows (and `/settings temperature=0.5` changes)
+    the sampling settings, /exit or Ctrl-D quits, Ctrl-C stops an answer. When the history
+    outgrows the context, the oldest turns are dropped (and it says so).
+
+    Example: limajax chat --workdir runs/lima-65b --epoch 7
+    """
+    settings = sampling_settings(temperature, top_p, repetition_penalty, max_new_tokens, greedy,
+                                 seed)
+    source, epoch = model_source(model_dir, workdir, epoch)
+    from limajax import sharding
+
+    sharding.start(mesh)  # before anything touches the devices
+    from limajax.chat import chat as chat_lib
+
+    chat_lib(source, settings, epoch=epoch, mesh_spec=mesh)
+
+
 # --- serve: an OpenAI-compatible HTTP server with continuous batching (limajax.serving) -----------
 
 

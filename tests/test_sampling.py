@@ -214,8 +214,8 @@ def test_sample_raw_greedy_continues_stories_as_transformers_does(stories, tmp_p
         assert row["checkpoint"] == {"path": str(stories / "model"), "epoch": None}
 
 
-def test_sample_file_resumes_without_duplicates_in_input_order(stories, fixtures, tmp_path):
-    lima = [json.loads(line) for line in (fixtures / "lima" / "train.jsonl").open()]
+def test_sample_file_resumes_without_duplicates_in_input_order(stories, lima_rows, tmp_path):
+    lima = lima_rows
     # Short LIMA dialogues (their reference answers are dropped: the model answers the user).
     rows = [{"id": f"lima-{i}", **lima[i]} for i in (482, 480, 472)]
     prompts = tmp_path / "prompts.jsonl"
