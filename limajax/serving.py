@@ -204,6 +204,22 @@ class CompletionBody(Sampling):
     prompt: str | list[str]
 
 
+def conversation(messages: list[Message]) -> list[str]:
+    """OpenAI messages -> LIMA's alternating turns, user first and last. LIMA has no
+    system turn: a system message is put before the first user turn's text."""
+    system = "\n\n".join(m.content for m in messages if m.role == "system")
+    turns = [m for m in messages if m.role != "system"]
+    for i, m in enumerate(turns):
+        if m.role != ("user" if i % 2 == 0 else "assistant"):
+            raise UserError("messages: turns must alternate user, assistant, ..., user")
+    if not turns or turns[-1].role != "user":
+        raise UserError("messages: the last turn must be the user's")
+    texts = [m.content for m in turns]
+    if system:
+        texts[0] = f"{system}\n\n{texts[0]}"
+    return texts
+
+
 def openai_error(message: str, status: int = 400, param: str | None = None) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": {
         "message": message, "type": "invalid_request_error", "param": param, "code": None}})
@@ -233,21 +249,6 @@ def make_app(engine: Engine, model_name: str):
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model",
                                             "created": 0, "owned_by": "limajax"}]}
-
-    def conversation(messages: list[Message]) -> list[str]:
-        """OpenAI messages -> LIMA's alternating turns, user first and last. LIMA has no
-        system turn: a system message is put before the first user turn's text."""
-        system = "\n\n".join(m.content for m in messages if m.role == "system")
-        turns = [m for m in messages if m.role != "system"]
-        for i, m in enumerate(turns):
-            if m.role != ("user" if i % 2 == 0 else "assistant"):
-                raise UserError("messages: turns must alternate user, assistant, ..., user")
-        if not turns or turns[-1].role != "user":
-            raise UserError("messages: the last turn must be the user's")
-        texts = [m.content for m in turns]
-        if system:
-            texts[0] = f"{system}\n\n{texts[0]}"
-        return texts
 
     def jobs(body: Sampling, ids: list[int], max_tokens: int | None, deliver) -> list[Job]:
         settings = Settings(

@@ -25,7 +25,7 @@ from limajax.tokenizer import Tokenizer, TokenSpec
 # GQA (2 query heads per K/V head), padded vocabulary (300 -> 384); K/V heads divide a model axis
 # of 4, so the 2x4 mesh really splits the cache.
 CFG = ModelConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=300, multiple_of=16)
-TOKENS = TokenSpec.for_vocab(299, bos_id=1, eos_id=2)  # EOT = 299
+TOKENS = TokenSpec(bos_id=1, eos_id=2, eot_id=299, vocab_size=300, padded_vocab_size=384)
 STOPS = np.asarray([TOKENS.eot_id, TOKENS.eos_id], np.int32)
 PROMPTS = [[1, 17, 42, 9], [1, 250, 3, 77, 8, 120, 61, 5, 33, 90, 11], [1, 5]]
 NEW = 50
@@ -258,7 +258,7 @@ def test_sample_mistakes_are_one_line_and_exit_2(stories, model_dir, tmp_path):
         (model + ["--prompts", bad, "--output", tmp_path / "o1"], f"{bad}:2"),
         (model + ["--prompts", long, "--output", tmp_path / "o2"], "the context holds 2048"),
         (["--workdir", workdir, "--epoch", 3, "--prompt", "Hi"], "no checkpoint for epoch 3"),
-        (["--model", model_dir, "--prompt", "Hi"], "no tokenizer.model"),
+        (["--model", model_dir, "--prompt", "Hi"], "no tokenizer"),
         (model + ["--prompt", "Hi", "--top-p", 0], "top-p must be in (0, 1]"),
         (model + ["--prompt", "Hi", "--temperature", -1], "temperature must be >= 0"),
     ]

@@ -147,7 +147,7 @@ def main():
     model = sharding.init_model(config, sharding.single_device_mesh(), seed=0)
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
     del model
-    save_model_dir(root / "m58", params, config, TokenSpec.for_vocab(32000, 1, 2, eot=False),
+    save_model_dir(root / "m58", params, config, TokenSpec(1, 2, None, 32000, 32000),
                    FIXTURES / "llama_tokenizer" / "tokenizer.model")
     convert.export("hf", root / "m58", root / "m58-hf")
     print(f"model: {config.n_params / 1e6:.1f}M parameters, float32; jax "
