@@ -122,6 +122,8 @@ def stream_answer(engine: Engine, tokenizer: Tokenizer, request: Request,
     write("lima> ")
     try:
         while "finish" not in (event := events.get()):
+            if "error" in event:
+                raise RuntimeError(event["error"])
             write(event["text"])
     except KeyboardInterrupt:
         job.cancelled = True

@@ -21,6 +21,7 @@ import queue
 import secrets
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Literal
@@ -97,11 +98,13 @@ class Engine:
         self.slots: list[Job | None] = [None] * self.max_batch
         idle = [Request([tokenizer.bos_id], Settings(max_new_tokens=1))] * self.max_batch
         self.state = self._prefill(idle, finished=True)
-        self.running = True
+        self.running, self.failure = True, None
         self.thread = threading.Thread(target=self._loop, name="limajax-engine", daemon=True)
         self.thread.start()
 
     def submit(self, job: Job) -> None:
+        if self.failure is not None:
+            raise RuntimeError(self.failure)
         check_prompt(job.request.ids, self.cache_length, "the prompt")
         self.waiting.put(job)
 
@@ -140,6 +143,19 @@ class Engine:
                 self.state = insert(self.state, row, jnp.int32(job.slot))
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except Exception as e:  # a bug, not a request's fault: fail every request, loudly
+            traceback.print_exc()
+            self.failure = f"the decoding engine stopped: {e!r}"
+            waiting = []
+            while not self.waiting.empty():
+                waiting.append(self.waiting.get())
+            for job in [*self.slots, *waiting]:
+                if job is not None:
+                    job.deliver({"error": self.failure})
+
+    def _serve(self) -> None:
         while self.running:
             self._admit(block=not any(self.slots))
             if not any(self.slots):
@@ -294,6 +310,8 @@ def make_app(engine: Engine, model_name: str):
             try:
                 while len(done) < len(todo):
                     k, event = await events.get()
+                    if "error" in event:
+                        raise RuntimeError(event["error"])  # a 500: the server's fault
                     if "finish" in event:
                         done[k] = event
                     yield k, event
