@@ -41,7 +41,8 @@ def model_dir(tmp_path_factory):
 
     params = jax.tree.map(lambda x: np.asarray(x) * (8.0 if x.ndim > 1 else 1.0),
                           nnx.to_pure_dict(nnx.state(model)))
-    return save_model_dir(tmp_path_factory.mktemp("random") / "model", params, CFG, TOKENS)
+    return save_model_dir(tmp_path_factory.mktemp("random") / "model", params, CFG, TOKENS,
+                          command="convert")
 
 
 @pytest.fixture(scope="module")

@@ -148,7 +148,7 @@ def main():
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
     del model
     save_model_dir(root / "m58", params, config, TokenSpec(1, 2, None, 32000, 32000),
-                   FIXTURES / "llama_tokenizer" / "tokenizer.model")
+                   FIXTURES / "llama_tokenizer" / "tokenizer.model", command="convert")
     convert.export("hf", root / "m58", root / "m58-hf")
     print(f"model: {config.n_params / 1e6:.1f}M parameters, float32; jax "
           f"{jax.__version__}, torch {torch.__version__}, {os.cpu_count()} CPU threads")
