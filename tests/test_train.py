@@ -84,7 +84,7 @@ def step_setup():
     config = ts.tiny_config(mesh="2x4", dropout=0.0)
     mesh = sharding.make_mesh("2x4")
     params = nnx.to_pure_dict(nnx.state(sharding.init_model(config.model, mesh)))
-    batch = next(iter(ts.Loader(config, ts.rows())))
+    batch = next(iter(ts.KillableLoader(config, ts.rows())))
     return config, mesh, params, batch
 
 
@@ -130,7 +130,7 @@ def test_it_learns(tmp_path):
     config = ts.tiny_config(
         mesh="1x1", epochs=60, dropout=0.0, optim=OptimConfig(lr=1e-2, end_lr=1e-3),
         data=DataConfig(batch_size=8, max_len=32))
-    loader = ts.Loader(config, ts.rows(8))
+    loader = ts.KillableLoader(config, ts.rows(8))
     metrics = train.train(config, tmp_path, loader, mesh=sharding.single_device_mesh(),
                         progress=False, peak=1e12)
     assert metrics[0]["loss"] > 4.0
@@ -164,7 +164,7 @@ def test_sharded_equals_unsharded(tmp_path):
 def test_nan_loss_stops_the_run_keeping_the_last_good_checkpoint(tmp_path):
     config = ts.tiny_config(save_every_steps=1, epochs=2)
 
-    class Poisoned(ts.Loader):
+    class Poisoned(ts.KillableLoader):
         def __iter__(self):
             for i, batch in enumerate(super().__iter__()):
                 if i == 2:  # the third step sees a NaN
