@@ -683,6 +683,58 @@ def rate(samples_path, rubric, output, json_path, judge_url, judge_model, api_ke
 
 
 @main.command()
+@click.option("--workdir", required=True, type=click.Path(file_okay=False, path_type=str),
+              help="A training workdir with a checkpoint per epoch.")
+@click.option("--epochs", "epochs_spec", default="5-10", show_default=True,
+              help="The epochs to choose from (LIMA App. B: 5-10), e.g. 5-10 or 5,7,9.")
+@click.option("--prompts", required=True, type=click.Path(dir_okay=False, path_type=str),
+              help="Dev dialogues (GAIR rows); a trailing reference answer is not shown.")
+@click.option("--method", type=click.Choice(["pairwise", "scale"]), default="pairwise",
+              show_default=True,
+              help="pairwise: every epoch against every other (LIMA §4.1's question, both "
+              "orders); scale: 5 samples per prompt rated 1-6 (LIMA §5).")
+@click.option("--perplexity", is_flag=True,
+              help="Also each epoch's perplexity on the dev dialogues (LIMA App. B).")
+@click.option("--output-dir", default=None, type=click.Path(file_okay=False, path_type=str),
+              help="Where samples, judgments and selection.json go (default: WORKDIR/selection).")
+@sampling_options
+@judge_options()
+@user_errors
+@interruptible
+def select(workdir, epochs_spec, prompts, method, perplexity, output_dir, temperature, top_p,
+           repetition_penalty, max_new_tokens, greedy, seed, mesh, judge_url, judge_model,
+           api_key_env, concurrency, timeout, judge_max_tokens, max_retries, template_path,
+           progress):
+    """Choose a checkpoint by the quality of its dev-set answers, as LIMA did by hand (App. B):
+    sample the dev prompts from each epoch, judge the epochs, and write selection.json with the
+    ranking and its evidence. Rerunning continues where it stopped.
+
+    Example: limajax select --workdir runs/lima-65b --epochs 5-10 --prompts dev.jsonl
+    --judge-url https://api.openai.com/v1 --judge-model gpt-4 --api-key-env OPENAI_API_KEY
+    """
+    from limajax import sharding
+    from limajax.evaluation.selection import parse_epochs
+
+    epochs = parse_epochs(epochs_spec)
+    judge = _judge(judge_url, judge_model, api_key_env, concurrency, timeout, judge_max_tokens,
+                   max_retries)
+    judge.api_key()  # before minutes of sampling
+    sharding.start(mesh)
+    from limajax.evaluation.selection import select as select_lib
+
+    s = select_lib(workdir, epochs, prompts, judge, method=method, perplexity=perplexity,
+                   output_dir=output_dir, mesh=mesh, template_path=template_path,
+                   settings=sampling_settings(temperature, top_p, repetition_penalty,
+                                              max_new_tokens, greedy, seed),
+                   progress=progress)
+    for r in s["ranking"]:
+        score = "-" if r["score"] is None else f"{r['score']:.3f}"
+        ppl = f", perplexity {r['perplexity']:.2f}" if "perplexity" in r else ""
+        click.echo(f"epoch {r['epoch']}: {score}{ppl}")
+    click.echo(f"best: epoch {s['best']} ({s['score']}) -> {s['selection_json']}")
+
+
+@main.command()
 @click.option("--judgments", "paths", required=True, multiple=True,
               type=click.Path(dir_okay=False, path_type=str),
               help="Judgment files from `compare` (repeatable).")

@@ -3,15 +3,19 @@
 A tiny LLaMA (stories260K's shape) with a tokenizer trained on the embedded sample dialogues is
 written as a Hugging Face checkpoint, converted (adding LIMA's EOT), exported back to Hugging
 Face format, fine-tuned with the LIMA recipe on a simulated 2x4 mesh, and scored before and
-after on the held-out sample prompts. Every step is the library function behind a CLI command.
+after on the held-out sample prompts; then the base and the fine-tuned model answer those
+prompts, a judge compares the answers in both orders (LIMA §4), and a report, a chart and an
+annotation sheet are written. Every step is the library function behind a CLI command.
 Nothing here needs torch (Meta's .pth layout does: the `meta` extra), so the demo runs on a
 plain `pip install limajax`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -21,12 +25,17 @@ import numpy as np
 import sentencepiece as spm
 from flax import nnx
 
-from limajax import convert, data, scoring, train
-from limajax.checkpoint import save_epoch_model_dir
+from limajax import convert, data, sampling, scoring, sharding, train
+from limajax.checkpoint import load_for_inference, save_epoch_model_dir
 from limajax.config import load_recipe
 from limajax.errors import UserError
+from limajax.evaluation.compare import compare
+from limajax.evaluation.human import annotate
+from limajax.evaluation.judge import Judge
+from limajax.evaluation.report import report
 from limajax.files import check_replaceable, mark_output, staged_dir
 from limajax.model import Llama
+from limajax.serving import Engine, running
 from limajax.tokenizer import TokenSpec
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
@@ -52,6 +61,36 @@ def train_tokenizer(texts: list[str], path: Path, vocab_size: int = 512) -> None
         model_type="bpe", byte_fallback=True, split_digits=True, character_coverage=1.0,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
     corpus.unlink()
+
+
+ANSWER_TOKENS = 64  # the tiny models' answers: enough to read, quick to judge
+NOISE = ("judge: the fine-tuned tiny model itself, served by limajax serve on loopback. A model "
+         "this small cannot judge: its verdicts are noise (most come back unparsed). The point is "
+         "the pipeline; set LIMAJAX_JUDGE_URL and LIMAJAX_JUDGE_MODEL (the key, if one is "
+         "needed, in OPENAI_API_KEY) for a real judge.")
+
+
+@contextlib.contextmanager
+def demo_judge(model_dir: Path):
+    """The judge for step 10: an external OpenAI-compatible one if LIMAJAX_JUDGE_URL is set,
+    else limajax's own `serve` of the fine-tuned model, in this process."""
+    url = os.environ.get("LIMAJAX_JUDGE_URL")
+    if url:
+        judge = Judge(url, os.environ.get("LIMAJAX_JUDGE_MODEL", "gpt-4"),
+                      api_key_env="OPENAI_API_KEY" if os.environ.get("OPENAI_API_KEY") else None)
+        print(f"judge: {judge.model} at {url}", file=sys.stderr)
+        yield judge
+        return
+    print(NOISE, file=sys.stderr)
+    mesh = sharding.single_device_mesh()
+    model, tokenizer = load_for_inference(model_dir, mesh)
+    # 1024 tokens hold the packaged question (~530 of this tokenizer's) and two re-asks
+    engine = Engine(model, tokenizer, mesh, max_batch=8, cache_length=1024)
+    try:
+        with running(engine, "lima-tiny") as url:
+            yield Judge(url, "lima-tiny", max_tokens=16)
+    finally:
+        engine.close()
 
 
 def run_demo(workdir: str | Path, *, epochs: int | None = None, overwrite: bool = False) -> dict:
@@ -111,4 +150,32 @@ def run_demo(workdir: str | Path, *, epochs: int | None = None, overwrite: bool 
     figures.update(ppl_before=before["ppl"], ppl_after=after["ppl"])
     print(f"training loss {figures['first_loss']:.3f} -> {figures['last_loss']:.3f}; "
           f"held-out perplexity {before['ppl']:.1f} -> {after['ppl']:.1f}", file=sys.stderr)
+
+    banner("9. limajax sample: the base and the fine-tuned model answer the held-out prompts")
+    test_prompts = workdir / "test-prompts.jsonl"
+    test_prompts.write_text("".join(json.dumps({"id": i, "conversations": r.conversations}) + "\n"
+                                    for i, r in enumerate(rows)))
+    answers = {name: workdir / f"answers-{name}.jsonl" for name in ("lima", "base")}
+    for name, path in answers.items():  # LIMA §4.1's sampler: p 0.9, temperature 0.7, 1.2
+        sampling.sample_file(str(workdir / name), str(test_prompts), str(path),
+                             sampling.Settings(max_new_tokens=ANSWER_TOKENS), progress=False)
+
+    banner("10. limajax compare: is the fine-tuned answer or the base one better? (both orders)")
+    judgments = workdir / "judgments.jsonl"
+    with demo_judge(workdir / "lima") as judge:
+        r = compare(str(answers["lima"]), str(answers["base"]), judge, str(judgments),
+                    progress=False)
+    o = r["outcomes"]
+    figures.update(judged=dict(o))
+    print(f"{r['prompts']} prompts: fine-tuned better {o['A']}, tie {o['tie']}, base better "
+          f"{o['B']}, unparsed {o['unparsed']}", file=sys.stderr)
+
+    banner("11. limajax report (Markdown, Figure-1 chart, summary.json) and limajax annotate")
+    report([str(judgments)], str(workdir / "report.md"), plot_path=str(workdir / "figure1.png"),
+           json_path=str(workdir / "summary.json"))
+    annotate(str(answers["lima"]), str(answers["base"]), str(workdir / "sheet.html"))
+    print(f"wrote {workdir / 'report.md'}, {workdir / 'figure1.png'}, "
+          f"{workdir / 'summary.json'} and {workdir / 'sheet.html'} (open it in a browser to "
+          "judge the answers yourself; `limajax compare --human` reads its export)",
+          file=sys.stderr)
     return figures

@@ -15,15 +15,17 @@ clients send (temperature, top_p, max_tokens, seed, stop, n, stream as server-se
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import queue
 import secrets
+import socket
 import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
 
 import jax
@@ -372,6 +374,30 @@ def make_app(engine: Engine, model_name: str):
         return await answer(body, ids, body.max_tokens, "completion")
 
     return app
+
+
+@contextlib.contextmanager
+def running(engine: Engine, name: str, host: str = "127.0.0.1") -> Iterator[str]:
+    """Serve `engine` from a thread of this process, on a free port, while the block runs (the
+    demo's judge, tests); yields the OpenAI base URL."""
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(make_app(engine, name), host=host, port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, name="limajax-serve", daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError(f"serving on {host}:{port} did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 def serve(source: str, *, epoch: int | None = None, host: str = "127.0.0.1", port: int = 8000,

@@ -71,3 +71,24 @@ def stories(fixtures, tmp_path_factory):
                                        "--output", str(root / "hf")])
     assert result.exit_code == 0, result.output
     return root
+
+
+STORIES_CONTEXT = 512  # tokens per decode slot of the stories260K server (its context)
+
+
+@pytest.fixture(scope="session")
+def stories_server(stories):
+    """limajax's own `serve` of stories260K on a free loopback port (the serving tests, and the
+    judge client's test against a real, noisy judge); yields the OpenAI base URL (.../v1)."""
+    from limajax import sharding
+    from limajax.checkpoint import load_for_inference
+    from limajax.serving import Engine, running
+
+    mesh = sharding.single_device_mesh()
+    model, tokenizer = load_for_inference(stories / "model", mesh)
+    engine = Engine(model, tokenizer, mesh, max_batch=8, cache_length=STORIES_CONTEXT)
+    try:
+        with running(engine, "stories") as url:
+            yield url
+    finally:
+        engine.close()

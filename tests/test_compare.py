@@ -226,3 +226,28 @@ def test_prompt_as_the_judge_sees_it():
     assert prompt("Q?") == "Q?"
     assert prompt("Q?", "the reference answer") == "Q?"  # a dev row's answer is not shown
     assert prompt("Q?", "A.", "Q2?") == "User: Q?\n\nAssistant: A.\n\nUser: Q2?"
+
+
+def test_judging_with_limajax_serve(tmp_path, cli, stories_server):
+    """limajax's own `serve` as the judge: stories260K writes stories, not verdicts. Whatever
+    it says, every (id, order) gets exactly one line, a verdict is read or `unparsed` after two
+    re-asks, and a rerun asks nothing."""
+    a, b, _ = pairwise_case(tmp_path, [("p1", 1, 2, ""), ("p2", 2, 1, ""), ("p3", 1, 1, "")])
+    template = tmp_path / "short.txt"  # the packaged one is longer than stories260K's context
+    template.write_text("Question: {question}\nAnswer A: {answer_a}\nAnswer B: {answer_b}\n"
+                        "Which answer is better, A or B?\n")
+    out = tmp_path / "j.jsonl"
+    args = ["compare", "--a", a, "--b", b, "--output", out, "--judge-url", stories_server,
+            "--judge-model", "stories", "--template", template, "--judge-max-tokens", 24,
+            "--no-progress"]
+    r = cli(*args)
+    assert r.exit_code == 0, r.output
+    rows = lines(out)
+    assert sorted((x["id"], x["order"]) for x in rows) == [
+        (i, o) for i in ("p1", "p2", "p3") for o in ("AB", "BA")]
+    for row in rows:
+        assert row["verdict"] in ("A", "B", "tie", "unparsed") and row["raw"], row
+        if row["verdict"] == "unparsed":
+            assert len(row["reasks"]) == 2
+        assert row["judge"] == "stories"
+    assert "0 judged now, 6 already" in cli(*args).output

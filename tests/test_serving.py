@@ -4,7 +4,6 @@ continuous batching (a short request overtakes a long one that is decoding)."""
 
 import concurrent.futures
 import json
-import socket
 import threading
 import time
 import urllib.error
@@ -12,38 +11,12 @@ import urllib.request
 
 import openai
 import pytest
-import uvicorn
-
-from limajax import sharding
-from limajax.checkpoint import load_for_inference
-from limajax.serving import Engine, make_app
-
-CONTEXT = 512  # tokens per slot
+from conftest import STORIES_CONTEXT as CONTEXT  # tokens per slot
 
 
 @pytest.fixture(scope="module")
-def server(stories):
-    mesh = sharding.single_device_mesh()
-    model, tokenizer = load_for_inference(stories / "model", mesh)
-    engine = Engine(model, tokenizer, mesh, max_batch=8, cache_length=CONTEXT)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(make_app(engine, "stories"), host="127.0.0.1",
-                                           port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.05)
-    yield url
-    server.should_exit = True
-    thread.join(timeout=10)
-    engine.close()
+def server(stories_server):
+    return stories_server.removesuffix("/v1")
 
 
 @pytest.fixture(scope="module")

@@ -9,4 +9,5 @@ any judge.
   human.py      `limajax annotate` (an HTML sheet) and `compare --human` (its labels)
   stats.py      win / tie / loss, bootstrap intervals, position bias, length split, agreement
   report.py     `limajax report`: Markdown, SUMMARY.json and the Figure-1 chart
+  selection.py  `limajax select`: dev-set answers of each epoch, judged (LIMA App. B)
 """

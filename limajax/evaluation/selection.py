@@ -1,0 +1,117 @@
+"""`limajax select`: choose a training epoch by the quality of its dev-set answers, automating
+what LIMA did by hand (App. B: the checkpoint among epochs 5-10 was picked by reading answers,
+because perplexity does not track quality; `--perplexity` puts it beside the ranking)."""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import json
+import math
+from pathlib import Path
+
+from limajax import sampling, scoring
+from limajax.errors import UserError
+from limajax.evaluation import judge as judge_lib
+from limajax.evaluation.compare import compare
+from limajax.evaluation.rate import rate
+from limajax.files import read_jsonl, write_json
+
+
+def parse_epochs(spec: str) -> list[int]:
+    """"5-10" or "5,7,9" -> [5, 6, ...]."""
+    try:
+        epochs = []
+        for part in spec.split(","):
+            lo, _, hi = part.strip().partition("-")
+            epochs += range(int(lo), int(hi or lo) + 1)
+    except ValueError:
+        raise UserError(f"--epochs {spec!r}: expected a range like 5-10 or a list like 5,7,9") \
+            from None
+    if len(set(epochs)) < 2 or min(epochs) < 1:
+        raise UserError(f"--epochs {spec!r}: name at least two epochs, counted from 1")
+    return sorted(set(epochs))
+
+
+def dev_texts(path: str, out: Path) -> Path:
+    """The dev dialogues as texts for `score` (the whole dialogue), for LIMA App. B's
+    perplexity."""
+    texts = []
+    for where, n, row in read_jsonl(path):
+        conv = row.get("conversations") if isinstance(row, dict) else None
+        if not (isinstance(conv, list) and conv and all(isinstance(t, str) for t in conv)):
+            raise UserError(f'{where}: expected an object with "conversations", a non-empty '
+                            "list of strings")
+        texts.append({"id": row.get("id", n), "text": "\n".join(conv)})
+    texts_path = out / "texts.jsonl"
+    texts_path.write_text("".join(json.dumps(r) + "\n" for r in texts))
+    return texts_path
+
+
+def _perplexity(workdir: str, epoch: int, texts: Path, path: Path, mesh: str) -> float:
+    """The epoch's perplexity on the dev dialogues, from an earlier run's scores if complete
+    (`score_file` writes its output whole or not at all)."""
+    if not path.exists():
+        scoring.score_file(workdir, str(texts), str(path), mesh, epoch=epoch)
+    logprobs = [lp for _, _, row in read_jsonl(path) for lp in row["logprobs"]]
+    return math.exp(-sum(logprobs) / max(len(logprobs), 1))
+
+
+def select(workdir: str, epochs: list[int], prompts: str, judge: judge_lib.Judge, *,
+           method: str = "pairwise", perplexity: bool = False, output_dir: str | None = None,
+           settings: sampling.Settings | None = None, mesh: str = "1x1",
+           template_path: str | None = None, progress: bool = True) -> dict:
+    """Sample the dev prompts from every epoch, judge the epochs, write selection.json."""
+    out = Path(output_dir) if output_dir else Path(workdir) / "selection"
+    out.mkdir(parents=True, exist_ok=True)
+    settings = settings or sampling.Settings()
+    samples = {}
+    for e in epochs:  # resumable: `sample_file` skips the answers already written; it leaves
+        # a dev row's trailing reference answer out of the prompt
+        samples[e] = out / f"samples-e{e}.jsonl"
+        sampling.sample_file(workdir, prompts, str(samples[e]), settings, epoch=e,
+                             num_samples=5 if method == "scale" else 1, mesh_spec=mesh,
+                             progress=progress)
+    evidence: list[dict] = []
+    if method == "pairwise":
+        points, judged = collections.Counter(), collections.Counter()
+        for ea, eb in itertools.combinations(epochs, 2):  # each epoch against every other
+            path = out / f"judgments-e{ea}-vs-e{eb}.jsonl"
+            r = compare(str(samples[ea]), str(samples[eb]), judge, str(path),
+                        template_path=template_path, progress=progress)
+            o = r["outcomes"]
+            points[ea] += o["A"] + 0.5 * o["tie"]
+            points[eb] += o["B"] + 0.5 * o["tie"]
+            judged[ea] += o["A"] + o["tie"] + o["B"]
+            judged[eb] += o["A"] + o["tie"] + o["B"]
+            evidence.append({"a": ea, "b": eb, "judgments": str(path),
+                             "counts": {"a_wins": o["A"], "ties": o["tie"], "b_wins": o["B"],
+                                        "unparsed": o["unparsed"]}})
+        scores = {e: {"score": points[e] / judged[e] if judged[e] else None,
+                      "points": points[e], "prompts_judged": judged[e]} for e in epochs}
+        what = "share of its pairwise comparisons won (a tie counts half)"
+    elif method == "scale":
+        scores = {}
+        for e in epochs:
+            path = out / f"ratings-e{e}.jsonl"
+            s = rate(str(samples[e]), "scale", judge, str(path), template_path=template_path,
+                     progress=progress)
+            scores[e] = {"score": s["mean"], "ci95": s["ci95"], "ratings": s["ratings"],
+                         "unparsed": s["unparsed"]}
+            evidence.append({"epoch": e, "ratings": str(path)})
+        what = "mean 1-6 helpfulness rating (LIMA §5), 5 samples per prompt"
+    else:
+        raise UserError(f"--method {method!r}: expected pairwise or scale")
+    if perplexity:
+        texts_path = dev_texts(prompts, out)
+        for e in epochs:
+            scores[e]["perplexity"] = _perplexity(workdir, e, texts_path,
+                                                  out / f"ppl-e{e}.jsonl", mesh)
+    ranking = sorted(({"epoch": e, **v} for e, v in scores.items()),
+                     key=lambda r: -1.0 if r["score"] is None else -r["score"])
+    selection = {"workdir": str(workdir), "epochs": epochs, "method": method, "score": what,
+                 "judge": judge.model, "best": ranking[0]["epoch"], "ranking": ranking,
+                 "samples": {str(e): str(p) for e, p in samples.items()},
+                 "evidence": evidence, "settings": settings.to_dict()}
+    write_json(out / "selection.json", selection)
+    return {**selection, "selection_json": str(out / "selection.json")}
