@@ -763,10 +763,10 @@ def report(paths, output, plot_path, json_path, agreement, resamples, seed):
     summary = report_lib(list(paths), output, plot_path=plot_path, json_path=json_path,
                          agreement=agreement, resamples=resamples, seed=seed)
     for c in summary["comparisons"]:
-        k = c["counts"]
+        k, good = c["counts"], c["as_good_or_better"]["percent"]
         click.echo(f"{c['a']} vs {c['b']} ({c['judge']}): {c['n']} prompts, A {k['a_wins']}, "
                    f"tie {k['ties']}, B {k['b_wins']}, unparsed {k['unparsed']}; A as good or "
-                   f"better {c['as_good_or_better']['percent']:.1f}%")
+                   "better " + ("-" if good is None else f"{good:.1f}%"))
     click.echo("wrote " + ", ".join(p for p in (output, plot_path, json_path) if p))
 
 

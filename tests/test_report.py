@@ -141,3 +141,19 @@ def test_report_bad_input(tmp_path, cli):
     r = cli("report", "--judgments", j1, "--output", tmp_path / "r.md", "--resamples", "100")
     assert r.exit_code == 2 and "at least 2000" in r.output
     assert not (tmp_path / "r.md").exists()
+
+
+def test_a_judge_never_read(tmp_path, cli):
+    """Every verdict unparsed (a tiny judge): no shares, strict JSON, a chart that says so."""
+    rows = [judgment(i, o, "unparsed") for i in range(5) for o in ("AB", "BA")]
+    j = write(tmp_path / "j.jsonl", rows)
+    r = cli("report", "--judgments", j, "--output", tmp_path / "r.md", "--json",
+            tmp_path / "s.json", "--plot", tmp_path / "f.png")
+    assert r.exit_code == 0, r.output
+    assert "unparsed 5; A as good or better -" in r.output
+    text = (tmp_path / "s.json").read_text()
+    assert "NaN" not in text
+    (c,) = json.loads(text)["comparisons"]
+    assert c["counts"]["unparsed"] == 5 and c["percent"]["a_wins"] is None
+    assert c["ci95"]["a_wins"] is None
+    assert png_size(tmp_path / "f.png") == figure_size(1)

@@ -84,7 +84,7 @@ def name(path: str) -> str:
 
 
 def _pct(x, ci=None) -> str:
-    if x is None or x != x:
+    if x is None:
         return "-"
     return f"{x:.1f}%" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import collections
 import itertools
-import json
 import math
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from limajax.errors import UserError
 from limajax.evaluation import judge as judge_lib
 from limajax.evaluation.compare import compare
 from limajax.evaluation.rate import rate
-from limajax.files import read_jsonl, write_json
+from limajax.files import json_line, read_jsonl, staged_file, write_json
 
 
 def parse_epochs(spec: str) -> list[int]:
@@ -36,15 +35,10 @@ def parse_epochs(spec: str) -> list[int]:
 def dev_texts(path: str, out: Path) -> Path:
     """The dev dialogues as texts for `score` (the whole dialogue), for LIMA App. B's
     perplexity."""
-    texts = []
-    for where, n, row in read_jsonl(path):
-        conv = row.get("conversations") if isinstance(row, dict) else None
-        if not (isinstance(conv, list) and conv and all(isinstance(t, str) for t in conv)):
-            raise UserError(f'{where}: expected an object with "conversations", a non-empty '
-                            "list of strings")
-        texts.append({"id": row.get("id", n), "text": "\n".join(conv)})
     texts_path = out / "texts.jsonl"
-    texts_path.write_text("".join(json.dumps(r) + "\n" for r in texts))
+    with staged_file(texts_path) as f:
+        for row in sampling.read_prompts(path):
+            f.write(json_line({"id": row["id"], "text": "\n".join(row["conversations"])}))
     return texts_path
 
 

@@ -65,8 +65,11 @@ def summarize(ps: list[Prompt], *, resamples: int = 2000, seed: int = 0) -> dict
     shares = 100 * draws[:, :3] / np.maximum(parsed, 1)
     n_parsed = sum(counts[:3])
 
-    def pct(k):
-        return 100 * k / n_parsed if n_parsed else float("nan")
+    def pct(k):  # None, not NaN, when no verdict was read: SUMMARY.json stays strict JSON
+        return 100 * k / n_parsed if n_parsed else None
+
+    def ci(samples):
+        return interval(samples) if n_parsed else None
 
     both = [p for p in ps if len(p.by_order) == 2 and "unparsed" not in p.by_order.values()]
     disagree = sum(len(set(p.by_order.values())) > 1 for p in both)
@@ -75,10 +78,9 @@ def summarize(ps: list[Prompt], *, resamples: int = 2000, seed: int = 0) -> dict
         "counts": {"a_wins": c["A"], "ties": c["tie"], "b_wins": c["B"],
                    "unparsed": c["unparsed"]},
         "percent": {"a_wins": pct(c["A"]), "ties": pct(c["tie"]), "b_wins": pct(c["B"])},
-        "ci95": {"a_wins": interval(shares[:, 0]), "ties": interval(shares[:, 1]),
-                 "b_wins": interval(shares[:, 2])},
+        "ci95": {"a_wins": ci(shares[:, 0]), "ties": ci(shares[:, 1]), "b_wins": ci(shares[:, 2])},
         "as_good_or_better": {"percent": pct(c["A"] + c["tie"]),
-                              "ci95": interval(shares[:, 0] + shares[:, 1])},
+                              "ci95": ci(shares[:, 0] + shares[:, 1])},
         "position_disagreement": {"rate": disagree / len(both) if both else None,
                                   "prompts_with_both_orders": len(both)},
         "length": length_split(ps),
