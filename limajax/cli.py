@@ -784,8 +784,11 @@ def report(paths, output, plot_path, json_path, agreement, resamples, seed):
 def demo(workdir, epochs, overwrite):
     """The whole pipeline on a tiny model and the embedded sample data, on a laptop CPU.
 
-    A tokenizer, a random tiny LLaMA in Meta's layout, convert, export to Hugging Face, data
-    prepare, fine-tune with LIMA's recipe on a simulated 2x4 mesh, and score before and after.
+    A tokenizer, a random tiny LLaMA as a Hugging Face checkpoint, convert, export, data
+    prepare, fine-tune with LIMA's recipe on a simulated 2x4 mesh, score before and after; then
+    LIMA §4: sample the held-out prompts from the base and the fine-tuned model, compare them
+    with a judge in both orders (an external one if LIMAJAX_JUDGE_URL is set, else limajax's
+    own serve of the tiny model, whose verdicts are noise), report, chart and annotation sheet.
 
     Example: limajax demo --workdir runs/demo
     """
