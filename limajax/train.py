@@ -446,6 +446,9 @@ def train_recipe(config: TrainConfig, workdir: str | Path, *, peak: float | None
     in `workdir`."""
     mesh = sharding.make_mesh(config.mesh)
     sharding.check(config, mesh)
+    if config.init is None and config.tokenizer is None and config.data.path is None:
+        log(f"notice: a random model on the sample data: its tokenizer, {data.SAMPLE_TOKENIZER}")
+        config = dataclasses.replace(config, tokenizer=str(data.SAMPLE_TOKENIZER))
     config, tokenizer, init_params = resolve_init(config)
     check_config(workdir, config)
     loader = data.batches_for(config, tokenizer)
