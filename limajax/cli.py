@@ -346,6 +346,8 @@ def plan(config_path, mesh, device_memory, seq_len, overrides):
     sharding.start(config.mesh)
     from limajax import plan as plan_lib
 
+    for line in sharding.replication_notices(config.model, sharding.make_mesh(config.mesh)):
+        click.echo(line, err=True)
     report = plan_lib.plan(config, plan_lib.parse_bytes(device_memory), seq_len=seq_len)
     click.echo(report.format())
     if not report.fits:

@@ -452,6 +452,8 @@ def train_recipe(config: TrainConfig, workdir: str | Path, *, peak: float | None
     config, tokenizer, init_params = resolve_init(config)
     check_config(workdir, config)
     loader = data.batches_for(config, tokenizer)
+    for line in sharding.replication_notices(config.model, mesh):
+        log(line)
     log(f"{config.model.n_params / 1e6:,.2f}M parameters, {loader.steps_per_epoch} steps per "
         f"epoch x {config.epochs} epochs, global batch {config.data.batch_size}, mesh "
         f"{config.mesh}")
