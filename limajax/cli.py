@@ -293,7 +293,7 @@ def score(model_dir, workdir, epoch, input_path, output_path, mesh, batch_size, 
 @click.option("--process-id", type=click.IntRange(min=0), default=None,
               help="Multi-host: this process's index, 0 to --num-processes - 1.")
 @click.option("--progress/--no-progress", default=True, show_default=True,
-              help="Show a progress bar per epoch.")
+              help="Show a progress bar per epoch (on a terminal; a log gets the epoch lines).")
 @user_errors(interrupted="interrupted; rerun the same command to resume from the last "
              "checkpoint (one is saved at every epoch's end)")
 def train(config_path, mesh, init, data_dir, workdir, overrides, tokenizer, epochs,

@@ -23,6 +23,7 @@ from limajax.data import bucket_length, buckets_for
 from limajax.errors import UserError
 from limajax.files import json_line, read_jsonl, staged_file
 from limajax.model import Llama
+from limajax.progress import progress
 from limajax.tokenizer import Tokenizer
 from limajax.train import token_nll
 
@@ -53,7 +54,8 @@ def score(model: Llama, tokenizer: Tokenizer, rows: list[dict], mesh: Mesh,
     limit = model.config.max_seq_len
     full = [[tokenizer.bos_id] + tokenizer.encode(r["text"]) for r in rows]
     encoded = [ids[:limit] for ids in full]  # LIMA §3 keeps a long text's beginning
-    for start in range(0, len(rows), batch_size):
+    starts = range(0, len(rows), batch_size)
+    for start in progress(starts, total=len(starts), desc="score", unit="batch"):
         chunk = encoded[start:start + batch_size]
         width = bucket_length(max(len(ids) for ids in chunk), buckets_for(limit))
         tokens = np.zeros((batch_size, width), np.int32)  # right padding is never attended to

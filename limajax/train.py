@@ -354,7 +354,7 @@ def train(config: TrainConfig, workdir: str | Path, loader: Loader, *, mesh: Mes
             first = position["index"] if epoch == position["epoch"] else 0
             bar = tqdm(total=steps_per_epoch, initial=first, unit="step", leave=False,
                        desc=f"epoch {epoch + 1}/{config.epochs}",
-                       disable=not (progress and is_lead))
+                       disable=not (progress and is_lead and sys.stderr.isatty()))
             epoch_losses = []
             for index in range(first, steps_per_epoch):
                 batch = put_batch(next(batches), setup)

@@ -134,9 +134,11 @@ def test_score_checks_its_output_first_and_says_when_it_trims(run, cli, tmp_path
                      + json.dumps({"id": 2, "text": ""}) + "\n")
     out = tmp_path / "new" / "dir" / "s.jsonl"  # missing parents are created
     source = ["--workdir", root / "w", "--epoch", "1", "--input", texts]
-    r = cli("score", *source, "--output", out)
+    r = cli("score", *source, "--output", out, "--batch-size", "1")
     assert r.exit_code == 0, r.output
     assert "notice: 1 of 2 texts are longer than the model's context (2,048 tokens)" in r.stderr
+    # Progress: stderr is not a terminal here, so plain lines, not a bar's \r frames.
+    assert "score: 1/2 batches" in r.stderr and "\r" not in r.stderr
     rows = [json.loads(line, parse_constant=pytest.fail) for line in out.read_text().splitlines()]
     assert rows[0]["trimmed"] and len(rows[0]["token_ids"]) == 2048 and rows[1]["nll"] is None
     r = cli("score", *source, "--output", out)
