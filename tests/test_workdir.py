@@ -92,8 +92,9 @@ def _damage(workdir, step, how):
     elif how == "meta":
         shutil.rmtree(ckpt / "meta")
     else:  # truncated array files, as a full disk or a killed copy leaves them
-        for data in (ckpt / "state" / "ocdbt.process_0" / "d").iterdir():
-            data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+        for data in (ckpt / "state").rglob("*"):
+            if data.parent.name == "d" and data.is_file():
+                data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
 
 
 @pytest.mark.parametrize("how", ["metadata", "meta", "truncated"])
