@@ -387,7 +387,8 @@ def chat(model_dir, workdir, epoch, temperature, top_p, repetition_penalty, max_
 @model_source_options
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (loopback: only this machine can connect).")
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535),
+              help="TCP port to listen on.")
 @click.option("--max-batch", default=16, show_default=True, type=click.IntRange(min=1),
               help="Decode slots: answers generated at once (continuous batching).")
 @click.option("--context", type=click.IntRange(min=2), default=None,

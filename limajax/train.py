@@ -422,11 +422,13 @@ def train(config: TrainConfig, workdir: str | Path, loader: Loader, *, mesh: Mes
 
 
 def finished_message(workdir: Path, epochs: int) -> str:
-    """Where the run's checkpoints are and the commands that use them."""
+    """Where the run's checkpoints are and the commands that use them (score, sample, export)."""
     return (f"done: one checkpoint per epoch (1-{epochs}) in {workdir / CHECKPOINTS_DIR}; "
             f"LIMA §3 picks one of epochs 5-10 by dev perplexity and samples. Use epoch N with\n"
             f"  limajax score --workdir {workdir} --epoch N --input TEXTS.jsonl --output "
             f"SCORES.jsonl\n"
+            f"  limajax sample --workdir {workdir} --epoch N --prompts PROMPTS.jsonl --output "
+            f"ANSWERS.jsonl\n"
             f"  limajax export --to hf --workdir {workdir} --epoch N --output HF_DIR")
 
 

@@ -55,6 +55,7 @@ def test_end_of_run_says_where_and_what_next(run):
     root, _, result = run
     assert f"one checkpoint per epoch (1-2) in {root / 'w' / 'checkpoints'}" in result.stderr
     assert f"limajax export --to hf --workdir {root / 'w'} --epoch N" in result.stderr
+    assert f"limajax sample --workdir {root / 'w'} --epoch N" in result.stderr
 
 
 def test_workdir_is_self_contained_and_exports(run, cli, tmp_path):
