@@ -28,6 +28,7 @@ from limajax.data.dataset import (
 )
 from limajax.data.gair import (
     SAMPLE_DATA,
+    SAMPLE_TOKENIZER,
     SPLITS,
     PrepareOptions,
     Row,
@@ -37,7 +38,8 @@ from limajax.data.gair import (
 )
 from limajax.data.stats import SplitStats, format_stats, inspect, plot_lengths
 
-__all__ = ["BUCKETS", "SAMPLE_DATA", "SPLITS", "Batches", "Lima", "PrepareOptions", "Row",
+__all__ = ["BUCKETS", "SAMPLE_DATA", "SAMPLE_TOKENIZER", "SPLITS", "Batches", "Lima",
+           "PrepareOptions", "Row",
            "SplitStats", "batches_for", "bucket_length", "buckets_for", "conversations",
            "dataset_dir", "dev_batches_for", "format_stats", "inspect", "load", "plot_lengths",
            "prepare",
