@@ -20,6 +20,7 @@ from limajax.errors import UserError
 DTYPES = ("float32", "bfloat16", "float16")
 VOCAB_MULTIPLE = 128  # padded vocabulary divides by any model-axis size up to 128
 REMAT_POLICIES = ("none", "full", "dots")
+ATTENTION_KERNELS = ("auto", "xla", "cudnn", "pallas", "splash")  # limajax/attention.py
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype (bfloat16 on accelerators)
     remat: str = "full"  # what the backward pass recomputes per layer: none | full | dots
+    attention: str = "auto"  # the attention kernel (limajax/attention.py); auto: by platform
 
     def __post_init__(self):
         def bad(msg):
@@ -88,6 +90,8 @@ class ModelConfig:
             bad(f"dtypes must be one of {DTYPES}, got {self.param_dtype!r}/{self.dtype!r}")
         if self.remat not in REMAT_POLICIES:
             bad(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if self.attention not in ATTENTION_KERNELS:
+            bad(f"attention must be one of {ATTENTION_KERNELS}, got {self.attention!r}")
         if self.vocab_multiple <= 0:
             bad(f"vocab_multiple must be positive, got {self.vocab_multiple}")
 
@@ -181,6 +185,9 @@ class DataConfig:
     micro_batch_size: int | None = None  # gradient accumulation when set (must divide batch)
     max_len: int = 2048  # LIMA §3: texts longer than 2048 tokens are trimmed
     train_on_prompt: bool = False  # loss on user turns too (LIMA does not say; default: off)
+    # Lay each step's dialogues into as few rows as hold them (segment ids keep them apart):
+    # the same loss and gradient as one dialogue per row, without computing the padding.
+    pack: bool = True
     seed: int = 0  # shuffling
 
     def __post_init__(self):

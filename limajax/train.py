@@ -49,8 +49,8 @@ class TrainState(NamedTuple):
     rng: jax.Array  # uint32 [2]
 
 
-Batch = dict[str, Any]  # inputs, targets, positions int32 [B, T]; loss_mask float32 [B, T]
-BATCH_KEYS = ("inputs", "targets", "loss_mask", "positions")
+Batch = dict[str, Any]  # data.BATCH_KEYS: int32 [R, T], loss_mask float32 [R, T]
+BATCH_KEYS = data.BATCH_KEYS
 
 
 class Loader(Protocol):
@@ -131,7 +131,7 @@ def make_train_step(setup: Setup):
 
     def summed_loss(params, batch, key):
         model = nnx.merge(graphdef, params)
-        logits = model(batch["inputs"], batch["positions"],
+        logits = model(batch["inputs"], batch["positions"], segment_ids=batch["segment_ids"],
                        dropout_rates=rates if config.dropout > 0 else None,
                        dropout_key=key if config.dropout > 0 else None)
         return jnp.sum(token_nll(logits, batch["targets"]) * batch["loss_mask"])
@@ -194,7 +194,8 @@ def put_batch(batch: Batch, setup: Setup) -> dict[str, jax.Array]:
     s = setup.batch_sharding
     if jax.process_count() == 1:
         return {k: jax.device_put(np.asarray(batch[k]), s) for k in BATCH_KEYS}
-    global_rows = setup.config.data.batch_size
+    # Every process holds the same number of rows (data.Batches splits the global rows evenly).
+    global_rows = len(batch["inputs"]) * jax.process_count()
     return {k: jax.make_array_from_process_local_data(
         s, np.asarray(batch[k]), (global_rows, *np.shape(batch[k])[1:])) for k in BATCH_KEYS}
 

@@ -101,13 +101,15 @@ def test_loss_is_the_global_target_token_mean(step_setup):
     config, mesh, params, batch = step_setup
     _, m = _one_step(config, mesh, params, batch)
     model = nnx.merge(sharding.abstract_model(config.model, mesh)[0], params)
-    nll = train.token_nll(model(batch["inputs"], batch["positions"]), batch["targets"])
+    logits = model(batch["inputs"], batch["positions"], segment_ids=batch["segment_ids"])
+    nll = train.token_nll(logits, batch["targets"])
     expected = float((nll * batch["loss_mask"]).sum() / batch["loss_mask"].sum())
     assert m["loss"] == pytest.approx(expected, rel=1e-5)
     assert m["target_tokens"] == batch["loss_mask"].sum()
     assert m["lr"] == pytest.approx(1e-3)
 
-    # Accumulating over 2 micro batches of 4 gives the same loss and the same update.
+    # Accumulating over 2 micro batches of 4 dialogues (packed: 2 rows each) gives the same
+    # loss and the same update.
     accum = apply_overrides(config, ["data.micro_batch_size=4"])
     p1, _ = _one_step(config, mesh, params, batch)
     p2, m2 = _one_step(accum, mesh, params, batch)
@@ -115,21 +117,23 @@ def test_loss_is_the_global_target_token_mean(step_setup):
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
-    # A short last batch: rows 4..7 are all padding; the loss is the mean over rows 0..3 only.
+    # A short last batch: the second half of the rows is all padding; the loss is the mean
+    # over the first half only.
+    half = len(batch["inputs"]) // 2
     short = {k: v.copy() for k, v in batch.items()}
-    for k in ("inputs", "targets", "loss_mask"):
-        short[k][4:] = 0
+    for k in ("inputs", "targets", "loss_mask", "positions", "segment_ids"):
+        short[k][half:] = 0
     _, m3 = _one_step(config, mesh, params, short)
     nll = np.asarray(nll)
-    mask = batch["loss_mask"][:4]
-    assert m3["loss"] == pytest.approx(float((nll[:4] * mask).sum() / mask.sum()), rel=1e-5)
+    mask = batch["loss_mask"][:half]
+    assert m3["loss"] == pytest.approx(float((nll[:half] * mask).sum() / mask.sum()), rel=1e-5)
 
 
 def test_it_learns(tmp_path):
     """The tiny model memorises the eight dialogues: target-token loss below 0.1."""
     config = ts.tiny_config(
         mesh="1x1", epochs=60, dropout=0.0, optim=OptimConfig(lr=1e-2, end_lr=1e-3),
-        data=DataConfig(batch_size=8, max_len=32))
+        data=DataConfig(batch_size=8, max_len=80))
     loader = ts.Loader(config, ts.rows(8))
     metrics = train.train(config, tmp_path, loader, mesh=sharding.single_device_mesh(),
                         progress=False, peak=1e12)
