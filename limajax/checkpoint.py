@@ -4,7 +4,8 @@ A model directory is what `convert` writes and `score`/`train --init`/`export` r
 
     params/          Orbax checkpoint of the parameter tree (nnx.Param state as a pure dict)
     model.json       ModelConfig.to_dict()
-    tokenizer.model  the SentencePiece model (absent only if the source had none)
+    tokenizer.model  the SentencePiece model, or tokenizer.json (Hugging Face's, as Llama 3's);
+                     absent only if the source had none
     tokens.json      bos/eos/eot ids and vocabulary sizes (limajax.tokenizer owns the format)
 
 Directories are built beside their destination and renamed into place when complete
@@ -34,11 +35,13 @@ from limajax.files import read_json, staged_dir, write_json
 from limajax.model import Llama
 from limajax.sharding import abstract_params, model_from_params
 from limajax.tokenizer import (
-    TOKENIZER_FILE,
+    TOKENIZER_FILES,
     TOKENS_FILE,
     Tokenizer,
     TokenSpec,
     read_tokens_json,
+    stored_name,
+    tokenizer_file,
     write_tokens_json,
 )
 from limajax.workdir import read_config, restore_epoch_params
@@ -128,7 +131,7 @@ def write_model_dir(directory: str | Path, params, config: ModelConfig, tokens: 
     write_json(directory / MODEL_FILE, config.to_dict())
     write_tokens_json(directory / TOKENS_FILE, tokens)
     if tokenizer is not None:
-        shutil.copyfile(tokenizer, directory / TOKENIZER_FILE)
+        shutil.copyfile(tokenizer, directory / stored_name(tokenizer))
 
 
 def save_model_dir(model_dir: str | Path, params, config: ModelConfig, tokens: TokenSpec,
@@ -152,9 +155,8 @@ def read_model_config(model_dir: str | Path) -> ModelConfig:
 
 
 def tokenizer_path(model_dir: str | Path) -> Path | None:
-    """The model directory's tokenizer.model, or None if it was converted without one."""
-    path = Path(model_dir) / TOKENIZER_FILE
-    return path if path.is_file() else None
+    """The model directory's tokenizer file, or None if it was converted without one."""
+    return tokenizer_file(model_dir)
 
 
 def load_model_dir(model_dir: str | Path, shardings=None):
@@ -208,7 +210,8 @@ def load_for_inference(source: str | Path, mesh: jax.sharding.Mesh, *,
     run."""
     params, config, tokens, tokenizer_file = load_model(source, mesh, epoch=epoch)
     if tokenizer_file is None:
-        raise UserError(f"{source}: no {TOKENIZER_FILE} to turn text into ids")
+        raise UserError(f"{source}: no tokenizer ({' or '.join(TOKENIZER_FILES)}) to turn text "
+                        "into ids")
     return model_from_params(config, params, mesh), Tokenizer.from_path(tokenizer_file, tokens)
 
 
@@ -251,7 +254,8 @@ def resolve_init(config: TrainConfig):
                 "for that model")
     tokens, path = run_tokens(config, "--init")
     if path is None:
-        raise UserError(f"--init {config.init}: the model directory has no {TOKENIZER_FILE}")
+        raise UserError(f"--init {config.init}: the model directory has no tokenizer "
+                        f"({' or '.join(TOKENIZER_FILES)})")
     if tokens.eot_id is None:
         raise UserError(f"--init {config.init}: the model has no EOT token (LIMA §3); convert "
                         "it with --add-eot")

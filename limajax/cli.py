@@ -68,7 +68,8 @@ def main():
 @click.option("--input", "input_dir", required=True, type=click.Path(path_type=str),
               help="The checkpoint directory.")
 @click.option("--tokenizer", type=click.Path(path_type=str), default=None,
-              help="(meta) tokenizer.model; default: the one in --input or beside it.")
+              help="(meta) tokenizer.model or tokenizer.json; default: the one in --input or "
+              "beside it.")
 @click.option("--output", required=True, type=click.Path(path_type=str),
               help="New model directory (built beside it, renamed when complete).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32",
@@ -92,9 +93,9 @@ def convert(source, input_dir, tokenizer, output, dtype, add_eot, overwrite):
                                                 dtype=dtype, add_eot=add_eot,
                                                 overwrite=overwrite)
     if found is None:
-        click.echo(f"notice: no tokenizer.model in or beside {input_dir}; the model directory "
+        click.echo(f"notice: no tokenizer in or beside {input_dir}; the model directory "
                    "has none (pass --tokenizer)" if source == "meta" else
-                   f"notice: {input_dir} has no tokenizer.model; the model directory has none",
+                   f"notice: {input_dir} has no tokenizer; the model directory has none",
                    err=True)
     eot = f", EOT {tokens.eot_id}" if tokens.eot_id is not None else ", no EOT"
     click.echo(f"wrote {output}: {config.n_params / 1e6:,.1f}M parameters ({dtype}), "
@@ -174,7 +175,8 @@ def data_prepare(input_dir, output_dir, dev_from_train, seed, sample, sources):
 @click.option("--data", "data_dir", required=True, type=click.Path(path_type=str),
               help="A directory written by `limajax data prepare`.")
 @click.option("--tokenizer", "tokenizer_path", required=True, type=click.Path(path_type=str),
-              help="A model directory or a bare tokenizer.model (EOT = its vocabulary size).")
+              help="A model directory, or a bare tokenizer.model or tokenizer.json (with LIMA's "
+              "EOT).")
 @click.option("--max-len", type=int, default=2048, show_default=True,
               help="Trim length (LIMA §3: 2048).")
 @click.option("--train-on-prompts", is_flag=True,
@@ -243,7 +245,8 @@ def score(model_dir, workdir, epoch, input_path, output_path, mesh, batch_size):
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe value, e.g. --set optim.lr=2e-5 (repeatable).")
 @click.option("--tokenizer", default=None, type=click.Path(path_type=str),
-              help="tokenizer.model for a randomly initialised model (no --init).")
+              help="tokenizer.model or tokenizer.json for a randomly initialised model "
+              "(no --init).")
 @click.option("--save-every-steps", type=click.IntRange(min=1), default=None,
               help="Also checkpoint every N steps (one checkpoint per epoch always).")
 @click.option("--peak-flops", type=float, default=None,
@@ -308,6 +311,215 @@ def plan(config_path, mesh, device_memory, seq_len, overrides):
     click.echo(report.format())
     if not report.fits:
         sys.exit(1)
+
+
+# --- compare / rate / report: LIMA §4's evaluation (limajax.evaluation) -------------------------
+
+
+def judge_options(required=True):
+    """The options every command that asks an LLM judge takes."""
+    options = [
+        click.option("--judge-url", required=required, metavar="URL",
+                     help="An OpenAI-compatible base URL, e.g. https://api.openai.com/v1 or "
+                     "http://127.0.0.1:8000/v1 (limajax serve, vLLM, llama.cpp's server)."),
+        click.option("--judge-model", required=required, metavar="NAME",
+                     help="The model the endpoint should judge with, e.g. gpt-4."),
+        click.option("--api-key-env", default=None, metavar="VAR",
+                     help="Environment variable holding the judge's API key (read from there "
+                     "only; never written anywhere). Default: send no key."),
+        click.option("--concurrency", default=8, show_default=True, type=click.IntRange(min=1),
+                     help="Requests in flight at once."),
+        click.option("--timeout", default=60.0, show_default=True, type=click.FloatRange(min=0.1),
+                     help="Seconds to wait for one answer before retrying."),
+        click.option("--max-retries", default=6, show_default=True, type=click.IntRange(min=0),
+                     help="Retries per request on 429 (honouring Retry-After), 5xx, dropped "
+                     "connections and time-outs, with exponential backoff."),
+        click.option("--template", "template_path", default=None,
+                     type=click.Path(dir_okay=False, path_type=str),
+                     help="Replace the packaged prompt template (same {placeholders})."),
+        click.option("--progress/--no-progress", default=True, help="Show a progress bar."),
+    ]
+
+    def decorate(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return decorate
+
+
+def _judge(judge_url, judge_model, api_key_env, concurrency, timeout, max_retries):
+    from limajax.evaluation.judge import Judge
+
+    return Judge(judge_url, judge_model, api_key_env=api_key_env, timeout=timeout,
+                 max_retries=max_retries, concurrency=concurrency)
+
+
+def interruptible(fn):
+    """Ctrl-C: what is written stays (every judgment is appended as it arrives), exit 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except KeyboardInterrupt:
+            click.echo("interrupted: finished judgments are saved; rerun the same command to "
+                       "continue", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@main.command()
+@click.option("--a", "a_path", required=True, type=click.Path(dir_okay=False, path_type=str),
+              help="Sample file A (JSONL from `limajax sample`: id, conversations, response).")
+@click.option("--b", "b_path", required=True, type=click.Path(dir_okay=False, path_type=str),
+              help="Sample file B; only prompt ids present in both are compared.")
+@click.option("--output", required=True, type=click.Path(dir_okay=False, path_type=str),
+              help="Judgments JSONL, appended to as judgments arrive; a rerun skips what is "
+              "there.")
+@click.option("--orders", type=click.Choice(["both", "one"]), default="both", show_default=True,
+              help="both: each pair judged with A shown first and with B shown first.")
+@click.option("--human", "labels_path", default=None,
+              type=click.Path(dir_okay=False, path_type=str),
+              help="Instead of a judge: the labels exported from `limajax annotate`'s sheet.")
+@judge_options(required=False)
+@user_errors
+@interruptible
+def compare(a_path, b_path, output, judge_url, judge_model, api_key_env, orders, concurrency,
+            timeout, max_retries, template_path, labels_path, progress):
+    """Ask a judge LIMA §4.1's question for every prompt both sample files answered: is A
+    significantly better, B significantly better, or neither? Both orders by default; the
+    outcome is A if A wins both, B if B wins both, a tie otherwise.
+
+    Example: limajax compare --a lima.jsonl --b base.jsonl --judge-url
+    https://api.openai.com/v1 --judge-model gpt-4 --api-key-env OPENAI_API_KEY --output j.jsonl
+    """
+    if labels_path is not None:
+        if judge_url or judge_model:
+            raise UserError("--human takes no --judge-url / --judge-model")
+        from limajax.evaluation.human import labels_to_judgments
+
+        n = labels_to_judgments(labels_path, a_path, b_path, output)
+        click.echo(f"wrote {n} human judgments to {output}")
+        return
+    if not judge_url or not judge_model:
+        raise UserError("give --judge-url and --judge-model (or --human LABELS.json)")
+    from limajax.evaluation.compare import compare as compare_lib
+
+    r = compare_lib(a_path, b_path, _judge(judge_url, judge_model, api_key_env, concurrency,
+                                           timeout, max_retries),
+                    output, orders=orders, template_path=template_path, progress=progress)
+    if r["torn_line_dropped"]:
+        click.echo(f"notice: dropped the unfinished last line of {output} (a run was killed "
+                   "while writing it)", err=True)
+    o = r["outcomes"]
+    click.echo(f"{r['prompts']} prompts: A {o['A']}, tie {o['tie']}, B {o['B']}, unparsed "
+               f"{o['unparsed']} ({r['judged']} judged now, {r['cached']} already in {output}, "
+               f"{r['retries']} retries) -> {output}")
+
+
+@main.command()
+@click.option("--a", "a_path", required=True, type=click.Path(dir_okay=False, path_type=str),
+              help="Sample file A.")
+@click.option("--b", "b_path", required=True, type=click.Path(dir_okay=False, path_type=str),
+              help="Sample file B; the sheet holds the prompts both answered.")
+@click.option("--output", required=True, type=click.Path(dir_okay=False, path_type=str),
+              help="The HTML sheet (one self-contained file; open it in any browser).")
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Seeds which answer is shown on the left, per prompt.")
+@user_errors
+def annotate(a_path, b_path, output, seed):
+    """An annotation sheet for people (LIMA §4.1): each prompt with both answers side by side
+    (left and right drawn from the seed), LIMA's three choices with keyboard shortcuts, work kept
+    in the browser across reloads, and an export of the labels as JSON for `compare --human`.
+
+    Example: limajax annotate --a lima.jsonl --b gpt4.jsonl --output sheet.html
+    """
+    from limajax.evaluation.human import annotate as annotate_lib
+
+    n = annotate_lib(a_path, b_path, output, seed=seed)
+    click.echo(f"wrote {output}: {n} prompts; label them in a browser, export, then "
+               f"`limajax compare --human labels.json --a {a_path} --b {b_path} --output ...`")
+
+
+@main.command()
+@click.option("--samples", "samples_path", required=True,
+              type=click.Path(dir_okay=False, path_type=str),
+              help="A sample file (several rows per id with distinct \"sample\" for --rubric "
+              "scale, from `limajax sample --num-samples 5`).")
+@click.option("--rubric", type=click.Choice(["grade", "scale"]), default="grade",
+              show_default=True,
+              help="grade: Fail / Pass / Excellent (LIMA §4.3); scale: helpfulness 1-6 (§5).")
+@click.option("--output", required=True, type=click.Path(dir_okay=False, path_type=str),
+              help="Ratings JSONL, appended to as ratings arrive; a rerun skips what is there.")
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False, path_type=str),
+              help="Also write the summary as JSON.")
+@judge_options()
+@user_errors
+@interruptible
+def rate(samples_path, rubric, output, json_path, judge_url, judge_model, api_key_env,
+         concurrency, timeout, max_retries, template_path, progress):
+    """Rate each answer on its own: Fail / Pass / Excellent, or helpfulness 1-6 with the mean
+    and its 95% bootstrap interval over prompts.
+
+    Example: limajax rate --samples lima-x5.jsonl --rubric scale --judge-url
+    https://api.openai.com/v1 --judge-model gpt-3.5-turbo --api-key-env OPENAI_API_KEY
+    --output ratings.jsonl
+    """
+    from limajax.evaluation.rate import rate as rate_lib
+    from limajax.files import write_json
+
+    s = rate_lib(samples_path, rubric, _judge(judge_url, judge_model, api_key_env, concurrency,
+                                              timeout, max_retries),
+                 output, template_path=template_path, progress=progress)
+    if rubric == "grade":
+        figures = ", ".join(f"{g} {s['counts'][g]} ({s['percent'][g] or 0:.0f}%)"
+                            for g in s["counts"])
+    else:
+        figures = ("no rating" if s["mean"] is None else
+                   f"mean {s['mean']:.2f} [95% {s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}] over "
+                   f"{s['prompts']} prompts")
+    click.echo(f"{s['ratings']} ratings: {figures}, unparsed {s['unparsed']} "
+               f"({s['judged']} rated now) -> {output}")
+    if json_path:
+        write_json(json_path, s)
+
+
+@main.command()
+@click.option("--judgments", "paths", required=True, multiple=True,
+              type=click.Path(dir_okay=False, path_type=str),
+              help="Judgment files from `compare` (repeatable).")
+@click.option("--output", required=True, type=click.Path(dir_okay=False, path_type=str),
+              help="The Markdown report.")
+@click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False, path_type=str),
+              help="A PNG bar chart in the manner of LIMA's Figure 1.")
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False, path_type=str),
+              help="SUMMARY.json: the same figures, one object per comparison.")
+@click.option("--agreement", is_flag=True,
+              help="Several judges of the same comparison are expected: report each and their "
+              "agreement (otherwise mixing judges or templates is an error).")
+@click.option("--resamples", default=2000, show_default=True, type=int,
+              help="Bootstrap resamples over prompts (at least 2000).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Bootstrap seed.")
+@user_errors
+def report(paths, output, plot_path, json_path, agreement, resamples, seed):
+    """Win / tie / loss per comparison with 95% bootstrap intervals, "as good or better",
+    unparsed verdicts, position disagreement, the length split and judges' agreement.
+
+    Example: limajax report --judgments j.jsonl --output report.md --plot fig1.png --json
+    summary.json
+    """
+    from limajax.evaluation.report import report as report_lib
+
+    summary = report_lib(list(paths), output, plot_path=plot_path, json_path=json_path,
+                         agreement=agreement, resamples=resamples, seed=seed)
+    for c in summary["comparisons"]:
+        k = c["counts"]
+        click.echo(f"{c['a']} vs {c['b']} ({c['judge']}): {c['n']} prompts, A {k['a_wins']}, "
+                   f"tie {k['ties']}, B {k['b_wins']}, unparsed {k['unparsed']}; A as good or "
+                   f"better {c['as_good_or_better']['percent']:.1f}%")
+    click.echo("wrote " + ", ".join(p for p in (output, plot_path, json_path) if p))
 
 
 # --- demo: the whole pipeline on a tiny model (limajax.demo) ------------------------------------

@@ -215,7 +215,7 @@ class TrainConfig:
     seed: int = 0  # initialisation (without --init) and dropout
     mesh: str = "1x1"
     init: str | None = None  # model directory to start from (convert's output); None: random
-    tokenizer: str | None = None  # tokenizer.model for a random model (--init brings its own)
+    tokenizer: str | None = None  # tokenizer file for a random model (--init brings its own)
     save_every_steps: int | None = None  # extra checkpoints inside an epoch
     max_to_keep: int | None = None  # None: keep every checkpoint (LIMA picks among epochs 5-10)
     log_every_steps: int = 1

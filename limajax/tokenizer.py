@@ -1,9 +1,11 @@
-"""SentencePiece plus LIMA's end-of-turn token, and dialogue -> ids + loss mask.
+"""Tokenizers (SentencePiece `tokenizer.model`, or Hugging Face `tokenizer.json` as Llama 3 ships
+it) plus LIMA's end-of-turn token, and dialogue -> ids + loss mask.
 
-LIMA §3 appends a new special token, EOT, to every utterance, user's and assistant's: it ends a
-turn (and generation) without the meanings the pretrained EOS carries. The tokenizer has no piece
-for it, so it takes the first id past the base vocabulary (32000 for LLaMA); the model's
-embedding and output grow by one row for it.
+LIMA §3 appends a special token, EOT, to every utterance, user's and assistant's: it ends a turn
+(and generation) without the meanings the pretrained EOS carries. LLaMA-1/2's SentencePiece has
+no piece for it, so it takes the first id past the base vocabulary (32000) and the embedding and
+output grow by one row. Llama 3's tokenizer has its own end-of-turn token, `<|eot_id|>`: that is
+LIMA's EOT there, and the vocabulary does not grow.
 
 A model directory describes its ids in `tokens.json` (this module owns the format):
     {"bos_id": 1, "eos_id": 2, "eot_id": 32000, "vocab_size": 32001, "padded_vocab_size": 32128}
@@ -15,18 +17,23 @@ model that has no EOT yet (a converted base model); `Tokenizer.with_eot()` adds 
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import sentencepiece as spm
+import tokenizers
 
 from limajax.config import VOCAB_MULTIPLE
 from limajax.errors import UserError
 from limajax.files import read_json, write_json
 
-TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FILE = "tokenizer.model"  # SentencePiece (LLaMA-1/2)
+HF_TOKENIZER_FILE = "tokenizer.json"  # Hugging Face tokenizers (Llama 3)
+TOKENIZER_FILES = (TOKENIZER_FILE, HF_TOKENIZER_FILE)  # in the order a directory is searched
 TOKENS_FILE = "tokens.json"
+EOT_PIECE = "<|eot_id|>"  # Llama 3's end of turn: LIMA's EOT where a tokenizer has it
 MAX_LEN = 2048  # LIMA §3: "texts longer than 2048 tokens are trimmed"
 
 
@@ -55,16 +62,6 @@ class TokenSpec:
             value = getattr(self, name)
             if value is not None and not 0 <= value < self.vocab_size:
                 raise ValueError(f"{name} {value} is outside the vocabulary [0, {self.vocab_size})")
-
-    @classmethod
-    def for_vocab(
-        cls, base_vocab_size: int, bos_id: int, eos_id: int, *, eot: bool = True,
-        multiple: int = VOCAB_MULTIPLE,
-    ) -> TokenSpec:
-        """The spec for a SentencePiece vocabulary, with EOT as the next id if `eot` (LIMA §3)."""
-        size = base_vocab_size + int(eot)
-        eot_id = base_vocab_size if eot else None
-        return cls(bos_id, eos_id, eot_id, size, pad_vocab(size, multiple))
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -95,20 +92,117 @@ def write_tokens_json(path: str | Path, spec: TokenSpec) -> None:
     write_json(path, spec.to_json())
 
 
-def load_sentencepiece(path: str | Path) -> spm.SentencePieceProcessor:
-    """A SentencePiece model; a file that is not one is a UserError naming it."""
-    sp = spm.SentencePieceProcessor()
-    try:
-        sp.Load(str(path))
-    except (OSError, RuntimeError) as e:
-        raise UserError(f"{path}: not a SentencePiece model ({e})") from None
-    return sp
+class SentencePieceFile:
+    """A SentencePiece `tokenizer.model`."""
+
+    def __init__(self, path: Path):
+        self.path, self.sp = path, spm.SentencePieceProcessor()
+        try:
+            self.sp.Load(str(path))
+        except (OSError, RuntimeError) as e:
+            if _looks_like_tiktoken(path):
+                raise UserError(
+                    f"{path}: Meta's Llama 3 tokenizer (a tiktoken file), which limajax does not "
+                    f"read; use the model's Hugging Face {HF_TOKENIZER_FILE} instead (e.g. "
+                    "--tokenizer PATH/tokenizer.json, from the model's Hugging Face repository)"
+                ) from None
+            raise UserError(f"{path}: not a SentencePiece model ({e})") from None
+        self.size, self.unk_id = self.sp.vocab_size(), self.sp.unk_id()
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+
+    def piece(self, i: int) -> str:
+        return self.sp.id_to_piece(i)
+
+    def piece_id(self, text: str) -> int | None:
+        i = self.sp.piece_to_id(text)
+        return None if i == self.unk_id and text != self.piece(self.unk_id) else i
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(texts)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode(ids)
 
 
-def check_fits(sp: spm.SentencePieceProcessor, path: Path, base_vocab: int, tensor: str) -> None:
+class HFTokenizerFile:
+    """A Hugging Face `tokenizer.json` (Llama 3's format), read with the `tokenizers` library.
+    BOS and EOS come from a `tokenizer_config.json` beside it, else Llama 3's names."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.tok = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+            raise UserError(f"{path}: not a Hugging Face tokenizer.json ({e})") from None
+        self.size = self.tok.get_vocab_size(with_added_tokens=True)
+        self.unk_id = None
+        config = path.with_name("tokenizer_config.json")
+        names = read_json(config) if config.is_file() else {}
+        self.bos_id = self._special(names.get("bos_token"), "<|begin_of_text|>", "<s>")
+        self.eos_id = self._special(names.get("eos_token"), "<|end_of_text|>", "</s>")
+
+    def _special(self, named, *defaults: str) -> int:
+        named = named.get("content") if isinstance(named, dict) else named
+        for text in ([named] if named else []) + list(defaults):
+            i = self.piece_id(text)
+            if i is not None:
+                return i
+        raise UserError(f"{self.path}: cannot tell its BOS/EOS token (none of "
+                        f"{', '.join(defaults)}; add a tokenizer_config.json naming them)")
+
+    def piece(self, i: int) -> str:
+        return self.tok.id_to_token(i)
+
+    def piece_id(self, text: str) -> int | None:
+        return self.tok.token_to_id(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+
+def _looks_like_tiktoken(path: Path) -> bool:
+    """tiktoken's format: one `base64-bytes rank` pair per line."""
+    with path.open("rb") as f:
+        first = f.readline(200)
+    return re.fullmatch(rb"[A-Za-z0-9+/=]+ \d+\s*", first) is not None
+
+
+def tokenizer_file(directory: str | Path) -> Path | None:
+    """A directory's tokenizer file (tokenizer.model, else tokenizer.json), or None."""
+    for name in TOKENIZER_FILES:
+        if (Path(directory) / name).is_file():
+            return Path(directory) / name
+    return None
+
+
+def stored_name(path: str | Path) -> str:
+    """The name a tokenizer file takes in a model directory or an export."""
+    return HF_TOKENIZER_FILE if Path(path).suffix == ".json" else TOKENIZER_FILE
+
+
+def load_pieces(path: str | Path) -> SentencePieceFile | HFTokenizerFile:
+    """The tokenizer file at `path`: tokenizer.json is Hugging Face's, anything else
+    SentencePiece."""
+    path = Path(path)
+    return HFTokenizerFile(path) if stored_name(path) == HF_TOKENIZER_FILE else \
+        SentencePieceFile(path)
+
+
+def eot_id_for(pieces: SentencePieceFile | HFTokenizerFile, base_vocab: int) -> int:
+    """LIMA's EOT for a model whose tokenizer is `pieces` and whose weights have `base_vocab`
+    rows: the tokenizer's own end-of-turn token (Llama 3's <|eot_id|>), else a new id past the
+    base vocabulary (LIMA §3)."""
+    own = pieces.piece_id(EOT_PIECE)
+    return own if own is not None and own < base_vocab else base_vocab
+
+
+def check_fits(pieces: SentencePieceFile | HFTokenizerFile, base_vocab: int, tensor: str) -> None:
     """A tokenizer with more pieces than the weights have rows belongs to another model."""
-    if sp.vocab_size() > base_vocab:
-        raise UserError(f"{path}: the tokenizer has {sp.vocab_size()} pieces but {tensor} has "
+    if pieces.size > base_vocab:
+        raise UserError(f"{pieces.path}: the tokenizer has {pieces.size} pieces but {tensor} has "
                         f"only {base_vocab} rows (wrong tokenizer for these weights?)")
 
 
@@ -121,42 +215,42 @@ class Encoded(NamedTuple):
 
 
 class Tokenizer:
-    """A SentencePiece model and the special ids of the model that uses it."""
+    """A tokenizer file and the special ids of the model that uses it."""
 
-    def __init__(self, sp: spm.SentencePieceProcessor, spec: TokenSpec, path: Path | None = None):
-        if spec.vocab_size < sp.vocab_size():
-            raise UserError(
-                f"{path or 'tokenizer'}: tokens.json says vocab_size {spec.vocab_size}, but the "
-                f"SentencePiece model has {sp.vocab_size()} pieces"
-            )
-        self.sp, self.spec, self.path = sp, spec, path
+    def __init__(self, pieces: SentencePieceFile | HFTokenizerFile, spec: TokenSpec):
+        if spec.vocab_size < pieces.size:
+            raise UserError(f"{pieces.path}: tokens.json says vocab_size {spec.vocab_size}, but "
+                            f"the tokenizer has {pieces.size} pieces")
+        self.pieces, self.spec, self.path = pieces, spec, pieces.path
 
     @classmethod
     def from_path(cls, path: str | Path, spec: TokenSpec | None = None) -> Tokenizer:
-        """Load a model directory (tokenizer.model + tokens.json) or a bare tokenizer.model;
-        `spec` overrides the ids found there."""
+        """Load a model directory (tokenizer file + tokens.json) or a bare tokenizer.model or
+        tokenizer.json; `spec` overrides the ids found there."""
         path = Path(path)
-        model_file = path / TOKENIZER_FILE if path.is_dir() else path
-        if not model_file.is_file():
-            raise UserError(
-                f"{model_file}: not found (expected a model directory or a {TOKENIZER_FILE})"
-            )
-        sp = load_sentencepiece(model_file)
+        file = (tokenizer_file(path) or path / TOKENIZER_FILE) if path.is_dir() else path
+        if not file.is_file():
+            raise UserError(f"{file}: not found (expected a model directory, a "
+                            f"{TOKENIZER_FILE} or a {HF_TOKENIZER_FILE})")
+        pieces = load_pieces(file)
         if spec is None and path.is_dir():
             spec = read_tokens_json(path / TOKENS_FILE)
-        elif spec is None:  # a bare tokenizer: EOT is the first id past its pieces (LIMA §3)
-            spec = TokenSpec.for_vocab(sp.vocab_size(), sp.bos_id(), sp.eos_id())
-        return cls(sp, spec, model_file)
+        elif spec is None:  # a bare tokenizer: with LIMA's EOT (LIMA §3)
+            eot = eot_id_for(pieces, pieces.size)
+            size = max(pieces.size, eot + 1)
+            spec = TokenSpec(pieces.bos_id, pieces.eos_id, eot, size, pad_vocab(size))
+        return cls(pieces, spec)
 
     def with_eot(self) -> Tokenizer:
         """This tokenizer with EOT added if the model has none (to fine-tune a base model)."""
         if self.eot_id is not None:
             return self
-        size = self.vocab_size + 1
+        eot = eot_id_for(self.pieces, self.vocab_size)
+        size = max(self.vocab_size, eot + 1)
         padded = max(self.spec.padded_vocab_size, size)
-        spec = dataclasses.replace(self.spec, eot_id=self.vocab_size, vocab_size=size,
+        spec = dataclasses.replace(self.spec, eot_id=eot, vocab_size=size,
                                    padded_vocab_size=padded)
-        return Tokenizer(self.sp, spec, self.path)
+        return Tokenizer(self.pieces, spec)
 
     @property
     def bos_id(self) -> int:
@@ -181,12 +275,13 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Text -> piece ids, without BOS."""
-        return self.sp.encode(text)
+        return self.pieces.encode_batch([text])[0]
 
     def decode(self, ids) -> str:
-        """Ids -> text; BOS, EOT and ids past the SentencePiece vocabulary are dropped."""
-        n = self.sp.vocab_size()
-        return self.sp.decode([int(i) for i in ids if 0 <= i < n and i != self.bos_id])
+        """Ids -> text; BOS, EOT and ids past the tokenizer's vocabulary are dropped."""
+        drop = (self.bos_id, self.eot_id)
+        return self.pieces.decode([int(i) for i in ids if 0 <= i < self.pieces.size
+                                   and i not in drop])
 
     def encode_dialogue(
         self, conversations, max_len: int = MAX_LEN, train_on_prompts: bool = False
@@ -201,7 +296,7 @@ class Tokenizer:
         if isinstance(conversations, str) or not all(isinstance(t, str) for t in conversations):
             raise ValueError("conversations must be a list of strings")
         ids, mask = [self.bos_id], [0]
-        for turn, pieces in enumerate(self.sp.encode(list(conversations))):
+        for turn, pieces in enumerate(self.pieces.encode_batch(list(conversations))):
             ids += pieces
             ids.append(self.eot_id)
             mask += [1 if train_on_prompts or turn % 2 == 1 else 0] * (len(pieces) + 1)

@@ -46,7 +46,7 @@ def test_model_directory_reads_tokens_json(tmp_path, model_file):
 
 def test_base_model_without_eot_gains_it(tmp_path, model_file):
     (tmp_path / "tokenizer.model").write_bytes(model_file.read_bytes())
-    write_tokens_json(tmp_path / "tokens.json", TokenSpec.for_vocab(32000, 1, 2, eot=False))
+    write_tokens_json(tmp_path / "tokens.json", TokenSpec(1, 2, None, 32000, 32000))
     base = Tokenizer.from_path(tmp_path)
     assert base.eot_id is None and base.vocab_size == 32000 and base.padded_vocab_size == 32000
     with pytest.raises(UserError, match="no EOT"):

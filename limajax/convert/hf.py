@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
+from tokenizers import AddedToken
 
 from limajax.config import ModelConfig, RopeScaling
 from limajax.convert.table import (
@@ -32,7 +33,17 @@ from limajax.convert.table import (
 )
 from limajax.errors import UserError
 from limajax.files import read_json, write_json
-from limajax.tokenizer import TOKENIZER_FILE, TokenSpec, check_fits, load_sentencepiece
+from limajax.tokenizer import (
+    HF_TOKENIZER_FILE,
+    HFTokenizerFile,
+    SentencePieceFile,
+    TokenSpec,
+    check_fits,
+    eot_id_for,
+    load_pieces,
+    stored_name,
+    tokenizer_file,
+)
 
 
 def _hf_rope(cfg: dict, where: Path) -> tuple[float, RopeScaling | None]:
@@ -138,30 +149,31 @@ def read_hf(input_dir: str | Path, *, dtype: str = "float32", add_eot: bool = Tr
         raise UserError(f"{input_dir}: not a directory (expected config.json + safetensors)")
     cfg = read_json(input_dir / "config.json")
     config = config_from_hf(cfg, input_dir / "config.json")
-    base_vocab = config.vocab_size
+    rows = base_vocab = config.vocab_size  # rows in the checkpoint
     with ExitStack() as stack:
         handles = _open_hf(input_dir, stack)
         expected = source_keys(config, "hf")
-        _check_hf_tensors(config, base_vocab, handles, expected)
+        _check_hf_tensors(config, rows, handles, expected)
 
-        tokenizer = input_dir / TOKENIZER_FILE
-        tokenizer = tokenizer if tokenizer.is_file() else None
+        tokenizer = tokenizer_file(input_dir)
+        pieces = None if tokenizer is None else load_pieces(tokenizer)
+        if pieces is not None:
+            check_fits(pieces, rows, WEIGHTS[0].hf)
         bos, eos = _first_id(cfg.get("bos_token_id"), 1), _first_id(cfg.get("eos_token_id"), 2)
-        if tokenizer is not None:
-            check_fits(load_sentencepiece(tokenizer), tokenizer, base_vocab,
-                       WEIGHTS[0].hf)
-        eot_id = _eot_in_hf(input_dir, base_vocab)
-        if eot_id is not None:  # exported by limajax: EOT is already there
-            add_eot, base_vocab = False, base_vocab - 1
-        config = converted_config(config, base_vocab + int(eot_id is not None), add_eot, dtype)
+        eot_id = _eot_in_hf(input_dir, rows)
+        new_eot = eot_id is None and add_eot
+        if eot_id is not None:  # exported by limajax with a new EOT: it is already there
+            base_vocab = rows - 1
+        elif add_eot:
+            eot_id = base_vocab if pieces is None else eot_id_for(pieces, base_vocab)
+        config = converted_config(config, base_vocab, eot_id, dtype)
         params = allocate(config, staging)
-        sizes = sizes_for(config, base_vocab + int(eot_id is not None))
+        sizes = sizes_for(config, rows)
         for w, layer, key in expected:
             path, handle = handles[key]
             place(params, w, layer, handle.get_tensor(key), w.hf_layout, sizes)
-    if add_eot:
-        eot_id = base_vocab
-        init_eot(params, config, eot_id)
+    if new_eot:
+        init_eot(params, config, eot_id, base_vocab)
     tokens = token_spec(config, bos, eos, eot_id, str(input_dir / "config.json"))
     return Converted(params, config, tokens, tokenizer)
 
@@ -242,26 +254,45 @@ def hf_generation_config(tokens: TokenSpec) -> dict:
     return {"bos_token_id": tokens.bos_id, "eos_token_id": eos}
 
 
-def hf_tokenizer_config(tokenizer: Path, tokens: TokenSpec, config: ModelConfig) -> dict:
-    """tokenizer_config.json for the SentencePiece model, EOT declared as an added special token
-    (so transformers encodes EOT_TEXT as EOT's id and `skip_special_tokens` drops it)."""
-    sp = load_sentencepiece(tokenizer)
+def hf_tokenizer_config(pieces: SentencePieceFile | HFTokenizerFile, tokens: TokenSpec,
+                        config: ModelConfig) -> dict:
+    """tokenizer_config.json for the tokenizer file, EOT declared as a special token (so
+    transformers encodes its text as EOT's id and `skip_special_tokens` drops it)."""
 
     def special(text):
         return {"content": text, "lstrip": False, "normalized": False, "rstrip": False,
                 "single_word": False, "special": True}
 
-    ids = {"unk_token": sp.unk_id(), "bos_token": tokens.bos_id, "eos_token": tokens.eos_id}
-    names = {k: sp.id_to_piece(i) for k, i in ids.items() if 0 <= i < sp.vocab_size()}
+    ids = {"unk_token": pieces.unk_id, "bos_token": tokens.bos_id, "eos_token": tokens.eos_id}
+    names = {k: pieces.piece(i) for k, i in ids.items() if i is not None and 0 <= i < pieces.size}
     added = {str(ids[k]): special(text) for k, text in names.items()}
-    out = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
-           "clean_up_tokenization_spaces": False, "legacy": False, "pad_token": None,
-           "model_max_length": config.max_seq_len, "sp_model_kwargs": {}, **names}
+    if isinstance(pieces, SentencePieceFile):
+        out = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True,
+               "add_eos_token": False, "legacy": False, "sp_model_kwargs": {}}
+    else:  # tokenizer.json's own post-processor decides BOS (Llama 3's adds it)
+        out = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    out |= {"clean_up_tokenization_spaces": False, "pad_token": None,
+            "model_max_length": config.max_seq_len, **names}
     if tokens.eot_id is not None:
-        added[str(tokens.eot_id)] = special(EOT_TEXT)
-        out["additional_special_tokens"] = [EOT_TEXT]
+        eot = pieces.piece(tokens.eot_id) if tokens.eot_id < pieces.size else EOT_TEXT
+        added[str(tokens.eot_id)] = special(eot)
+        out["additional_special_tokens"] = [eot]
     out["added_tokens_decoder"] = added
     return out
+
+
+def write_tokenizer(directory: Path, tokenizer: Path, tokens: TokenSpec, config: ModelConfig
+                    ) -> None:
+    """The tokenizer file and its tokenizer_config.json, for transformers' AutoTokenizer. A new
+    EOT (past the file's pieces) is added to a tokenizer.json as a special token."""
+    pieces = load_pieces(tokenizer)
+    if isinstance(pieces, HFTokenizerFile) and tokens.eot_id == pieces.size:
+        pieces.tok.add_special_tokens([AddedToken(EOT_TEXT, special=True, normalized=False)])
+        pieces.tok.save(str(directory / HF_TOKENIZER_FILE))
+        pieces = load_pieces(directory / HF_TOKENIZER_FILE)
+    else:
+        shutil.copyfile(tokenizer, directory / stored_name(tokenizer))
+    write_json(directory / "tokenizer_config.json", hf_tokenizer_config(pieces, tokens, config))
 
 
 def write_hf(directory: str | Path, params: dict, config: ModelConfig, tokens: TokenSpec,
@@ -294,6 +325,4 @@ def write_hf(directory: str | Path, params: dict, config: ModelConfig, tokens: T
     write_json(directory / "config.json", hf_config(config, tokens))
     write_json(directory / "generation_config.json", hf_generation_config(tokens))
     if tokenizer is not None:
-        shutil.copyfile(tokenizer, directory / TOKENIZER_FILE)
-        write_json(directory / "tokenizer_config.json",
-                    hf_tokenizer_config(Path(tokenizer), tokens, config))
+        write_tokenizer(directory, Path(tokenizer), tokens, config)

@@ -28,7 +28,7 @@ from limajax.convert.table import (
 )
 from limajax.errors import UserError
 from limajax.files import read_json, write_json
-from limajax.tokenizer import TOKENIZER_FILE, check_fits, load_sentencepiece
+from limajax.tokenizer import check_fits, eot_id_for, load_pieces, tokenizer_file
 
 META_KEYS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
              "ffn_dim_multiplier", "norm_eps", "rope_theta", "use_scaled_rope", "max_seq_len",
@@ -166,12 +166,14 @@ def read_meta(input_dir: str | Path, *, tokenizer: str | Path | None = None,
     plan = _check_meta_tensors(config, base_vocab, files, shards, keys)
     tokenizer = _find_meta_tokenizer(input_dir, tokenizer)
     bos, eos = 1, 2  # LLaMA-1/2's; the tokenizer's when there is one
+    eot_id = base_vocab if add_eot else None
     if tokenizer is not None:
-        sp = load_sentencepiece(tokenizer)
-        check_fits(sp, tokenizer, base_vocab, emb.meta)
-        bos, eos = sp.bos_id(), sp.eos_id()
+        pieces = load_pieces(tokenizer)
+        check_fits(pieces, base_vocab, emb.meta)
+        bos, eos = pieces.bos_id, pieces.eos_id
+        eot_id = eot_id_for(pieces, base_vocab) if add_eot else None
 
-    config = converted_config(config, base_vocab, add_eot, dtype)
+    config = converted_config(config, base_vocab, eot_id, dtype)
     params = allocate(config, staging)
     sizes = sizes_for(config, base_vocab)
     for w, layer, key, axis in plan:
@@ -185,9 +187,8 @@ def read_meta(input_dir: str | Path, *, tokenizer: str | Path | None = None,
         # identical output copy; keep it tied so fine-tuning keeps the two equal.
         config = config.replace(tie_embeddings=True)
         del params["output"]
-    eot_id = base_vocab if add_eot else None
-    if add_eot:
-        init_eot(params, config, eot_id)
+    if eot_id is not None:
+        init_eot(params, config, eot_id, base_vocab)
     tokens = token_spec(config, bos, eos, eot_id, str(tokenizer or input_dir))
     return Converted(params, config, tokens, tokenizer)
 
@@ -223,18 +224,16 @@ def _check_meta_tensors(config, base_vocab, files, shards, keys):
 
 
 def _find_meta_tokenizer(input_dir: Path, tokenizer: str | Path | None) -> Path | None:
-    """--tokenizer, else tokenizer.model in the directory or beside it (Meta's download layout)."""
+    """--tokenizer, else the tokenizer file (tokenizer.model or tokenizer.json) in the directory
+    or beside it (Meta's download layout)."""
     if tokenizer is not None:
         tokenizer = Path(tokenizer)
         if tokenizer.is_dir():
-            tokenizer = tokenizer / TOKENIZER_FILE
+            tokenizer = tokenizer_file(tokenizer) or tokenizer / "tokenizer.model"
         if not tokenizer.is_file():
             raise UserError(f"{tokenizer}: not found (--tokenizer)")
         return tokenizer
-    for candidate in (input_dir / TOKENIZER_FILE, input_dir.parent / TOKENIZER_FILE):
-        if candidate.is_file():
-            return candidate
-    return None
+    return tokenizer_file(input_dir) or tokenizer_file(input_dir.parent)
 
 
 # --- writing ----------------------------------------------------------------------------------

@@ -176,17 +176,33 @@ def extract(params: dict, w: Weight, layer: int | None, dst_layout: str,
     return x.reshape(layout_shape(dst_layout, sizes))
 
 
-def init_eot(params: dict, config: ModelConfig, eot_id: int) -> None:
-    """LIMA §3 adds EOT as a new token; its embedding and output rows start at the mean of the
-    existing rows (so it begins as a typical token, not a random or zero one)."""
+# A row whose norm is below this fraction of the median row's never saw a gradient: Llama-3
+# base's special tokens (<|eot_id|> among them) have such near-zero rows.
+UNTRAINED = 1e-3
+
+
+def init_eot(params: dict, config: ModelConfig, eot_id: int, base_vocab: int) -> list[str]:
+    """LIMA §3 adds EOT as a new token: its embedding and output rows start at the mean of the
+    trained rows of the base vocabulary, so it begins as a typical token, not a random or zero
+    one. An existing EOT (Llama 3's <|eot_id|>) whose rows are untrained starts there too.
+    Returns the tensors whose EOT row was set."""
+    done = []
     for w in weights_for(config):
         if "V" not in _letters(w.layout):
             continue
         array = np.moveaxis(_get(params, w.ours), _letters(w.layout).index("V"), 0)
+        norms = np.concatenate([  # in blocks: never a float64 copy of the matrix
+            np.linalg.norm(array[s:s + 4096].astype(np.float64), axis=1)
+            for s in range(0, base_vocab, 4096)])
+        trained = norms > UNTRAINED * np.median(norms)
+        if eot_id < base_vocab and trained[eot_id]:
+            continue
         total = np.zeros(array.shape[1:], np.float64)
-        for start in range(0, eot_id, 4096):  # in blocks: never a float64 copy of the matrix
-            total += array[start:min(start + 4096, eot_id)].sum(0, dtype=np.float64)
-        array[eot_id] = (total / eot_id).astype(array.dtype)
+        for s in range(0, base_vocab, 4096):
+            total += array[s:s + 4096][trained[s:s + 4096]].sum(0, dtype=np.float64)
+        array[eot_id] = (total / trained.sum()).astype(array.dtype)
+        done.append(w.ours)
+    return done
 
 
 class Converted(NamedTuple):
@@ -196,11 +212,12 @@ class Converted(NamedTuple):
     tokenizer: Path | None  # the SentencePiece model to copy into the model directory
 
 
-def converted_config(config: ModelConfig, base_vocab: int, add_eot: bool, dtype: str
+def converted_config(config: ModelConfig, base_vocab: int, eot_id: int | None, dtype: str
                      ) -> ModelConfig:
-    """The model directory's config: the base vocabulary plus LIMA's EOT if added, parameters
-    (and the compute dtype) in the `--dtype` asked for."""
-    return config.replace(vocab_size=base_vocab + int(add_eot), param_dtype=dtype, dtype=dtype)
+    """The model directory's config: the base vocabulary, plus a row for LIMA's EOT if it is a
+    new id; parameters (and the compute dtype) in the `--dtype` asked for."""
+    vocab = base_vocab if eot_id is None else max(base_vocab, eot_id + 1)
+    return config.replace(vocab_size=vocab, param_dtype=dtype, dtype=dtype)
 
 
 def token_spec(config: ModelConfig, bos: int, eos: int, eot_id: int | None, where: str

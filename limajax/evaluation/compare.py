@@ -1,0 +1,84 @@
+"""`limajax compare`: LIMA §4.1's pairwise question for every prompt two sample files share, asked
+of an LLM judge in both orders, each judgment appended to a judgment file as it arrives."""
+
+from __future__ import annotations
+
+import collections
+import time
+
+from limajax.evaluation import judge as judge_lib
+from limajax.evaluation.judgments import (
+    ORDERS,
+    JudgmentFile,
+    combine,
+    pair_samples,
+    read_samples,
+    sha256,
+)
+from limajax.evaluation.verdicts import FIRST, SECOND, parse_pairwise
+
+PAIR_KEY = ("id", "order")
+PAIR_FINGERPRINT = ("judge", "template", "prompt_sha", "a_sha", "b_sha")
+
+
+def to_files(position: str, order: str) -> str:
+    """A verdict naming a position ("A" = shown first) -> one naming the files."""
+    if position not in (FIRST, SECOND):
+        return position
+    return position if order == "AB" else {FIRST: "B", SECOND: "A"}[position]
+
+
+def tally(rows) -> collections.Counter:
+    """Outcomes of the prompts whose orders are all in: {"A": n, "tie": n, "B": n, ...}."""
+    by_id = collections.defaultdict(dict)
+    for row in rows:
+        by_id[row["id"]][row["order"]] = row["verdict"]
+    return collections.Counter(combine(v) for v in by_id.values())
+
+
+def compare(a_path: str, b_path: str, judge: judge_lib.Judge, output: str, *,
+            orders: str = "both", template_path: str | None = None,
+            progress: bool = True) -> dict:
+    """Judge every shared prompt of A and B; returns the outcome counts and the run's figures."""
+    template = judge_lib.load_template("pairwise", template_path)
+    judge.api_key()  # a missing key variable is a mistake to report before anything else
+    pairs = pair_samples(read_samples(a_path), read_samples(b_path), a_path, b_path)
+    out = JudgmentFile(output, PAIR_KEY, PAIR_FINGERPRINT)
+    wanted = ORDERS if orders == "both" else ORDERS[:1]
+    jobs, cached = [], []
+    for sa, sb in pairs:
+        fingerprint = {"judge": judge.model, "template": template.sha,
+                       "prompt_sha": sha256(sa.prompt), "a_sha": sha256(sa.response),
+                       "b_sha": sha256(sb.response)}
+        for order in wanted:
+            if out.check((sa.id, order), fingerprint):
+                cached.append(out.done[(sa.id, order)])
+                continue
+            first, second = (sa, sb) if order == "AB" else (sb, sa)
+            jobs.append(judge_lib.Job(
+                key=(sa.id, order),
+                prompt=template.fill(question=sa.prompt, answer_a=first.response,
+                                     answer_b=second.response),
+                parse=parse_pairwise,
+                record=_recorder(sa.id, order, fingerprint, a_path, b_path,
+                                 len(sa.response), len(sb.response))))
+
+    keys = {(sa.id, o) for sa, _ in pairs for o in wanted}
+
+    def postfix():
+        c = tally(row for k, row in out.done.items() if k in keys)
+        return f"A {c['A']} / tie {c['tie']} / B {c['B']}"
+
+    result = judge_lib.run(jobs, judge, template, out, progress=progress, postfix=postfix)
+    rows = [row for k, row in out.done.items() if k in keys]
+    return {"prompts": len(pairs), "judged": result.done, "cached": len(cached),
+            "retries": result.retries, "unparsed": result.unparsed, "seconds": result.seconds,
+            "outcomes": tally(rows), "torn_line_dropped": out.torn}
+
+
+def _recorder(id_, order, fingerprint, a_path, b_path, len_a, len_b):
+    def record(position, raw, reasks, retries):
+        return {"id": id_, "order": order, "verdict": to_files(position, order), "raw": raw,
+                "reasks": reasks, **fingerprint, "a": a_path, "b": b_path,
+                "len_a": len_a, "len_b": len_b, "retries": retries, "time": time.time()}
+    return record

@@ -1,0 +1,94 @@
+"""People as judges (LIMA §4.1): `limajax annotate` writes one self-contained HTML sheet, and
+`compare --human` turns the labels it exports into judgment lines like an LLM judge's."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from importlib import resources
+
+from limajax.errors import UserError
+from limajax.evaluation.compare import PAIR_FINGERPRINT, PAIR_KEY
+from limajax.evaluation.judgments import JudgmentFile, pair_samples, read_samples, sha256
+from limajax.files import read_json, staged_file
+
+SIDES = ("A", "B")
+
+
+def left_side(seed: int, ident: str) -> str:
+    """Which file's answer the sheet shows on the left for this prompt: drawn from (seed, id)
+    alone, so it is the same however the files are ordered or subset."""
+    return random.Random(f"{seed}:{ident}").choice(SIDES)
+
+
+def _items(a_path, b_path, seed):
+    pairs = pair_samples(read_samples(a_path), read_samples(b_path), a_path, b_path)
+    items = []
+    for sa, sb in pairs:
+        left = left_side(seed, sa.id)
+        shown = (sa, sb) if left == "A" else (sb, sa)
+        items.append({"id": sa.id, "prompt": sa.prompt, "left": left,
+                      "left_text": shown[0].response, "right_text": shown[1].response,
+                      "prompt_sha": sha256(sa.prompt), "a_sha": sha256(sa.response),
+                      "b_sha": sha256(sb.response)})
+    return items
+
+
+def sheet_template() -> str:
+    return resources.files("limajax.evaluation").joinpath("templates/sheet.html").read_text()
+
+
+def annotate(a_path: str, b_path: str, output: str, *, seed: int = 0) -> int:
+    """Write the sheet for every prompt both files answered; returns the number of items."""
+    items = _items(a_path, b_path, seed)
+    page = sheet_template()
+    data = {"a": a_path, "b": b_path, "seed": seed, "items": items}
+    # The sheet's identity: its items and its wording; the browser keeps work under it.
+    data["sheet"] = sha256(json.dumps(data, sort_keys=True) + page)[:16]
+    # "</" inside a <script> block would end it early; "<\/" is the same JSON string.
+    blob = json.dumps(data, ensure_ascii=False).replace("</", "<\\/")
+    with staged_file(output) as f:
+        f.write(page.replace("/*SHEET*/", blob, 1))
+    return len(items)
+
+
+def labels_to_judgments(labels_path: str, a_path: str, b_path: str, output: str) -> int:
+    """Append one judgment per labelled item (order "AB" when A's answer was on the left),
+    checking the labels belong to these sample files; returns how many were new."""
+    labels = read_json(labels_path)
+    for field in ("sheet", "seed", "labels"):
+        if field not in labels:
+            raise UserError(f"{labels_path}: no {field!r}; expected the JSON the sheet exports")
+    items = {it["id"]: it for it in _items(a_path, b_path, labels["seed"])}
+    template = sha256(sheet_template())
+    out = JudgmentFile(output, PAIR_KEY, PAIR_FINGERPRINT)
+    new = 0
+    for k, label in enumerate(labels["labels"]):
+        where = f"{labels_path}: label {k + 1}"
+        ident, choice, left = label.get("id"), label.get("choice"), label.get("left")
+        if ident not in items:
+            raise UserError(f"{where}: id {ident!r} is not a prompt both {a_path} and {b_path} "
+                            "answered")
+        item = items[ident]
+        if left != item["left"]:
+            raise UserError(f"{where}: id {ident!r} was shown with {left} on the left, but seed "
+                            f"{labels['seed']} puts {item['left']} there: a sheet of other files?")
+        if (label.get("a_sha"), label.get("b_sha")) != (item["a_sha"], item["b_sha"]):
+            raise UserError(f"{where}: id {ident!r} was labelled on other answers than those in "
+                            f"{a_path} and {b_path} now")
+        if choice not in ("left", "right", "neither"):
+            raise UserError(f"{where}: choice {choice!r}; expected left, right or neither")
+        order = "AB" if left == "A" else "BA"
+        verdict = {"left": left, "right": "B" if left == "A" else "A", "neither": "tie"}[choice]
+        fingerprint = {"judge": "human", "template": template, "prompt_sha": item["prompt_sha"],
+                       "a_sha": item["a_sha"], "b_sha": item["b_sha"]}
+        if out.check((ident, order), fingerprint):
+            continue
+        out.append({"id": ident, "order": order, "verdict": verdict, "raw": choice,
+                    "reasks": [], **fingerprint, "a": a_path, "b": b_path,
+                    "len_a": len(item["left_text" if left == "A" else "right_text"]),
+                    "len_b": len(item["right_text" if left == "A" else "left_text"]),
+                    "retries": 0, "sheet": labels["sheet"], "time": time.time()})
+        new += 1
+    return new

@@ -1,0 +1,155 @@
+"""Sample files in, judgment files out (DESIGN §3), and how two orders make one outcome.
+
+A judgment file is append-only JSONL, one line per (prompt id, order) for pairwise judgments or
+per (prompt id, sample) for ratings. Each line carries its cache key: the judge model, the
+template's hash and the hashes of the prompt and the answers, so a rerun knows exactly which
+judgments are done and never mixes in one that was asked differently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from pathlib import Path
+
+from limajax.errors import UserError
+from limajax.files import append_jsonl, read_jsonl
+
+ORDERS = ("AB", "BA")  # "AB": file A's answer shown first; "BA": shown second
+VERDICTS = ("A", "B", "tie", "unparsed")  # always naming the files, never the position
+# The fields a pairwise line must have (report reads them; compare writes them all).
+PAIRWISE_FIELDS = ("id", "order", "verdict", "raw", "judge", "template", "prompt_sha", "a_sha",
+                   "b_sha", "a", "b")
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    id: str
+    sample: int
+    conversations: tuple[str, ...]
+    response: str
+    where: str  # file:line, for messages
+
+    @property
+    def prompt(self) -> str:
+        """The prompt as the judge sees it: the question, or the dialogue so far (multi-turn)."""
+        if len(self.conversations) == 1:
+            return self.conversations[0]
+        speakers = ("User", "Assistant")
+        return "\n\n".join(f"{speakers[i % 2]}: {turn}"
+                           for i, turn in enumerate(self.conversations))
+
+
+def read_samples(path: str, *, several_per_id: bool = False) -> dict:
+    """{id: Sample} from a `limajax sample` output file ({(id, sample): Sample} with
+    several_per_id, for `rate` over `sample --num-samples 5`)."""
+    samples: dict = {}
+    for where, _, row in read_jsonl(path):
+        if not isinstance(row, dict):
+            raise UserError(f"{where}: expected a JSON object")
+        for field, kind in (("id", (str, int)), ("conversations", list), ("response", str)):
+            if not isinstance(row.get(field), kind) or isinstance(row.get(field), bool):
+                what = "a string or integer" if field == "id" else kind.__name__
+                raise UserError(f"{where}: expected {field!r} ({what}) as `limajax sample` "
+                                "writes it")
+        if not row["conversations"] or not all(isinstance(t, str) for t in row["conversations"]):
+            raise UserError(f"{where}: 'conversations' must be a non-empty list of strings")
+        index = row.get("sample", 0)
+        if not isinstance(index, int) or isinstance(index, bool):
+            raise UserError(f"{where}: 'sample' must be an integer")
+        s = Sample(str(row["id"]), index, tuple(row["conversations"]), row["response"], where)
+        key = (s.id, s.sample) if several_per_id else s.id
+        if key in samples:
+            what = f"id {s.id!r} sample {s.sample}" if several_per_id else f"id {s.id!r}"
+            hint = "" if several_per_id else " (compare takes one answer per prompt)"
+            raise UserError(f"{where}: {what} repeats {samples[key].where}{hint}")
+        samples[key] = s
+    if not samples:
+        raise UserError(f"{path}: no samples")
+    return samples
+
+
+def pair_samples(a: dict, b: dict, a_path: str, b_path: str) -> list[tuple[Sample, Sample]]:
+    """The prompts both files answered, in A's order; their prompts must be the same."""
+    pairs = [(sa, b[i]) for i, sa in a.items() if i in b]
+    if not pairs:
+        raise UserError(f"{a_path} and {b_path} have no prompt id in common (ids like "
+                        f"{next(iter(a))!r} vs {next(iter(b))!r})")
+    for sa, sb in pairs:
+        if sa.conversations != sb.conversations:
+            raise UserError(f"{sb.where}: id {sa.id!r} has another prompt than {sa.where}")
+    return pairs
+
+
+def drop_torn_last_line(path: str) -> bool:
+    """A process killed while appending can leave a last line without its newline: cut it off
+    (it was never a finished judgment). True if something was cut."""
+    p = Path(path)
+    if not p.is_file() or p.stat().st_size == 0:
+        return False
+    with p.open("rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return False
+        data = p.read_bytes()
+        f.truncate(data.rfind(b"\n") + 1)
+    return True
+
+
+class JudgmentFile:
+    """The judgments already in an output file, by key, and appending new ones.
+
+    `key_fields` name the fields that identify one judgment ("id", "order" or "id", "sample");
+    `fingerprint` fields must match for a line to count as the same judgment asked the same way.
+    """
+
+    def __init__(self, path: str, key_fields: tuple[str, ...], fingerprint: tuple[str, ...]):
+        self.path, self.key_fields, self.fingerprint = path, key_fields, fingerprint
+        self.done: dict[tuple, dict] = {}
+        self.where: dict[tuple, str] = {}
+        self.torn = drop_torn_last_line(path)
+        if not Path(path).exists():
+            return
+        for where, _, row in read_jsonl(path):
+            if not isinstance(row, dict) or any(f not in row for f in key_fields + fingerprint):
+                raise UserError(f"{where}: not a judgment (expected the fields "
+                                f"{', '.join(key_fields + fingerprint)})")
+            key = tuple(str(row[f]) for f in key_fields)
+            if key in self.done:
+                raise UserError(f"{where}: repeats the judgment of {self.where[key]}")
+            self.done[key], self.where[key] = row, where
+
+    def check(self, key: tuple, expected: dict) -> bool:
+        """True if `key` is already judged with exactly `expected`'s judge, template and hashes;
+        a line judged another way is refused rather than silently mixed in."""
+        row = self.done.get(key)
+        if row is None:
+            return False
+        differs = [f for f in self.fingerprint if row[f] != expected[f]]
+        if differs:
+            which = dict(zip(self.key_fields, key, strict=True))
+            raise UserError(f"{self.where[key]}: {which} was judged with another "
+                            f"{', '.join(differs)}; write these judgments to another --output")
+        return True
+
+    def append(self, row: dict) -> None:
+        append_jsonl(self.path, row)
+        key = tuple(str(row[f]) for f in self.key_fields)
+        self.done[key] = row
+
+
+def combine(by_order: dict[str, str]) -> str:
+    """One outcome per prompt from its judgments in both orders (FastChat MT-Bench's rule):
+    A if A wins both, B if B wins both, a tie otherwise; a single order counts as it is; a
+    verdict that could not be read makes the prompt `unparsed`, never a guess."""
+    verdicts = list(by_order.values())
+    if "unparsed" in verdicts:
+        return "unparsed"
+    if len(set(verdicts)) == 1:
+        return verdicts[0]
+    return "tie"

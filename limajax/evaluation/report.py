@@ -1,0 +1,192 @@
+"""`limajax report`: judgment files -> a Markdown table, a chart in the manner of LIMA's
+Figure 1 and SUMMARY.json (DESIGN §3: one object per comparison under "comparisons")."""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from pathlib import Path
+
+from limajax.errors import UserError
+from limajax.evaluation import stats
+from limajax.evaluation.judgments import PAIRWISE_FIELDS, VERDICTS
+from limajax.files import read_jsonl, staged_file, write_json
+
+
+def read_judgments(paths: list[str]) -> dict:
+    """{(a, b): {(judge, template): [rows]}}, every line checked; `where` added to each row."""
+    groups: dict = collections.defaultdict(lambda: collections.defaultdict(list))
+    seen: dict = {}
+    for path in paths:
+        for where, _, row in read_jsonl(path):
+            if not isinstance(row, dict) or any(f not in row for f in PAIRWISE_FIELDS):
+                raise UserError(f"{where}: not a pairwise judgment (expected the fields "
+                                f"{', '.join(PAIRWISE_FIELDS)})")
+            if row["verdict"] not in VERDICTS or row["order"] not in ("AB", "BA"):
+                raise UserError(f"{where}: verdict {row['verdict']!r} / order {row['order']!r}; "
+                                f"expected one of {VERDICTS} / AB, BA")
+            judge = (row["judge"], row["template"])
+            key = (row["a"], row["b"], judge, str(row["id"]), row["order"])
+            if key in seen:
+                raise UserError(f"{where}: repeats the judgment of {seen[key]}")
+            seen[key] = where
+            groups[(row["a"], row["b"])][judge].append({**row, "where": where})
+    if not groups:
+        raise UserError(f"{', '.join(paths)}: no judgments")
+    return groups
+
+
+def _check_one_judge(comparison, judges: dict) -> None:
+    if len(judges) > 1:
+        (j1, r1), (j2, r2) = list(judges.items())[:2]
+        raise UserError(
+            f"{r2[0]['where']}: {comparison[0]} vs {comparison[1]} is judged by "
+            f"{j2[0]} (template {j2[1][:12]}) here but by {j1[0]} (template {j1[1][:12]}) at "
+            f"{r1[0]['where']}; pass --agreement to compare the judges, or report them apart")
+
+
+def _check_same_answers(rows: list[dict]) -> None:
+    """Both orders of a prompt must have judged the same prompt and answers."""
+    first: dict = {}
+    for row in rows:
+        sig = (row["prompt_sha"], row["a_sha"], row["b_sha"])
+        f = first.setdefault(str(row["id"]), (sig, row["where"]))
+        if f[0] != sig:
+            raise UserError(f"{row['where']}: id {row['id']!r} judged other answers than at "
+                            f"{f[1]}")
+
+
+def build(paths: list[str], *, agreement: bool = False, resamples: int = 2000,
+          seed: int = 0) -> dict:
+    """The summary: one entry per (comparison, judge), and the judges' agreement."""
+    if resamples < 2000:
+        raise UserError(f"--resamples {resamples}: use at least 2000 for a stable 95% interval")
+    comparisons, agreements = [], []
+    for (a, b), judges in read_judgments(paths).items():
+        if not agreement:
+            _check_one_judge((a, b), judges)
+        prompts_by_judge = {}
+        for (judge, template), rows in judges.items():
+            _check_same_answers(rows)
+            ps = stats.prompts(rows)
+            prompts_by_judge[(judge, template)] = ps
+            comparisons.append({"a": a, "b": b, "judge": judge, "template": template,
+                                **stats.summarize(ps, resamples=resamples, seed=seed)})
+        for j1, j2 in itertools.combinations(prompts_by_judge, 2):
+            agreements.append({"a": a, "b": b, "judges": [j1[0], j2[0]],
+                               "templates": [j1[1], j2[1]],
+                               **stats.agreement(prompts_by_judge[j1], prompts_by_judge[j2])})
+    return {"comparisons": comparisons, "agreement": agreements}
+
+
+def name(path: str) -> str:
+    return Path(path).name.removesuffix(".jsonl")
+
+
+def _pct(x, ci=None) -> str:
+    if x is None or x != x:
+        return "-"
+    return f"{x:.1f}%" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
+
+
+def markdown(summary: dict) -> str:
+    lines = ["# Pairwise evaluation", "",
+             "Outcome per prompt over both orders (A if A wins both, B if B wins both, a tie "
+             "otherwise; LIMA §4.1, FastChat's rule). Shares are of the prompts with a "
+             "readable verdict; [95% bootstrap interval over prompts, "
+             f"{summary['comparisons'][0]['resamples']:,} resamples, seed "
+             f"{summary['comparisons'][0]['seed']}].", "",
+             "| A | B | judge | prompts | A wins | tie | B wins | A as good or better | "
+             "unparsed | orders disagree |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in summary["comparisons"]:
+        p, ci, d = c["percent"], c["ci95"], c["position_disagreement"]
+        rate = ("-" if d["rate"] is None else
+                f"{100 * d['rate']:.1f}% of {d['prompts_with_both_orders']}")
+        lines.append(f"| {name(c['a'])} | {name(c['b'])} | {c['judge']} | {c['n']} | "
+                     f"{_pct(p['a_wins'], ci['a_wins'])} | {_pct(p['ties'], ci['ties'])} | "
+                     f"{_pct(p['b_wins'], ci['b_wins'])} | "
+                     f"{_pct(c['as_good_or_better']['percent'], c['as_good_or_better']['ci95'])} | "
+                     f"{c['counts']['unparsed']} | {rate} |")
+    lines += ["", "## Length (characters)", "",
+              "| A | B | judge | mean length A | mean length B | A longer: A wins / tie / B wins "
+              "| B longer: A wins / tie / B wins |", "|---|---|---|---|---|---|---|"]
+    for c in summary["comparisons"]:
+        L = c["length"]
+
+        def split(s):
+            return ("-" if not s["n"] else
+                    f"{_pct(s['a_wins'])} / {_pct(s['ties'])} / {_pct(s['b_wins'])} (n={s['n']})")
+
+        def mean(v):
+            return "-" if v is None else f"{v:,.0f}"
+
+        lines.append(f"| {name(c['a'])} | {name(c['b'])} | {c['judge']} | "
+                     f"{mean(L['mean_len_a'])} | {mean(L['mean_len_b'])} | "
+                     f"{split(L['a_longer'])} | {split(L['b_longer'])} |")
+    if summary["agreement"]:
+        lines += ["", "## Agreement between judges", "",
+                  "Tie-discounted accuracy (LIMA §4.1): 1 if both agree, 0.5 if exactly one says "
+                  "tie, 0 otherwise, over the prompts both judged.", "",
+                  "| A | B | judges | prompts | agreement |", "|---|---|---|---|---|"]
+        for g in summary["agreement"]:
+            acc = "-" if g["tie_discounted_accuracy"] is None else \
+                f"{100 * g['tie_discounted_accuracy']:.1f}%"
+            lines.append(f"| {name(g['a'])} | {name(g['b'])} | {' vs '.join(g['judges'])} | "
+                         f"{g['n']} | {acc} |")
+    return "\n".join(lines) + "\n"
+
+
+FIGURE_WIDTH_IN, BAR_HEIGHT_IN, DPI = 8.0, 0.6, 100
+
+
+def figure_size(bars: int) -> tuple[int, int]:
+    """The chart's size in pixels for this many bars (tests check it)."""
+    return int(FIGURE_WIDTH_IN * DPI), int((1.4 + BAR_HEIGHT_IN * bars) * DPI)
+
+
+def plot(summary: dict, path: str) -> None:
+    """A horizontal stacked bar per comparison, A wins / tie / B wins, as LIMA's Figure 1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cs = summary["comparisons"]
+    width, height = figure_size(len(cs))
+    fig, ax = plt.subplots(figsize=(width / DPI, height / DPI), dpi=DPI)
+    labels = [f"{name(c['a'])} vs {name(c['b'])}" + (f" ({c['judge']})" if len(
+        {x["judge"] for x in cs}) > 1 else "") for c in cs]
+    left = [0.0] * len(cs)
+    for key, label, color in (("a_wins", "A wins", "#4c72b0"), ("ties", "Tie", "#c7c7c7"),
+                              ("b_wins", "B wins", "#dd8452")):
+        values = [c["percent"][key] if c["percent"][key] == c["percent"][key] else 0.0
+                  for c in cs]
+        bars = ax.barh(labels, values, left=left, color=color, label=label, height=0.6)
+        for bar, v in zip(bars, values, strict=True):
+            if v >= 6:
+                ax.text(bar.get_x() + bar.get_width() / 2, bar.get_y() + bar.get_height() / 2,
+                        f"{v:.0f}%", ha="center", va="center", fontsize=9)
+        left = [x + v for x, v in zip(left, values, strict=True)]
+    ax.set_xlim(0, 100)
+    ax.invert_yaxis()
+    ax.set_xlabel("% of prompts (A = the first sample file)")
+    ax.legend(ncol=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    fig.tight_layout()
+    with staged_file(path) as f:
+        f.close()  # staged_file's text handle is not for binary: matplotlib writes its path
+        fig.savefig(f.name, format="png", dpi=DPI)
+    plt.close(fig)
+
+
+def report(paths: list[str], output: str, *, plot_path: str | None = None,
+           json_path: str | None = None, agreement: bool = False, resamples: int = 2000,
+           seed: int = 0) -> dict:
+    summary = build(paths, agreement=agreement, resamples=resamples, seed=seed)
+    with staged_file(output) as f:
+        f.write(markdown(summary))
+    if plot_path:
+        plot(summary, plot_path)
+    if json_path:
+        write_json(json_path, summary)
+    return summary
