@@ -135,9 +135,11 @@ def write_model_dir(directory: str | Path, params, config: ModelConfig, tokens: 
 
 
 def save_model_dir(model_dir: str | Path, params, config: ModelConfig, tokens: TokenSpec,
-                   tokenizer: str | Path | None = None, *, overwrite: bool = False) -> Path:
-    """Write a complete model directory atomically (see module docstring)."""
-    with staged_dir(model_dir, marker=MODEL_FILE, overwrite=overwrite) as tmp:
+                   tokenizer: str | Path | None = None, *, overwrite: bool = False,
+                   command: str) -> Path:
+    """Write a complete model directory atomically (see module docstring); `command` is what
+    the directory records as having made it (files.staged_dir)."""
+    with staged_dir(model_dir, command=command, overwrite=overwrite) as tmp:
         write_model_dir(tmp, params, config, tokens, tokenizer)
     return Path(model_dir)
 
@@ -216,11 +218,11 @@ def load_for_inference(source: str | Path, mesh: jax.sharding.Mesh, *,
 
 
 def save_epoch_model_dir(workdir: str | Path, epoch: int, output: str | Path, *,
-                         overwrite: bool = False) -> Path:
+                         overwrite: bool = False, command: str) -> Path:
     """A model directory (the format `convert` writes) from the checkpoint ending `epoch`."""
     params, config, tokens, tokenizer = load_model(workdir, epoch=epoch)
     return save_model_dir(output, jax.device_get(params), config, tokens, tokenizer,
-                          overwrite=overwrite)
+                          overwrite=overwrite, command=command)
 
 
 # --- a training run's starting point (`train --init`) ---------------------------------------------

@@ -10,6 +10,8 @@ import click
 
 from limajax.errors import UserError
 
+DOES_NOT_FIT = 3  # `plan`'s answer "no", apart from 1 (a bug) and 2 (a user's mistake)
+
 
 def user_errors(fn):
     """Turn a UserError into `error: ...` and exit code 2 (DESIGN §3); anything else is a bug."""
@@ -77,9 +79,17 @@ def main():
 @click.option("--add-eot/--no-add-eot", default=True, show_default=True,
               help="Add LIMA's end-of-turn token (id = the base vocabulary size; its rows start "
               "as the mean of the others).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --output model directory.")
+@click.option("--max-seq-len", type=click.IntRange(min=1), default=None,
+              help="Context length (default: config.json's; for Meta, the family's: LLaMA-1 "
+              "2048, Llama-2 4096, Llama-3 8192, Llama-3.1 131072).")
+@click.option("--no-tokenizer", is_flag=True,
+              help="Convert without a tokenizer.model (score and train --init refuse such a "
+              "model; export works).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing --output that an earlier convert made (nothing else).")
 @user_errors
-def convert(source, input_dir, tokenizer, output, dtype, add_eot, overwrite):
+def convert(source, input_dir, tokenizer, output, dtype, add_eot, max_seq_len, no_tokenizer,
+            overwrite):
     """LLaMA weights -> a limajax model directory (params/, model.json, tokens.json, tokenizer).
 
     Tensors are streamed one at a time, so memory stays near one merged tensor; disk needs
@@ -91,16 +101,15 @@ def convert(source, input_dir, tokenizer, output, dtype, add_eot, overwrite):
 
     config, tokens, found = convert_lib.convert(source, input_dir, output, tokenizer=tokenizer,
                                                 dtype=dtype, add_eot=add_eot,
-                                                overwrite=overwrite)
+                                                overwrite=overwrite, max_seq_len=max_seq_len,
+                                                no_tokenizer=no_tokenizer)
     if found is None:
-        click.echo(f"notice: no tokenizer in or beside {input_dir}; the model directory "
-                   "has none (pass --tokenizer)" if source == "meta" else
-                   f"notice: {input_dir} has no tokenizer; the model directory has none",
-                   err=True)
+        click.echo(f"notice: --no-tokenizer: the model directory has no tokenizer; BOS "
+                   f"{tokens.bos_id} and EOS {tokens.eos_id} are assumed", err=True)
     eot = f", EOT {tokens.eot_id}" if tokens.eot_id is not None else ", no EOT"
     click.echo(f"wrote {output}: {config.n_params / 1e6:,.1f}M parameters ({dtype}), "
                f"{config.n_layers} layers, vocabulary {tokens.vocab_size}{eot} "
-               f"(padded to {tokens.padded_vocab_size})")
+               f"(padded to {tokens.padded_vocab_size}), context {config.max_seq_len:,}")
 
 
 @main.command()
@@ -112,7 +121,9 @@ def convert(source, input_dir, tokenizer, output, dtype, add_eot, overwrite):
               help="New checkpoint directory (built beside it, renamed when complete).")
 @click.option("--shards", default=1, show_default=True, type=click.IntRange(min=1),
               help="(meta) model-parallel shards to split the tensors into.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --output checkpoint.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing --output that an earlier export --to the same format made "
+              "(nothing else).")
 @user_errors
 def export(target, model_dir, workdir, epoch, output, shards, overwrite):
     """A model directory, or a training epoch, -> a Hugging Face or Meta checkpoint
@@ -210,7 +221,8 @@ def data_inspect(data_dir, tokenizer_path, max_len, train_on_prompts, plot, batc
 @click.option("--output", "output_path", required=True, type=click.Path(path_type=str),
               help='JSONL rows adding "token_ids", "logprobs", "nll" and "ppl".')
 @click.option("--mesh", default="1x1", show_default=True, help="DATAxMODEL device mesh.")
-@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Texts per forward pass (rounded up to a multiple of the mesh's data axis).")
 @user_errors
 def score(model_dir, workdir, epoch, input_path, output_path, mesh, batch_size):
     """Log-probability of every token of each text, and its perplexity (LIMA App. B).
@@ -247,6 +259,8 @@ def score(model_dir, workdir, epoch, input_path, output_path, mesh, batch_size):
 @click.option("--tokenizer", default=None, type=click.Path(path_type=str),
               help="tokenizer.model or tokenizer.json for a randomly initialised model "
               "(no --init).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="Epochs to train (default: the recipe's; LIMA §3: 15).")
 @click.option("--save-every-steps", type=click.IntRange(min=1), default=None,
               help="Also checkpoint every N steps (one checkpoint per epoch always).")
 @click.option("--peak-flops", type=float, default=None,
@@ -254,12 +268,15 @@ def score(model_dir, workdir, epoch, input_path, output_path, mesh, batch_size):
               "a measured matmul rate).")
 @click.option("--coordinator", default=None, metavar="HOST:PORT",
               help="Multi-host: the address of process 0.")
-@click.option("--num-processes", type=click.IntRange(min=1), default=None)
-@click.option("--process-id", type=click.IntRange(min=0), default=None)
-@click.option("--progress/--no-progress", default=True, help="Show a progress bar per epoch.")
+@click.option("--num-processes", type=click.IntRange(min=1), default=None,
+              help="Multi-host: how many processes share the mesh (with --coordinator).")
+@click.option("--process-id", type=click.IntRange(min=0), default=None,
+              help="Multi-host: this process's index, 0 to --num-processes - 1.")
+@click.option("--progress/--no-progress", default=True, show_default=True,
+              help="Show a progress bar per epoch.")
 @user_errors
-def train(config_path, mesh, init, data_dir, workdir, overrides, tokenizer, save_every_steps,
-          peak_flops, coordinator, num_processes, process_id, progress):
+def train(config_path, mesh, init, data_dir, workdir, overrides, tokenizer, epochs,
+          save_every_steps, peak_flops, coordinator, num_processes, process_id, progress):
     """Fine-tune with LIMA's recipe (LIMA §3): 15 epochs, AdamW, lr 1e-5 -> 1e-6, depth-wise
     residual dropout, a checkpoint after every epoch.
 
@@ -271,7 +288,8 @@ def train(config_path, mesh, init, data_dir, workdir, overrides, tokenizer, save
     from limajax.config import load_recipe
 
     config = load_recipe(config_path, overrides, mesh=mesh, init=init, tokenizer=tokenizer,
-                         save_every_steps=save_every_steps, data={"path": data_dir})
+                         epochs=epochs, save_every_steps=save_every_steps,
+                         data={"path": data_dir})
     sharding.start(config.mesh, coordinator, num_processes, process_id)
     from limajax import train as train_lib
 
@@ -296,7 +314,7 @@ def train(config_path, mesh, init, data_dir, workdir, overrides, tokenizer, save
 def plan(config_path, mesh, device_memory, seq_len, overrides):
     """Compile the real train step ahead of time on simulated devices and print its memory per
     device (parameters, optimiser state, compiler temporaries) against --device-memory, beside
-    an analytic estimate. Exit code 1 if it does not fit.
+    an analytic estimate. Exit code 3 if it does not fit.
 
     Example: limajax plan --config configs/lima_65b.py --mesh 8x8 --device-memory 32GiB
     """
@@ -310,7 +328,7 @@ def plan(config_path, mesh, device_memory, seq_len, overrides):
     report = plan_lib.plan(config, plan_lib.parse_bytes(device_memory), seq_len=seq_len)
     click.echo(report.format())
     if not report.fits:
-        sys.exit(1)
+        sys.exit(DOES_NOT_FIT)
 
 
 # --- compare / rate / report: LIMA §4's evaluation (limajax.evaluation) -------------------------
@@ -530,7 +548,8 @@ def report(paths, output, plot_path, json_path, agreement, resamples, seed):
               type=click.Path(path_type=str), help="Where every step writes its output.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="Fine-tuning epochs (default: configs/tiny.py's).")
-@click.option("--overwrite", is_flag=True, help="Delete an existing --workdir first.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing --workdir that an earlier demo made (nothing else).")
 @user_errors
 def demo(workdir, epochs, overwrite):
     """The whole pipeline on a tiny model and the embedded sample data, on a laptop CPU.

@@ -1,8 +1,10 @@
 """Configs as frozen dataclasses: the LLaMA architecture (ModelConfig + PRESETS).
 
 Sizes come from Meta's params.json files (reference/lima-and-llama.md §5.1); derived values
-(head_dim, the feed-forward size by Meta's `multiple_of` rule) are resolved in __post_init__
-so a config read back from JSON equals the one that wrote it.
+(n_kv_heads, head_dim, the feed-forward size by Meta's `multiple_of` rule) are resolved in
+__post_init__ so a config read back from JSON equals the one that wrote it. A config remembers
+which of them it derived, and `replace` derives those again from the new sizes: widening `dim`
+widens the heads and the feed-forward, and more heads on full attention stay full attention.
 """
 
 from __future__ import annotations
@@ -10,7 +12,11 @@ from __future__ import annotations
 import ast
 import dataclasses
 import math
+import os
 import runpy
+import traceback
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +27,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 VOCAB_MULTIPLE = 128  # padded vocabulary divides by any model-axis size up to 128
 REMAT_POLICIES = ("none", "full", "dots")
 ATTENTION_KERNELS = ("auto", "xla", "cudnn", "pallas", "splash")  # limajax/attention.py
+DERIVED = ("n_kv_heads", "head_dim", "ffn_dim")  # ModelConfig sizes that None derives
 
 
 @dataclass(frozen=True)
@@ -31,6 +38,34 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+
+
+def pad_vocab(size: int, multiple: int = VOCAB_MULTIPLE) -> int:
+    """The smallest multiple of `multiple` that holds `size` ids: the embedding's row count (the
+    one rule for the padded vocabulary, review R2)."""
+    return -(-size // multiple) * multiple
+
+
+def check_types(obj, where: str) -> None:
+    """Each field of a config dataclass holds its declared type (an int is a float too), so a
+    recipe's `lr="3e-3"` is named here rather than failing deep inside a comparison."""
+    hints = typing.get_type_hints(type(obj))
+    for field in dataclasses.fields(obj):
+        value, hint = getattr(obj, field.name), hints[field.name]
+        allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        if hint is Any or (value is None and type(None) in allowed):
+            continue
+        if not any(_is_a(value, t) for t in allowed if t is not type(None)):
+            names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
+            raise UserError(f"{where}: {field.name} must be {names}, got {value!r}")
+
+
+def _is_a(value, t) -> bool:
+    if t is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if t is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, t)
 
 
 def meta_ffn_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
@@ -67,9 +102,15 @@ class ModelConfig:
         def bad(msg):
             raise UserError(f"model config: {msg}")
 
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        check_types(self, "model config")
         for name in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+            if getattr(self, name) <= 0:
                 bad(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        # Not a field: equality, hashing and JSON see the resolved sizes only.
+        object.__setattr__(self, "_derived", frozenset(
+            name for name in DERIVED if getattr(self, name) is None))
         if self.n_kv_heads is None:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
         if self.head_dim is None:
@@ -79,8 +120,6 @@ class ModelConfig:
         if self.ffn_dim is None:
             ffn = meta_ffn_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
             object.__setattr__(self, "ffn_dim", ffn)
-        if isinstance(self.rope_scaling, dict):
-            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
         if self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads:
             bad(f"n_heads {self.n_heads} must be a multiple of n_kv_heads {self.n_kv_heads} "
                 "(grouped-query attention shares each K/V head among whole groups of heads)")
@@ -97,7 +136,7 @@ class ModelConfig:
 
     @property
     def padded_vocab_size(self) -> int:
-        return self.vocab_multiple * math.ceil(self.vocab_size / self.vocab_multiple)
+        return pad_vocab(self.vocab_size, self.vocab_multiple)
 
     @property
     def n_params(self) -> int:
@@ -109,7 +148,9 @@ class ModelConfig:
         return self.n_layers * layer + embed + d
 
     def replace(self, **changes) -> ModelConfig:
-        return dataclasses.replace(self, **changes)
+        """A copy with `changes`; the sizes this config derived are derived again (R1)."""
+        rederive = {name: None for name in self._derived if name not in changes}
+        return dataclasses.replace(self, **rederive, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -170,6 +211,7 @@ class OptimConfig:
     warmup_steps: int = 0  # LIMA §3: no warm-up
 
     def __post_init__(self):
+        check_types(self, "optim")
         if self.lr <= 0 or self.end_lr < 0:
             raise UserError(f"optim: lr must be > 0 and end_lr >= 0, got {self.lr}, {self.end_lr}")
         if self.clip_norm is not None and self.clip_norm <= 0:
@@ -191,6 +233,7 @@ class DataConfig:
     seed: int = 0  # shuffling
 
     def __post_init__(self):
+        check_types(self, "data")
         if self.batch_size <= 0:
             raise UserError(f"data: batch_size must be positive, got {self.batch_size}")
         if self.micro_batch_size is not None and (
@@ -228,6 +271,7 @@ class TrainConfig:
         for name, cls in (("optim", OptimConfig), ("data", DataConfig)):
             if isinstance(getattr(self, name), dict):
                 object.__setattr__(self, name, _from_dict(cls, getattr(self, name), name))
+        check_types(self, "train config")
         if self.epochs <= 0:
             raise UserError(f"epochs must be positive, got {self.epochs}")
         if not 0.0 <= self.dropout < 1.0:
@@ -299,16 +343,29 @@ def _replace_path(obj, path: list[str], text: str, key: str):
         if dataclasses.is_dataclass(current):
             raise UserError(f"--set {key}: {path[0]!r} is a section; set one of its keys")
         value = _parse_value(text, current, key)
-    return dataclasses.replace(obj, **{path[0]: value})
+    try:
+        if isinstance(obj, ModelConfig):
+            return obj.replace(**{path[0]: value})
+        return dataclasses.replace(obj, **{path[0]: value})
+    except UserError as e:
+        raise UserError(f"--set {key}={text}: {e}") from None
 
 
 def load_recipe(path: str, overrides: list[str] | tuple[str, ...] = (), **fields) -> TrainConfig:
     """Run a recipe file from configs/ and return its `config` (a TrainConfig), with `fields`
     (values from command-line flags, a dict for a section's; None means "the recipe's") and
-    then the `--set` overrides applied."""
+    then the `--set` overrides applied. Any error in the file (Python's or a config's check) is
+    the user's: one line naming the file and line (newcomer F7)."""
     if not Path(path).is_file():
         raise UserError(f"--config {path}: no such file")
-    namespace = runpy.run_path(path)
+    try:
+        namespace = runpy.run_path(path)
+    except SyntaxError as e:
+        raise UserError(f"{path}:{e.lineno}: {e.msg}") from None
+    except UserError as e:
+        raise UserError(f"{path}:{_recipe_line(e, path)}: {e}") from None
+    except Exception as e:  # a recipe is the user's Python: its mistakes are theirs to fix
+        raise UserError(f"{path}:{_recipe_line(e, path)}: {type(e).__name__}: {e}") from None
     config = namespace.get("config")
     if not isinstance(config, TrainConfig):
         raise UserError(f"--config {path}: the file must define `config = TrainConfig(...)`")
@@ -319,3 +376,12 @@ def load_recipe(path: str, overrides: list[str] | tuple[str, ...] = (), **fields
         if value is not None:
             config = dataclasses.replace(config, **{name: value})
     return apply_overrides(config, overrides)
+
+
+def _recipe_line(error: BaseException, path: str) -> int | str:
+    """The line of the recipe file where `error` was raised (its innermost frame there)."""
+    line, target = "?", os.path.realpath(path)
+    for frame, lineno in traceback.walk_tb(error.__traceback__):
+        if os.path.realpath(frame.f_code.co_filename) == target:
+            line = lineno
+    return line

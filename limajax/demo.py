@@ -23,7 +23,7 @@ from limajax import convert, data, scoring, train
 from limajax.checkpoint import save_epoch_model_dir
 from limajax.config import load_recipe
 from limajax.errors import UserError
-from limajax.files import staged_dir
+from limajax.files import check_replaceable, mark_output, staged_dir
 from limajax.model import Llama
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
@@ -55,11 +55,11 @@ def run_demo(workdir: str | Path, *, epochs: int | None = None, overwrite: bool 
     """Run every step into `workdir`; returns the figures it printed."""
     tiny = recipe()
     workdir = Path(workdir)
+    check_replaceable(workdir, overwrite=overwrite, command="demo")
     if workdir.exists():
-        if not overwrite:
-            raise UserError(f"{workdir}: already exists (pass --overwrite to start again)")
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
+    mark_output(workdir, "demo")  # first, so --overwrite may replace even a run cut short
     figures = {}
 
     banner("1. a tokenizer trained on the embedded sample dialogues")
@@ -71,7 +71,7 @@ def run_demo(workdir: str | Path, *, epochs: int | None = None, overwrite: bool 
     base_config = tiny.model.replace(vocab_size=512)  # the tokenizer's pieces; EOT comes next
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(
         nnx.state(Llama(base_config, rngs=nnx.Rngs(0)), nnx.Param)))
-    with staged_dir(workdir / "meta", marker="params.json") as tmp:
+    with staged_dir(workdir / "meta", command="demo") as tmp:
         convert.write_meta(tmp, params, base_config, n_shards=2)
         shutil.copyfile(workdir / "tokenizer.model", tmp / "tokenizer.model")
 
@@ -103,7 +103,7 @@ def run_demo(workdir: str | Path, *, epochs: int | None = None, overwrite: bool 
     figures.update(first_loss=metrics[0]["loss"], last_loss=metrics[-1]["loss"])
 
     banner("8. the last epoch as a model directory, scored on the same prompts")
-    save_epoch_model_dir(workdir / "run", run.epochs, workdir / "lima")
+    save_epoch_model_dir(workdir / "run", run.epochs, workdir / "lima", command="demo")
     after = scoring.score_file(workdir / "lima", prompts, workdir / "scores-lima.jsonl", "1x1")
     figures.update(ppl_before=before["ppl"], ppl_after=after["ppl"])
     print(f"training loss {figures['first_loss']:.3f} -> {figures['last_loss']:.3f}; "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -62,10 +63,25 @@ def write_json(path: str | Path, obj) -> None:
         f.write(json.dumps(obj, indent=2) + "\n")
 
 
+def json_line(obj) -> str:
+    """One line of strict JSON (RFC 8259): a NaN or infinite float becomes null, which jq and
+    JavaScript read, where Python's default writes a bare NaN they reject (review R4)."""
+    def strict(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: strict(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [strict(v) for v in x]
+        return x
+
+    return json.dumps(strict(obj), ensure_ascii=False, allow_nan=False) + "\n"
+
+
 def append_jsonl(path: str | Path, row: dict) -> None:
     """Append one row to a JSONL file (a crash loses at most the row being written)."""
     with Path(path).open("a", encoding="utf-8") as f:
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.write(json_line(row))
 
 
 @contextlib.contextmanager
@@ -81,25 +97,65 @@ def staged_file(path: str | Path) -> Iterator[IO[str]]:
         tmp.unlink(missing_ok=True)
 
 
+OUTPUT_MARKER = ".limajax-output.json"  # {"command": ...}: which command made a directory
+
+
+def check_replaceable(final: str | Path, *, overwrite: bool, command: str) -> None:
+    """An existing `final` may be replaced only with `overwrite`, and only if it is empty or an
+    earlier run of the same `command` made it (its OUTPUT_MARKER says so), so a mistyped
+    --output or --workdir never deletes someone's files (newcomer F1)."""
+    final = Path(final)
+    if not (final.exists() or final.is_symlink()):
+        return
+    if not overwrite:
+        raise UserError(f"{final}: already exists (pass --overwrite to replace it)")
+    if not final.is_dir() or final.is_symlink() or (
+            any(final.iterdir()) and made_by(final) != command):
+        raise UserError(f"{final}: refusing to replace it: it is not an earlier output of "
+                        f"`limajax {command}` (delete it yourself if you mean to)")
+
+
+def made_by(directory: Path) -> str | None:
+    """The command recorded in a directory's OUTPUT_MARKER, or None."""
+    try:
+        return json.loads((directory / OUTPUT_MARKER).read_text()).get("command")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def mark_output(directory: str | Path, command: str) -> None:
+    (Path(directory) / OUTPUT_MARKER).write_text(json.dumps({"command": command}) + "\n")
+
+
+def share_like_umask(root: Path) -> None:
+    """Give a finished output the permissions the user's umask gives new files: mkdtemp and
+    some writers (safetensors) create owner-only ones, which others on a cluster cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    root.chmod(0o777 & ~umask)
+    for parent, dirs, files in os.walk(root):
+        for name in dirs:
+            (Path(parent) / name).chmod(0o777 & ~umask)
+        for name in files:
+            (Path(parent) / name).chmod(0o666 & ~umask)
+
+
 @contextlib.contextmanager
-def staged_dir(final: str | Path, *, marker: str, overwrite: bool = False) -> Iterator[Path]:
+def staged_dir(final: str | Path, *, command: str, overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty temporary directory beside `final`; rename it to `final` on success.
 
     On any error the temporary directory is removed and `final` is untouched. An existing
-    `final` is replaced only with `overwrite`, and only if it is empty or holds `marker` (it
-    looks like an earlier output), so a mistyped --output never deletes someone's files.
+    `final` is replaced only as `check_replaceable` allows; the new directory records
+    `command`, so a later --overwrite of the same command may replace it.
     """
     final = Path(final)
-    if final.exists() or final.is_symlink():
-        if not overwrite:
-            raise UserError(f"{final}: already exists (pass --overwrite to replace it)")
-        if not final.is_dir() or (any(final.iterdir()) and not (final / marker).exists()):
-            raise UserError(f"{final}: refusing to replace it: it is not an earlier output "
-                            f"(no {marker} inside)")
+    check_replaceable(final, overwrite=overwrite, command=command)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
     try:
         yield tmp
+        mark_output(tmp, command)
+        share_like_umask(tmp)
         if final.exists():
             # Move the old output aside first: at every instant one complete directory exists.
             old = tmp.with_suffix(".old")

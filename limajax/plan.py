@@ -23,11 +23,13 @@ _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
 
 
 def parse_bytes(text: str) -> int:
-    """'32GiB' -> 34359738368; '16GB' -> 16e9; a bare number is bytes."""
+    """'32GiB' -> 34359738368; '16GB' -> 16e9. A size needs its unit: a bare '32' could mean
+    GiB or bytes, and reading it either way has given wrong answers (newcomer F4)."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS | {"": 1}:
-        raise UserError(f"--device-memory {text!r}: expected a size like 32GiB, 16GB or 80GiB")
-    return int(float(m.group(1)) * _UNITS.get(m.group(2).lower(), 1))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise UserError(f"--device-memory {text!r}: expected a size with its unit, like 32GiB, "
+                        "16GB or 80GiB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
 def gib(n: float) -> str:

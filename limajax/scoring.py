@@ -7,7 +7,6 @@ it has seen the like of, and the same numbers as the reference implementation).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +20,7 @@ from limajax import sharding
 from limajax.checkpoint import load_for_inference
 from limajax.data import bucket_length, buckets_for
 from limajax.errors import UserError
-from limajax.files import read_jsonl, staged_file
+from limajax.files import json_line, read_jsonl, staged_file
 from limajax.model import Llama
 from limajax.tokenizer import Tokenizer
 from limajax.train import token_nll
@@ -76,7 +75,7 @@ def score_file(model_dir: str, input_path: str, output_path: str, mesh_spec: str
     total_nll, total_tokens = 0.0, 0
     with staged_file(output_path) as f:
         for row in score(model, tokenizer, rows, mesh, batch_size):
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.write(json_line(row))
             total_nll += -sum(row["logprobs"])
             total_tokens += len(row["logprobs"])
     nll = total_nll / max(total_tokens, 1)

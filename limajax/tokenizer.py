@@ -25,7 +25,7 @@ import numpy as np
 import sentencepiece as spm
 import tokenizers
 
-from limajax.config import VOCAB_MULTIPLE
+from limajax.config import pad_vocab
 from limajax.errors import UserError
 from limajax.files import read_json, write_json
 
@@ -35,11 +35,6 @@ TOKENIZER_FILES = (TOKENIZER_FILE, HF_TOKENIZER_FILE)  # in the order a director
 TOKENS_FILE = "tokens.json"
 EOT_PIECE = "<|eot_id|>"  # Llama 3's end of turn: LIMA's EOT where a tokenizer has it
 MAX_LEN = 2048  # LIMA §3: "texts longer than 2048 tokens are trimmed"
-
-
-def pad_vocab(size: int, multiple: int = VOCAB_MULTIPLE) -> int:
-    """The smallest multiple of `multiple` that holds `size` ids."""
-    return -(-size // multiple) * multiple
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,9 +242,8 @@ class Tokenizer:
             return self
         eot = eot_id_for(self.pieces, self.vocab_size)
         size = max(self.vocab_size, eot + 1)
-        padded = max(self.spec.padded_vocab_size, size)
         spec = dataclasses.replace(self.spec, eot_id=eot, vocab_size=size,
-                                   padded_vocab_size=padded)
+                                   padded_vocab_size=pad_vocab(size))
         return Tokenizer(self.pieces, spec)
 
     @property

@@ -211,10 +211,23 @@ def flops_per_token(model: ModelConfig, seq_len: int) -> float:
     return 6.0 * matmul_params + attention
 
 
-# Dense bfloat16 peaks per chip, from the vendors' data sheets.
+# Dense (no sparsity) peak FLOP/s per chip from the vendors' data sheets, by compute dtype.
+# float32 matmuls run at TF32 on NVIDIA tensor cores and as bfloat16 passes on TPUs at JAX's
+# default precision, so those are their float32 peaks. Longer names first: "H100 PCIe" before
+# "H100". device_kind spellings: "TPU v5 lite" is v5e, "TPU v5" v5p, "TPU v6 lite" v6e.
 KNOWN_PEAKS = {
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
-    "TPU v5": 459e12, "TPU v6 lite": 918e12, "NVIDIA H100": 989e12, "NVIDIA A100": 312e12,
+    "NVIDIA H100 PCIe": {"bfloat16": 756e12, "float16": 756e12, "float32": 378e12},
+    "NVIDIA H100": {"bfloat16": 989e12, "float16": 989e12, "float32": 495e12},
+    "NVIDIA H200": {"bfloat16": 989e12, "float16": 989e12, "float32": 495e12},
+    "NVIDIA B200": {"bfloat16": 2250e12, "float16": 2250e12, "float32": 1100e12},
+    "NVIDIA A100": {"bfloat16": 312e12, "float16": 312e12, "float32": 156e12},
+    "TPU v4": {"bfloat16": 275e12, "float16": 275e12, "float32": 275e12},
+    "TPU v5 lite": {"bfloat16": 197e12, "float16": 197e12, "float32": 197e12},
+    "TPU v5e": {"bfloat16": 197e12, "float16": 197e12, "float32": 197e12},
+    "TPU v5p": {"bfloat16": 459e12, "float16": 459e12, "float32": 459e12},
+    "TPU v5": {"bfloat16": 459e12, "float16": 459e12, "float32": 459e12},
+    "TPU v6 lite": {"bfloat16": 918e12, "float16": 918e12, "float32": 918e12},
+    "TPU v6e": {"bfloat16": 918e12, "float16": 918e12, "float32": 918e12},
 }
 
 
@@ -231,19 +244,20 @@ def measure_matmul_peak(dtype: str = "float32", n: int = 2048, repeats: int = 5)
     return 2 * n**3 / float(np.median(times))
 
 
-def peak_flops(dtype: str, override: float | None = None) -> tuple[float, str]:
-    """The whole mesh's peak FLOP/s and where the figure came from."""
-    if override:
+def peak_flops(dtype: str, override: float | None = None) -> tuple[float | None, str]:
+    """The whole mesh's peak FLOP/s for `dtype` compute and where the figure came from; None
+    (MFU unknown, written as null) for a device missing from KNOWN_PEAKS."""
+    if override is not None:
         return override, "--peak-flops"
     devices = jax.devices()
     kind = devices[0].device_kind
-    for name, peak in KNOWN_PEAKS.items():
+    for name, peaks in KNOWN_PEAKS.items():
         if kind.startswith(name):
-            return peak * len(devices), f"{kind} data sheet"
+            return peaks[dtype] * len(devices), f"{kind} {dtype} data sheet"
     if devices[0].platform == "cpu":
         # Simulated CPU devices share the host's cores: the host's matmul rate is the peak.
         return measure_matmul_peak(dtype) * jax.process_count(), "measured CPU matmul"
-    return math.nan, f"unknown device {kind!r} (use --peak-flops)"
+    return None, f"unknown for device {kind!r}"
 
 
 # --- the loop -------------------------------------------------------------------------------
@@ -292,6 +306,9 @@ def train(config: TrainConfig, workdir: str | Path, loader: Loader, *, mesh: Mes
             writer = tensorboard_writer(workdir, step)
         train_step = make_train_step(setup)
         peak_flops_total, peak_source = peak_flops(config.model.dtype, peak)
+        if peak_flops_total is None:
+            log(f"notice: MFU is {peak_source}; metrics.jsonl records it as null (pass "
+                "--peak-flops FLOP/s to know it)")
         loader.set_state(position)
         batches = iter(loader)
         steps_per_epoch, logged = loader.steps_per_epoch, []
@@ -318,7 +335,8 @@ def train(config: TrainConfig, workdir: str | Path, loader: Loader, *, mesh: Mes
                 record = {"step": step, "epoch": epoch + 1, "loss": metrics["loss"],
                           "lr": metrics["lr"], "grad_norm": metrics["grad_norm"],
                           "tokens_per_sec": b * t / dt,
-                          "mfu": b * t * flops_per_token(config.model, t) / dt / peak_flops_total,
+                          "mfu": None if peak_flops_total is None else
+                          b * t * flops_per_token(config.model, t) / dt / peak_flops_total,
                           "time": time.time() - start, "seq_len": t,
                           "target_tokens": int(metrics["target_tokens"])}
                 epoch_losses.append(metrics["loss"])
@@ -340,14 +358,18 @@ def train(config: TrainConfig, workdir: str | Path, loader: Loader, *, mesh: Mes
                 last = logged[-1]
                 log(f"epoch {epoch + 1}/{config.epochs}: step {step}, mean loss "
                     f"{np.mean(epoch_losses):.4f}, lr {last['lr']:.3g}, "
-                    f"{last['tokens_per_sec']:.0f} tokens/s, MFU {last['mfu']:.1%} "
-                    f"(peak: {peak_source}), {time.time() - start:.1f} s")
+                    f"{last['tokens_per_sec']:.0f} tokens/s, {mfu_text(last['mfu'], peak_source)}, "
+                    f"{time.time() - start:.1f} s")
         return logged
     finally:
         manager.wait_until_finished()
         manager.close()
         if writer is not None:
             writer.close()
+
+
+def mfu_text(mfu: float | None, source: str) -> str:
+    return "MFU unknown" if mfu is None else f"MFU {mfu:.1%} (peak: {source})"
 
 
 def log(message: str) -> None:

@@ -16,6 +16,7 @@ the next start).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import orbax.checkpoint as ocp
@@ -108,7 +109,7 @@ def log_metrics(workdir: str | Path, writer, record: dict) -> None:
     append_jsonl(Path(workdir) / METRICS_FILE, record)
     if writer is not None:
         for k, v in record.items():
-            if k not in ("step", "epoch"):
+            if k not in ("step", "epoch") and v is not None and math.isfinite(v):
                 writer.add_scalar(f"train/{k}", v, record["step"])
 
 

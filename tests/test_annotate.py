@@ -6,10 +6,8 @@ import json
 import shutil
 
 import pytest
-from click.testing import CliRunner
 from judge_server import write_samples
 
-from limajax.cli import main
 from limajax.evaluation.human import left_side
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -32,9 +30,11 @@ def browser():
     driver.quit()
 
 
-def test_sheet_in_headless_chromium(tmp_path, browser):
+def test_sheet_in_headless_chromium(tmp_path, browser, cli):
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
 
     ids = [f"q{i}" for i in range(6)]
     a_rows = [{"id": i, "conversations": [f"Question {i}? </script><b>x</b>"],
@@ -45,8 +45,7 @@ def test_sheet_in_headless_chromium(tmp_path, browser):
     write_samples(a, a_rows)
     write_samples(b, b_rows)
     sheet = tmp_path / "sheet.html"
-    r = CliRunner().invoke(main, ["annotate", "--a", str(a), "--b", str(b), "--output",
-                                  str(sheet), "--seed", "3"])
+    r = cli("annotate", "--a", a, "--b", b, "--output", sheet, "--seed", 3)
     assert r.exit_code == 0, r.output
     sides = {i: left_side(3, i) for i in ids}
     assert set(sides.values()) == {"A", "B"}  # the seed put each file on both sides
@@ -57,27 +56,35 @@ def test_sheet_in_headless_chromium(tmp_path, browser):
     left = browser.find_element(By.ID, "left").text
     assert left == ("A's answer to q0" if sides["q0"] == "A" else "B's answer to q0")
 
-    def progress():
-        return browser.find_element(By.ID, "progress").text
+    def expect(text, element_id="progress"):
+        """The element shows `text` within 10 s (key events reach the page's script
+        asynchronously; a busy machine can take a moment)."""
+        try:
+            WebDriverWait(browser, 10).until(
+                lambda d: d.find_element(By.ID, element_id).text == text)
+        except TimeoutException:
+            assert browser.find_element(By.ID, element_id).text == text
 
     body = browser.find_element(By.TAG_NAME, "body")
-    assert progress() == "0 of 6 labelled"
+    expect("0 of 6 labelled")
     body.send_keys("a")                                    # q0: left, by keyboard
     body.send_keys(Keys.ARROW_RIGHT)                       # q1: right, by arrow
     browser.find_element(By.ID, "choose-neither").click()  # q2: neither, by mouse
-    assert progress() == "3 of 6 labelled"
+    expect("3 of 6 labelled")
 
     browser.refresh()  # the work so far survives a reload
-    assert progress() == "3 of 6 labelled"
-    assert browser.find_element(By.ID, "item-title").text == "Item 4 of 6"
+    expect("3 of 6 labelled")
+    expect("Item 4 of 6", "item-title")
     body = browser.find_element(By.TAG_NAME, "body")
     browser.find_element(By.ID, "choose-left").click()     # q3: left
     body.send_keys("n")                                    # q4: neither
     body.send_keys("b")                                    # q5: right
     body.send_keys("p")                                    # back one item: labels stay
-    assert progress() == "6 of 6 labelled"
+    expect("6 of 6 labelled")
     browser.find_element(By.ID, "export-button").click()
-    labels = json.loads(browser.find_element(By.ID, "export").get_attribute("value"))
+    exported = WebDriverWait(browser, 10).until(
+        lambda d: d.find_element(By.ID, "export").get_attribute("value"))
+    labels = json.loads(exported)
     chosen = {x["id"]: x["choice"] for x in labels["labels"]}
     assert chosen == {"q0": "left", "q1": "right", "q2": "neither", "q3": "left",
                       "q4": "neither", "q5": "right"}
@@ -85,8 +92,7 @@ def test_sheet_in_headless_chromium(tmp_path, browser):
     path = tmp_path / "labels.json"
     path.write_text(json.dumps(labels))
     out = tmp_path / "human.jsonl"
-    r = CliRunner().invoke(main, ["compare", "--human", str(path), "--a", str(a), "--b", str(b),
-                                  "--output", str(out)])
+    r = cli("compare", "--human", path, "--a", a, "--b", b, "--output", out)
     assert r.exit_code == 0, r.output
     rows = {x["id"]: x for x in map(json.loads, out.read_text().splitlines())}
     for i, choice in chosen.items():
@@ -96,6 +102,5 @@ def test_sheet_in_headless_chromium(tmp_path, browser):
         assert rows[i]["judge"] == "human"
     # labels of another sheet's files are refused
     write_samples(b, [{**row, "response": row["response"] + "!"} for row in b_rows])
-    r = CliRunner().invoke(main, ["compare", "--human", str(path), "--a", str(a), "--b", str(b),
-                                  "--output", str(tmp_path / "other.jsonl")])
+    r = cli("compare", "--human", path, "--a", a, "--b", b, "--output", tmp_path / "o.jsonl")
     assert r.exit_code == 2 and "other answers" in r.output, r.output

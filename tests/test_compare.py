@@ -12,10 +12,8 @@ import sys
 import time
 
 import pytest
-from click.testing import CliRunner
 from judge_server import JudgeServer, pairwise_case, write_samples
 
-from limajax.cli import main
 from limajax.evaluation.judgments import combine
 from limajax.evaluation.verdicts import parse_grade, parse_pairwise, parse_scale
 
@@ -70,15 +68,15 @@ def outcomes(rows):
 
 
 def compare_args(a, b, out, url, *extra):
-    return ["compare", "--a", a, "--b", b, "--output", str(out), "--judge-url", url,
+    return ["compare", "--a", str(a), "--b", str(b), "--output", str(out), "--judge-url", url,
             "--judge-model", "judge-1", "--timeout", str(TIMEOUT), "--no-progress", *extra]
 
 
-def test_compare_counts_and_faults(tmp_path):
+def test_compare_counts_and_faults(tmp_path, cli):
     a, b, expected = pairwise_case(tmp_path, SPECS)
     out = tmp_path / "j.jsonl"
     with JudgeServer(hang_s=TIMEOUT + 0.5, retry_after="1") as srv:
-        r = CliRunner().invoke(main, compare_args(a, b, out, srv.url))
+        r = cli(*compare_args(a, b, out, srv.url))
         assert r.exit_code == 0, r.output
         rows = lines(out)
         # exactly one judgment per (id, order), none twice, none lost
@@ -106,7 +104,7 @@ def test_compare_counts_and_faults(tmp_path):
 
         # a rerun asks nothing: every judgment is in the cache
         asked = len(srv.log)
-        r = CliRunner().invoke(main, compare_args(a, b, out, srv.url))
+        r = cli(*compare_args(a, b, out, srv.url))
         assert r.exit_code == 0 and len(srv.log) == asked, r.output
         assert "0 judged now, 24 already" in r.output
         assert len(lines(out)) == 24
@@ -156,13 +154,13 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_bad_input(tmp_path):
+def test_bad_input(tmp_path, cli, monkeypatch):
     a, b, _ = pairwise_case(tmp_path, [("p1", 1, 2, ""), ("p2", 2, 1, "")])
     out = tmp_path / "j.jsonl"
-    runner = CliRunner()
+    monkeypatch.delenv("NO_SUCH_VAR_10", raising=False)
 
-    def fails(args, message, env=None):
-        r = runner.invoke(main, args, env=env)
+    def fails(args, message):
+        r = cli(*args)
         assert r.exit_code == 2, r.output
         assert r.output.startswith("error: ") and message in r.output, r.output
         assert len(r.output.strip().splitlines()) == 1, r.output
@@ -171,7 +169,7 @@ def test_bad_input(tmp_path):
     refused = f"http://127.0.0.1:{free_port()}/v1"
     fails(compare_args(a, b, out, refused, "--max-retries", "1"), "cannot connect")
     fails(compare_args(a, b, out, refused, "--api-key-env", "NO_SUCH_VAR_10"),
-          "NO_SUCH_VAR_10: that environment variable is not set", env={"NO_SUCH_VAR_10": None})
+          "NO_SUCH_VAR_10: that environment variable is not set")
     other = tmp_path / "other.jsonl"
     write_samples(other, [{"id": "q9", "conversations": ["hi"], "response": "hello"}])
     fails(compare_args(a, str(other), out, refused), "no prompt id in common")
@@ -184,14 +182,14 @@ def test_bad_input(tmp_path):
 
     # a judgments file written with another template is not silently extended
     with JudgeServer() as srv:
-        assert runner.invoke(main, compare_args(a, b, out, srv.url)).exit_code == 0
+        assert cli(*compare_args(a, b, out, srv.url)).exit_code == 0
         template = tmp_path / "t.txt"
         template.write_text("Q {question}\nA {answer_a}\nB {answer_b}\nWhich?")
-        r = runner.invoke(main, compare_args(a, b, out, srv.url, "--template", str(template)))
+        r = cli(*compare_args(a, b, out, srv.url, "--template", template))
         assert r.exit_code == 2 and "with another template" in r.output, r.output
 
 
-def test_rate_grades_and_scale(tmp_path):
+def test_rate_grades_and_scale(tmp_path, cli):
     # 4 prompts x 3 samples; quality q -> grade (Fail, Pass, Excellent)[q-1], scale q + 2
     qualities = {"p1": (1, 2, 3), "p2": (3, 3, 3), "p3": (2, 2, 1), "p4": (1, 1, 1)}
     rows = [{"id": i, "sample": k, "conversations": [f"Question {i}"],
@@ -204,10 +202,10 @@ def test_rate_grades_and_scale(tmp_path):
             args = ["rate", "--samples", samples, "--rubric", rubric, "--output",
                     tmp_path / f"{rubric}.jsonl", "--json", tmp_path / f"{rubric}.json",
                     "--judge-url", srv.url, "--judge-model", "judge-1", "--no-progress"]
-            r = CliRunner().invoke(main, [str(a) for a in args])
+            r = cli(*args)
             assert r.exit_code == 0, r.output
         asked = len(srv.log)
-        assert CliRunner().invoke(main, [str(a) for a in args]).exit_code == 0
+        assert cli(*args).exit_code == 0
         assert len(srv.log) == asked == 24  # the rerun asked nothing
     grade = json.loads((tmp_path / "grade.json").read_text())
     assert grade["counts"] == {"Fail": 5, "Pass": 3, "Excellent": 4}

@@ -4,15 +4,21 @@ independently (with the HF converter's permutation, reference §5.3), give trans
 `export --to hf` goes back to transformers with the same logits, EOT included."""
 
 import json
+import os
 import shutil
+import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
 from limajax import convert, sharding
 from limajax.checkpoint import load_model_dir
+from limajax.cli import main
 from limajax.config import ModelConfig
+from limajax.convert import config_from_meta
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -32,6 +38,13 @@ CASES = {
 VOCAB = 256
 LENGTHS = (13, 9, 4)  # a right-padded batch
 OFFSET = 1000  # positions start here: long wavelengths (and Llama 3.1's scaling) matter
+
+
+@pytest.fixture(scope="session")
+def cli(cli):
+    """conftest's cli(), with --no-tokenizer for convert: the checkpoints made here have none."""
+    return lambda *args: cli(*(("convert", "--no-tokenizer", *args[1:])
+                               if args[0] == "convert" else args))
 
 
 def ok(result):
@@ -205,7 +218,7 @@ def test_write_meta_matches_the_independent_writer(tmp_path):
     model = hf_model("gqa")
     model.save_pretrained(tmp_path / "hf")
     write_meta_independently(model, tmp_path / "reference", 4)
-    converted = convert.read_hf(tmp_path / "hf", add_eot=False)
+    converted = convert.read_hf(tmp_path / "hf", add_eot=False, no_tokenizer=True)
     (tmp_path / "ours").mkdir()
     convert.write_meta(tmp_path / "ours", converted.params, converted.config, n_shards=4)
     for s in range(4):
@@ -214,11 +227,11 @@ def test_write_meta_matches_the_independent_writer(tmp_path):
         assert sorted(got) == sorted(want)
         for key in want:
             torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=key)
-    again = convert.read_meta(tmp_path / "ours", add_eot=False).config
+    again = convert.read_meta(tmp_path / "ours", add_eot=False, no_tokenizer=True).config
     # Meta's params.json has no context length and spells the FFN size by its rule.
     c = converted.config
     assert again.replace(multiple_of=c.multiple_of, ffn_dim_multiplier=None,
-                         max_seq_len=c.max_seq_len) == c
+                         ffn_dim=again.ffn_dim, max_seq_len=c.max_seq_len) == c
 
 
 def test_meta_rotary_permutation_is_the_hf_converters():
@@ -289,10 +302,66 @@ def test_missing_shard(sources, tmp_path, cli):
 
 def test_missing_last_shard(sources, tmp_path, cli):
     meta = copy(sources / "meta", tmp_path / "meta")
-    (meta / "consolidated.03.pth").unlink()  # no gap to see: the shapes no longer add up
+    (meta / "consolidated.03.pth").unlink()  # no gap to see: the split sizes tell (R8)
     out = tmp_path / "out"
     assert_user_error(cli("convert", "--from", "meta", "--input", meta, "--output", out), out,
-                      "consolidated.00.pth", "in each of 3 shards")
+                      "consolidated.03.pth: missing shard", "into 4 shards; found 3")
+
+
+def test_convert_without_a_tokenizer_needs_no_tokenizer(sources, tmp_path):
+    out = tmp_path / "out"
+    for source in ("meta", "hf"):
+        r = CliRunner().invoke(main, ["convert", "--from", source, "--input",
+                                      str(sources / source), "--output", str(out)])
+        assert_user_error(r, out, "no tokenizer.model", "--no-tokenizer")
+
+
+@pytest.mark.parametrize("params, family, length", [
+    (dict(dim=4096, n_layers=32, n_heads=32, norm_eps=1e-6), "LLaMA-1", 2048),
+    (dict(dim=8192, n_layers=80, n_heads=64, norm_eps=1e-5), "LLaMA-1", 2048),
+    (dict(dim=4096, n_layers=32, n_heads=32, norm_eps=1e-5), "Llama-2", 4096),
+    (dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, norm_eps=1e-5), "Llama-2", 4096),
+    (dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, rope_theta=500000.0), "Llama-3",
+     8192),
+    (dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, rope_theta=500000.0,
+          use_scaled_rope=True), "Llama-3.1", 131072),
+])
+def test_meta_context_length_is_the_familys(params, family, length):
+    """Meta's params.json never states the context length: each family's is set (R7)."""
+    from limajax.convert.meta import meta_family
+
+    assert meta_family(params) == (family, length)
+    assert config_from_meta(params, 32000, Path("params.json")).max_seq_len == length
+    assert config_from_meta(params, 32000, Path("params.json"), 1024).max_seq_len == 1024
+
+
+def test_overwrite_replaces_only_the_same_commands_output(sources, tmp_path, cli):
+    """--overwrite replaces what an earlier run of the same command made, nothing else (F1), and
+    outputs are readable by others as the umask says (not owner-only)."""
+    old_umask = os.umask(0o022)
+    try:
+        model, hf = tmp_path / "model", tmp_path / "hf"
+        ok(cli("convert", "--from", "hf", "--input", sources / "hf", "--output", model))
+        ok(cli("export", "--to", "hf", "--model", model, "--output", hf))
+        download = copy(sources / "meta", tmp_path / "download")  # Meta's own files
+        for target, output in (("meta", download), ("hf", model)):
+            before = sorted(p.name for p in output.iterdir())
+            r = cli("export", "--to", target, "--model", model, "--output", output, "--overwrite")
+            assert r.exit_code == 2 and f"not an earlier output of `limajax export --to " \
+                f"{target}`" in r.output, r.output
+            assert sorted(p.name for p in output.iterdir()) == before
+        ok(cli("export", "--to", "hf", "--model", model, "--output", hf, "--overwrite"))
+        assert stat.S_IMODE(hf.stat().st_mode) == 0o755
+        assert {stat.S_IMODE(p.stat().st_mode) for p in hf.iterdir()} == {0o644}
+    finally:
+        os.umask(old_umask)
+
+
+def test_demo_overwrite_refuses_a_directory_it_did_not_make(tmp_path, cli):
+    (tmp_path / "thesis.tex").write_text("mine")
+    r = cli("demo", "--workdir", tmp_path, "--overwrite")
+    assert r.exit_code == 2 and "not an earlier output of `limajax demo`" in r.output, r.output
+    assert (tmp_path / "thesis.tex").read_text() == "mine"
 
 
 def test_shards_of_mismatched_shapes(sources, tmp_path, cli):
@@ -350,7 +419,8 @@ def test_existing_output_needs_overwrite(sources, tmp_path, cli):
     # --overwrite replaces an earlier output, never a directory of other files.
     result = cli("convert", "--from", "hf", "--input", sources / "hf", "--output", out,
                  "--overwrite")
-    assert result.exit_code == 2 and "not an earlier output" in result.output, result.output
+    assert result.exit_code == 2 and "not an earlier output of `limajax convert`" in \
+        result.output, result.output
     assert (out / "precious.txt").read_text() == "mine"
     (out / "precious.txt").unlink()
     ok(cli("convert", "--from", "hf", "--input", sources / "hf", "--output", out, "--overwrite"))

@@ -43,11 +43,20 @@ def test_lima_65b_fits_32gib_on_8x8(plan_65b):
     assert 0.7 < total / total_est < 1.5  # the compiler's temporaries vs arithmetic
 
 
-def test_plan_exits_1_when_it_does_not_fit():
+def test_plan_exits_3_when_it_does_not_fit():
     env = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
     proc = subprocess.run(
         [sys.executable, "-c", "from limajax.cli import main; main()", "plan", "--config",
          str(ROOT / "configs" / "tiny.py"), "--device-memory", "1MiB"],
         capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
-    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.returncode == 3, proc.stderr[-2000:]  # its own code: 1 is an internal error
     assert "DOES NOT FIT" in proc.stdout
+
+
+def test_device_memory_needs_a_unit():
+    from limajax.errors import UserError
+    from limajax.plan import parse_bytes
+
+    assert parse_bytes("32GiB") == 32 * 2**30 and parse_bytes("16GB") == 16 * 10**9
+    with pytest.raises(UserError, match="expected a size with its unit"):
+        parse_bytes("32")

@@ -6,9 +6,7 @@ import math
 import struct
 
 import numpy as np
-from click.testing import CliRunner
 
-from limajax.cli import main
 from limajax.evaluation import stats
 from limajax.evaluation.report import figure_size
 
@@ -40,23 +38,19 @@ def figure1(counts, disagreeing_ties=0, unparsed=0, **kw):
     return rows
 
 
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
 def png_size(path):
     data = open(path, "rb").read(24)
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     return struct.unpack(">II", data[16:24])
 
 
-def test_lima_figure1_counts(tmp_path):
+def test_lima_figure1_counts(tmp_path, cli):
     # LIMA Figure 1 (human preference, 300 prompts): LIMA vs GPT-4 18 / 25 / 57 %, and vs
     # DaVinci003 44 / 21 / 35 %: "as good or better" 43% and 65%, as LIMA's abstract says.
     gpt4 = figure1((54, 75, 171), disagreeing_ties=30, unparsed=4)
     davinci = figure1((132, 63, 105), b="davinci003.jsonl")
     j = write(tmp_path / "j.jsonl", gpt4 + davinci)
-    r = run("report", "--judgments", j, "--output", tmp_path / "r.md", "--plot",
+    r = cli("report", "--judgments", j, "--output", tmp_path / "r.md", "--plot",
             tmp_path / "fig.png", "--json", tmp_path / "s.json")
     assert r.exit_code == 0, r.output
     s = json.loads((tmp_path / "s.json").read_text())
@@ -79,7 +73,7 @@ def test_lima_figure1_counts(tmp_path):
     md = (tmp_path / "r.md").read_text()
     assert "| lima | gpt4 | gpt-4 | 304 | 18.0% [" in md and "| 4 | 10.0% of 300 |" in md
     # the same seed gives the same intervals; the report is reproducible
-    run("report", "--judgments", j, "--output", tmp_path / "r2.md")
+    cli("report", "--judgments", j, "--output", tmp_path / "r2.md")
     assert (tmp_path / "r2.md").read_text() == md
 
 
@@ -96,7 +90,7 @@ def test_bootstrap_is_resampling_prompts():
                            np.percentile(drawn[:, k], [2.5, 97.5]), atol=1)
 
 
-def test_length_split_and_agreement(tmp_path):
+def test_length_split_and_agreement(tmp_path, cli):
     # A's answer is longer on ids 0-9 (A wins 6, tie 2, B wins 2), B's on ids 10-19 (B wins all)
     rows = []
     for i in range(20):
@@ -114,10 +108,10 @@ def test_length_split_and_agreement(tmp_path):
             v = "A"
         human.append(judgment(i, "AB", v, judge="human", template="sheet"))
     j1, j2 = write(tmp_path / "gpt.jsonl", rows), write(tmp_path / "human.jsonl", human)
-    r = run("report", "--judgments", j1, "--judgments", j2, "--output", tmp_path / "r.md")
+    r = cli("report", "--judgments", j1, "--judgments", j2, "--output", tmp_path / "r.md")
     assert r.exit_code == 2 and "pass --agreement" in r.output, r.output
     assert "human.jsonl:1: " in r.output
-    r = run("report", "--judgments", j1, "--judgments", j2, "--output", tmp_path / "r.md",
+    r = cli("report", "--judgments", j1, "--judgments", j2, "--output", tmp_path / "r.md",
             "--json", tmp_path / "s.json", "--agreement", "--plot", tmp_path / "f.png")
     assert r.exit_code == 0, r.output
     s = json.loads((tmp_path / "s.json").read_text())
@@ -132,18 +126,18 @@ def test_length_split_and_agreement(tmp_path):
     assert png_size(tmp_path / "f.png") == figure_size(2)
 
 
-def test_report_bad_input(tmp_path):
+def test_report_bad_input(tmp_path, cli):
     good = figure1((3, 1, 2))
     other_template = figure1((3, 1, 2), template="t2")
     j1 = write(tmp_path / "j1.jsonl", good)
     j2 = write(tmp_path / "j2.jsonl", other_template)
-    r = run("report", "--judgments", j1, "--judgments", j2, "--output", tmp_path / "r.md")
+    r = cli("report", "--judgments", j1, "--judgments", j2, "--output", tmp_path / "r.md")
     assert r.exit_code == 2 and "template t2" in r.output, r.output
-    r = run("report", "--judgments", j1, "--judgments", j1, "--output", tmp_path / "r.md")
+    r = cli("report", "--judgments", j1, "--judgments", j1, "--output", tmp_path / "r.md")
     assert r.exit_code == 2 and "j1.jsonl:1: repeats the judgment of" in r.output, r.output
     bad = write(tmp_path / "bad.jsonl", [{**good[0], "verdict": "maybe"}])
-    r = run("report", "--judgments", bad, "--output", tmp_path / "r.md")
+    r = cli("report", "--judgments", bad, "--output", tmp_path / "r.md")
     assert r.exit_code == 2 and "bad.jsonl:1: verdict 'maybe'" in r.output, r.output
-    r = run("report", "--judgments", j1, "--output", tmp_path / "r.md", "--resamples", "100")
+    r = cli("report", "--judgments", j1, "--output", tmp_path / "r.md", "--resamples", "100")
     assert r.exit_code == 2 and "at least 2000" in r.output
     assert not (tmp_path / "r.md").exists()

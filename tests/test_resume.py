@@ -85,7 +85,7 @@ def test_an_epoch_checkpoint_becomes_a_model_directory(reference, tmp_path):
     # config.json of the test run names no tokenizer: give it one, as `limajax train` would.
     config = json.loads((ref_dir / "config.json").read_text())
     (ref_dir / "config.json").write_text(json.dumps(config | {"tokenizer": str(ts.TOKENIZER)}))
-    out = checkpoint.save_epoch_model_dir(ref_dir, 3, tmp_path / "model")
+    out = checkpoint.save_epoch_model_dir(ref_dir, 3, tmp_path / "model", command="test")
     params, model_config, tokens = checkpoint.load_model_dir(out)
     assert model_config == ts.tiny_config().model and tokens.eot_id == 512
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want.params), strict=True):
@@ -101,7 +101,8 @@ def test_commands_read_a_workdir_epoch_like_a_model_directory(reference, tmp_pat
     ref_dir, _ = reference
     config = json.loads((ref_dir / "config.json").read_text())
     (ref_dir / "config.json").write_text(json.dumps(config | {"tokenizer": str(ts.TOKENIZER)}))
-    model_dir = checkpoint.save_epoch_model_dir(ref_dir, 2, tmp_path / "model")
+    model_dir = checkpoint.save_epoch_model_dir(ref_dir, 2, tmp_path / "model",
+                                                  command="test")
     texts = tmp_path / "texts.jsonl"
     texts.write_text('{"id": 1, "text": "How do I boil an egg?"}\n')
     run = CliRunner().invoke

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
+from limajax.config import preset
 from limajax.errors import UserError
 from limajax.tokenizer import Tokenizer, TokenSpec, read_tokens_json, write_tokens_json
 
@@ -52,7 +53,10 @@ def test_base_model_without_eot_gains_it(tmp_path, model_file):
     with pytest.raises(UserError, match="no EOT"):
         base.encode_dialogue(["hi", "hello"])
     tuned = base.with_eot()
-    assert (tuned.eot_id, tuned.vocab_size, tuned.padded_vocab_size) == (32000, 32001, 32001)
+    # Padded as the model config pads it, so a run's epochs export like any model (R2).
+    assert (tuned.eot_id, tuned.vocab_size, tuned.padded_vocab_size) == (32000, 32001, 32128)
+    assert tuned.padded_vocab_size == preset("llama1-7b").replace(vocab_size=32001
+                                                                  ).padded_vocab_size
 
 
 @pytest.mark.parametrize(

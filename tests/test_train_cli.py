@@ -18,7 +18,7 @@ def _train(*args):
 
 def test_train_command_runs_on_the_sample_data(tmp_path):
     r = _train("--workdir", str(tmp_path), "--tokenizer", str(ts.TOKENIZER),
-               "--set", "epochs=1", "--set", "data.max_len=128", "--peak-flops", "1e12")
+               "--epochs", "1", "--set", "data.max_len=128", "--peak-flops", "1e12")
     assert r.exit_code == 0, r.output
     assert "epoch 1/1: step 6" in r.stderr  # 48 sample dialogues / batch 8
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]

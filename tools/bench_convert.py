@@ -134,8 +134,8 @@ def main() -> None:
             out = workdir / f"model-{dtype}"
             shutil.rmtree(out, ignore_errors=True)
             cmd = [sys.executable, "-c", "from limajax.cli import main; main()", "convert",
-                   "--from", "meta", "--input", str(meta_dir), "--output", str(out),
-                   "--dtype", dtype]
+                   "--from", "meta", "--no-tokenizer", "--input", str(meta_dir),
+                   "--output", str(out), "--dtype", dtype]
             wall, peak, code = run_sampled(cmd)
             if code:
                 sys.exit(f"convert failed with exit code {code}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from limajax.checkpoint import MODEL_FILE, load_model, write_model_dir
+from limajax.checkpoint import load_model, write_model_dir
 from limajax.config import ModelConfig
 from limajax.convert.hf import config_from_hf, hf_config, read_hf, write_hf
 from limajax.convert.meta import config_from_meta, meta_params_json, read_meta, write_meta
@@ -43,7 +43,8 @@ __all__ = ["EOT_TEXT", "WEIGHTS", "Converted", "Weight", "allocate", "config_fro
 
 def convert(source: str, input_dir: str | Path, output: str | Path, *,
             tokenizer: str | Path | None = None, dtype: str = "float32", add_eot: bool = True,
-            overwrite: bool = False) -> tuple[ModelConfig, TokenSpec, Path | None]:
+            overwrite: bool = False, max_seq_len: int | None = None, no_tokenizer: bool = False
+            ) -> tuple[ModelConfig, TokenSpec, Path | None]:
     """`limajax convert`: a Meta or HF checkpoint -> a model directory, built beside `output`
     and renamed when complete. Needs disk for the model twice while it runs. Returns the
     config, the token ids and the tokenizer copied in (None if there was none)."""
@@ -52,14 +53,15 @@ def convert(source: str, input_dir: str | Path, output: str | Path, *,
     if source == "hf" and tokenizer is not None:
         raise UserError("--tokenizer is for --from meta; an HF checkpoint's tokenizer.model is "
                         "read from its directory")
-    with staged_dir(output, marker=MODEL_FILE, overwrite=overwrite) as tmp:
+    with staged_dir(output, command="convert", overwrite=overwrite) as tmp:
         staging = tmp / ".staging"
         staging.mkdir()
         if source == "meta":
             c = read_meta(input_dir, tokenizer=tokenizer, dtype=dtype, add_eot=add_eot,
-                          staging=staging)
+                          staging=staging, max_seq_len=max_seq_len, no_tokenizer=no_tokenizer)
         else:
-            c = read_hf(input_dir, dtype=dtype, add_eot=add_eot, staging=staging)
+            c = read_hf(input_dir, dtype=dtype, add_eot=add_eot, staging=staging,
+                        max_seq_len=max_seq_len, no_tokenizer=no_tokenizer)
         write_model_dir(tmp, c.params, c.config, c.tokens, c.tokenizer)
         config, tokens, found = c.config, c.tokens, c.tokenizer
         del c  # drop the memmaps before their files
@@ -76,8 +78,7 @@ def export(target: str, model_dir: str | Path, output: str | Path, *, shards: in
     if shards < 1 or (target == "hf" and shards != 1):
         raise UserError("--shards is for --to meta and must be >= 1")
     params, config, tokens, tokenizer = load_model(model_dir, epoch=epoch)
-    marker = "config.json" if target == "hf" else "params.json"
-    with staged_dir(output, overwrite=overwrite, marker=marker) as tmp:
+    with staged_dir(output, overwrite=overwrite, command=f"export --to {target}") as tmp:
         if target == "hf":
             write_hf(tmp, params, config, tokens, tokenizer)
         else:

@@ -142,24 +142,33 @@ def _eot_in_hf(input_dir: Path, vocab_size: int) -> int | None:
 
 
 def read_hf(input_dir: str | Path, *, dtype: str = "float32", add_eot: bool = True,
-            staging: Path | None = None) -> Converted:
+            staging: Path | None = None, max_seq_len: int | None = None,
+            no_tokenizer: bool = False) -> Converted:
     """A transformers LlamaForCausalLM checkpoint -> parameters, tensor by tensor."""
     input_dir = Path(input_dir)
     if not input_dir.is_dir():
         raise UserError(f"{input_dir}: not a directory (expected config.json + safetensors)")
     cfg = read_json(input_dir / "config.json")
     config = config_from_hf(cfg, input_dir / "config.json")
+    if max_seq_len is not None:
+        config = config.replace(max_seq_len=max_seq_len)
     rows = base_vocab = config.vocab_size  # rows in the checkpoint
+    tokenizer = None if no_tokenizer else tokenizer_file(input_dir)
+    if tokenizer is None and not no_tokenizer:
+        raise UserError(f"{input_dir}: no tokenizer.model or tokenizer.json; put the model's "
+                        "there, or pass --no-tokenizer (score and train --init then refuse the "
+                        "model)")
     with ExitStack() as stack:
         handles = _open_hf(input_dir, stack)
         expected = source_keys(config, "hf")
         _check_hf_tensors(config, rows, handles, expected)
 
-        tokenizer = tokenizer_file(input_dir)
         pieces = None if tokenizer is None else load_pieces(tokenizer)
+        bos, eos = 1, 2  # config.json's ids; missing there, the tokenizer's
         if pieces is not None:
             check_fits(pieces, rows, WEIGHTS[0].hf)
-        bos, eos = _first_id(cfg.get("bos_token_id"), 1), _first_id(cfg.get("eos_token_id"), 2)
+            bos, eos = pieces.bos_id, pieces.eos_id
+        bos, eos = _first_id(cfg.get("bos_token_id"), bos), _first_id(cfg.get("eos_token_id"), eos)
         eot_id = _eot_in_hf(input_dir, rows)
         new_eot = eot_id is None and add_eot
         if eot_id is not None:  # exported by limajax with a new EOT: it is already there

@@ -35,8 +35,27 @@ META_KEYS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple
              "max_batch_size"}
 
 
-def config_from_meta(p: dict, vocab_size: int, where: Path) -> ModelConfig:
-    """ModelConfig from Meta's params.json (vocab_size there is often -1: the weights decide)."""
+def meta_family(p: dict) -> tuple[str, int]:
+    """(family, context length) of a Meta params.json, which does not state the context length.
+
+    The released families differ in what params.json does state (reference/lima-and-llama.md
+    §5.1): Llama 3.1 sets use_scaled_rope, Llama 3 rope_theta 500000, LLaMA-1 norm_eps 1e-6
+    (its 65B, the only one with 1e-5, has dim 8192 and no K/V groups); the rest is Llama 2.
+    """
+    if p.get("use_scaled_rope"):
+        return "Llama-3.1", 131072
+    if float(p.get("rope_theta", 10000.0)) >= 5e5:
+        return "Llama-3", 8192
+    if float(p.get("norm_eps", 1e-5)) < 5e-6 or (
+            p.get("dim") == 8192 and p.get("n_kv_heads", p.get("n_heads")) == p.get("n_heads")):
+        return "LLaMA-1", 2048
+    return "Llama-2", 4096
+
+
+def config_from_meta(p: dict, vocab_size: int, where: Path, max_seq_len: int | None = None
+                     ) -> ModelConfig:
+    """ModelConfig from Meta's params.json (vocab_size there is often -1: the weights decide);
+    the context length is `max_seq_len`, else params.json's, else its family's (meta_family)."""
     unknown = sorted(set(p) - META_KEYS)
     if unknown:
         raise UserError(f"{where}: unknown keys {unknown} (limajax reads {sorted(META_KEYS)})")
@@ -48,8 +67,7 @@ def config_from_meta(p: dict, vocab_size: int, where: Path) -> ModelConfig:
                         f"{vocab_size} rows")
     theta = float(p.get("rope_theta", 10000.0))
     scaled = bool(p.get("use_scaled_rope", False))
-    # Meta's files do not say the context length; these are the released models' (§5.3).
-    max_seq_len = p.get("max_seq_len") or (131072 if scaled else 8192 if theta >= 5e5 else 2048)
+    max_seq_len = max_seq_len or p.get("max_seq_len") or meta_family(p)[1]
     try:
         return ModelConfig(
             dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"],
@@ -136,9 +154,20 @@ def _merge_axis(w: Weight, key: str, shapes: list[tuple], full: tuple, files: li
                     f"implies {want} merged (params.json disagrees with the weights)")
 
 
+def _check_last_shards(emb: Weight, shapes: list[tuple], dim, files: list[Path]) -> None:
+    """Fewer files than the embedding's split implies: the last shards are missing (no gap in
+    the numbering shows it). The embedding's split axis is params.json's `dim`."""
+    axis = emb.split[0]
+    n, size = len(files), shapes[0][axis]
+    if isinstance(dim, int) and size and dim % size == 0 and dim // size > n:
+        missing = [f"consolidated.{i:02d}.pth" for i in range(n, dim // size)]
+        raise UserError(f"{files[0].parent / missing[0]}: missing shard ({emb.meta} is split "
+                        f"into {dim // size} shards; found {n}, missing {', '.join(missing)})")
+
+
 def read_meta(input_dir: str | Path, *, tokenizer: str | Path | None = None,
-              dtype: str = "float32", add_eot: bool = True, staging: Path | None = None
-              ) -> Converted:
+              dtype: str = "float32", add_eot: bool = True, staging: Path | None = None,
+              max_seq_len: int | None = None, no_tokenizer: bool = False) -> Converted:
     """Meta's checkpoint -> parameters, streamed tensor by tensor (see convert.table): one
     merged tensor in anonymous memory at most; a single shard is read from the mapped file."""
     input_dir = Path(input_dir)
@@ -147,6 +176,7 @@ def read_meta(input_dir: str | Path, *, tokenizer: str | Path | None = None,
                         "consolidated.NN.pth)")
     params_json = read_json(input_dir / "params.json")
     files = meta_shard_files(input_dir)
+    tokenizer = _find_meta_tokenizer(input_dir, tokenizer, no_tokenizer)
     shards = [_load_pth(f) for f in files]
     keys = [k for k in shards[0] if not IGNORED.search(k)]
 
@@ -156,16 +186,18 @@ def read_meta(input_dir: str | Path, *, tokenizer: str | Path | None = None,
         if emb.meta not in sd:
             raise UserError(f"{f}: tensor {emb.meta} is missing")
     dim = params_json.get("dim")
+    _check_last_shards(emb, [tuple(sd[emb.meta].shape) for sd in shards], dim, files)
     _, emb_shape = _merge_axis(emb, emb.meta, [tuple(sd[emb.meta].shape) for sd in shards],
                                (None, dim), files)
     base_vocab = emb_shape[0]
-    config = config_from_meta(params_json, base_vocab, input_dir / "params.json")
+    config = config_from_meta(params_json, base_vocab, input_dir / "params.json", max_seq_len)
     if "output.weight" not in keys:  # Meta always writes it; without it the model is tied
         config = config.replace(tie_embeddings=True)
 
     plan = _check_meta_tensors(config, base_vocab, files, shards, keys)
-    tokenizer = _find_meta_tokenizer(input_dir, tokenizer)
-    bos, eos = 1, 2  # LLaMA-1/2's; the tokenizer's when there is one
+    # No tokenizer (--no-tokenizer): the family's ids if they fit (the command line says which).
+    llama3 = meta_family(params_json)[0].startswith("Llama-3") and base_vocab > 128001
+    bos, eos = (128000, 128001) if llama3 else (1, 2)
     eot_id = base_vocab if add_eot else None
     if tokenizer is not None:
         pieces = load_pieces(tokenizer)
@@ -223,9 +255,15 @@ def _check_meta_tensors(config, base_vocab, files, shards, keys):
     return plan
 
 
-def _find_meta_tokenizer(input_dir: Path, tokenizer: str | Path | None) -> Path | None:
+def _find_meta_tokenizer(input_dir: Path, tokenizer: str | Path | None, no_tokenizer: bool
+                         ) -> Path | None:
     """--tokenizer, else the tokenizer file (tokenizer.model or tokenizer.json) in the directory
-    or beside it (Meta's download layout)."""
+    or beside it (Meta's download layout); none at all only with --no-tokenizer (score and train
+    --init need one)."""
+    if no_tokenizer:
+        if tokenizer is not None:
+            raise UserError("--tokenizer and --no-tokenizer contradict each other")
+        return None
     if tokenizer is not None:
         tokenizer = Path(tokenizer)
         if tokenizer.is_dir():
@@ -233,7 +271,12 @@ def _find_meta_tokenizer(input_dir: Path, tokenizer: str | Path | None) -> Path 
         if not tokenizer.is_file():
             raise UserError(f"{tokenizer}: not found (--tokenizer)")
         return tokenizer
-    return tokenizer_file(input_dir) or tokenizer_file(input_dir.parent)
+    found = tokenizer_file(input_dir) or tokenizer_file(input_dir.parent)
+    if found is None:
+        raise UserError(f"{input_dir}: no tokenizer.model or tokenizer.json in it or beside it; "
+                        "put Meta's there, or pass --tokenizer PATH (or --no-tokenizer: score "
+                        "and train --init then refuse the model)")
+    return found
 
 
 # --- writing ----------------------------------------------------------------------------------

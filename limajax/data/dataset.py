@@ -70,7 +70,7 @@ def prepare(input_dir: str | Path, output_dir: str | Path,
         raise UserError(f"{output_dir}: already exists and is not empty; choose a new --output")
     select(read_gair_dir(input_dir)[0], options)  # every input error before any output
     # overwrite: only an empty directory gets this far (checked above).
-    with staged_dir(output_dir, marker="lima", overwrite=True) as tmp:
+    with staged_dir(output_dir, command="data prepare", overwrite=True) as tmp:
         tfds.disable_progress_bar()
         builder = Lima(data_dir=tmp, options=options)
         with contextlib.redirect_stdout(io.StringIO()):  # tfds prints its own progress lines

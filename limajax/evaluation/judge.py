@@ -19,7 +19,7 @@ from collections.abc import Callable
 from importlib import resources
 
 from limajax.errors import UserError
-from limajax.evaluation.judgments import JudgmentFile
+from limajax.evaluation.judgments import JudgmentFile, sha256
 
 REASKS = 2  # an answer without a verdict is asked again at most this often, then `unparsed`
 REASK = ("Please give your final choice now, with no explanation, as exactly one of these "
@@ -54,8 +54,6 @@ class Template:
 
     @property
     def sha(self) -> str:
-        from limajax.evaluation.judgments import sha256
-
         return sha256(self.text)
 
     def fill(self, **fields: str) -> str:
