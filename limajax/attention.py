@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from limajax.config import ATTENTION_KERNELS as KERNELS
+from limajax.errors import UserError
 
 
 def choose(kernel: str, platform: str | None = None) -> str:
@@ -128,11 +129,22 @@ def attend(kernel: str, q, k, v, positions, segments=None, layout: Callable | No
     raise ValueError(f"unknown attention kernel {kernel!r}; known: {', '.join(KERNELS)}")
 
 
+# Where each kernel runs: natively, or (cpu) in the Pallas interpreter, which is slow and
+# meant for tests.
+PLATFORMS = {"xla": ("cpu", "gpu", "tpu"), "cudnn": ("gpu",), "pallas": ("gpu", "cpu"),
+             "splash": ("tpu", "cpu")}
+
+
 @functools.cache
-def describe(kernel: str) -> str:
-    """A line for the log: which kernel a config's choice means here, and why."""
-    chosen = choose(kernel)
-    how = f"`{kernel}` on {jax.default_backend()}" if kernel == "auto" else "the config's choice"
-    interp = " (Pallas interpreter)" if chosen in ("pallas", "splash") and \
-        jax.default_backend() == "cpu" else ""
-    return f"attention: {chosen}{interp}, {how}"
+def describe(kernel: str, platform: str | None = None) -> str:
+    """The line logged once at the start of a run: which kernel `kernel` means here and why;
+    a UserError if it cannot run on this platform."""
+    platform = jax.default_backend() if platform is None else platform
+    chosen = choose(kernel, platform)
+    if platform not in PLATFORMS[chosen]:
+        raise UserError(f"model.attention={kernel}: the {chosen} kernel runs on "
+                        f"{' or '.join(PLATFORMS[chosen])}, not {platform}")
+    why = f"auto on {platform}" if kernel == "auto" else f"model.attention on {platform}"
+    slow = ", in the Pallas interpreter (slow: for tests)" if (
+        chosen in ("pallas", "splash") and platform == "cpu") else ""
+    return f"attention: {chosen} ({why}{slow})"

@@ -25,7 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from tqdm import tqdm
 
-from limajax import data, optim, sharding
+from limajax import attention, data, optim, sharding
 from limajax.checkpoint import resolve_init
 from limajax.config import ModelConfig, TrainConfig
 from limajax.workdir import (
@@ -278,6 +278,7 @@ def train(config: TrainConfig, workdir: str | Path, loader: Loader, *, mesh: Mes
     """
     mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
     sharding.check(config, mesh)
+    log(attention.describe(config.model.attention))  # once, before anything is built
     workdir = Path(workdir)
     is_lead = jax.process_index() == 0
     check_config(workdir, config)
@@ -311,8 +312,16 @@ def train(config: TrainConfig, workdir: str | Path, loader: Loader, *, mesh: Mes
                 "--peak-flops FLOP/s to know it)")
         loader.set_state(position)
         batches = iter(loader)
+
+        def fetch():
+            """The next batch, already on its way to the devices, and the data position after
+            it (what a checkpoint taken after its step records)."""
+            return put_batch(next(batches), setup), loader.get_state()
+
         steps_per_epoch, logged = loader.steps_per_epoch, []
-        start = time.time()
+        pending = []  # (step, epoch, batch shape, metrics still on the devices)
+        start = window = time.perf_counter()
+        upcoming = fetch() if position["epoch"] < config.epochs else None
         for epoch in range(position["epoch"], config.epochs):
             first = position["index"] if epoch == position["epoch"] else 0
             bar = tqdm(total=steps_per_epoch, initial=first, unit="step", leave=False,
@@ -320,52 +329,74 @@ def train(config: TrainConfig, workdir: str | Path, loader: Loader, *, mesh: Mes
                        disable=not (progress and is_lead))
             epoch_losses = []
             for index in range(first, steps_per_epoch):
-                batch = put_batch(next(batches), setup)
-                t0 = time.perf_counter()
-                with sharding.activate(mesh):
+                batch, after = upcoming
+                with sharding.activate(mesh):  # dispatched; the host does not wait for it
                     state, metrics = train_step(state, batch)
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                dt = time.perf_counter() - t0
                 step += 1
-                if not math.isfinite(metrics["loss"]):
-                    raise Diverged(f"the loss is {metrics['loss']} at step {step} (epoch "
-                                   f"{epoch + 1}); stopped; the last good checkpoint is step "
-                                   f"{manager.latest_step()}")
-                b, t = batch["inputs"].shape
-                record = {"step": step, "epoch": epoch + 1, "loss": metrics["loss"],
-                          "lr": metrics["lr"], "grad_norm": metrics["grad_norm"],
-                          "tokens_per_sec": b * t / dt,
-                          "mfu": None if peak_flops_total is None else
-                          b * t * flops_per_token(config.model, t) / dt / peak_flops_total,
-                          "time": time.time() - start, "seq_len": t,
-                          "target_tokens": int(metrics["target_tokens"])}
-                epoch_losses.append(metrics["loss"])
-                if is_lead and step % config.log_every_steps == 0:
-                    log_metrics(workdir, writer, record)
-                logged.append(record)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}",
-                                tok_s=f"{record['tokens_per_sec']:.0f}")
-                bar.update()
+                pending.append((step, epoch + 1, batch["inputs"].shape, metrics))
                 end_of_epoch = index + 1 == steps_per_epoch
+                last_step = end_of_epoch and epoch + 1 == config.epochs
                 every = config.save_every_steps
-                if end_of_epoch or (every and step % every == 0):
+                save = end_of_epoch or bool(every and step % every == 0)
+                if not (save or last_step):
+                    upcoming = fetch()  # host -> devices while the step runs
+                bar.update()
+                if save or step % config.log_every_steps == 0:
+                    # Metrics reach the host at the log cadence and before every checkpoint,
+                    # so a NaN stops the run before its state is kept.
+                    now = time.perf_counter()
+                    records = host_metrics(pending, (now - window) / len(pending),
+                                           config.model, peak_flops_total, now - start,
+                                           manager.latest_step())
+                    pending, window = [], now
+                    for record in records:
+                        if is_lead and record["step"] % config.log_every_steps == 0:
+                            log_metrics(workdir, writer, record)
+                    logged += records
+                    epoch_losses += [r["loss"] for r in records if r["epoch"] == epoch + 1]
+                    bar.set_postfix(loss=f"{records[-1]['loss']:.4f}",
+                                    tok_s=f"{records[-1]['tokens_per_sec']:.0f}")
+                if save:
                     save_state(manager, state, {
                         "step": step, "epoch": epoch + 1 if end_of_epoch else epoch,
-                        "end_of_epoch": end_of_epoch, "data": loader.get_state(),
+                        "end_of_epoch": end_of_epoch, "data": after,
                         "config": config.to_dict()})
+                    if not last_step:
+                        upcoming = fetch()  # after the save: a kill here leaves it started
             bar.close()
             if is_lead:
                 last = logged[-1]
                 log(f"epoch {epoch + 1}/{config.epochs}: step {step}, mean loss "
                     f"{np.mean(epoch_losses):.4f}, lr {last['lr']:.3g}, "
                     f"{last['tokens_per_sec']:.0f} tokens/s, {mfu_text(last['mfu'], peak_source)}, "
-                    f"{time.time() - start:.1f} s")
+                    f"{time.perf_counter() - start:.1f} s")
         return logged
     finally:
         manager.wait_until_finished()
         manager.close()
         if writer is not None:
             writer.close()
+
+
+def host_metrics(pending: list, seconds_per_step: float, model: ModelConfig,
+                 peak: float | None, elapsed: float, last_good: int | None) -> list[dict]:
+    """The metrics.jsonl records of steps whose metrics were left on the devices: one
+    device_get for all of them; speed is the window's average (no step was timed alone).
+    Raises Diverged at the first step whose loss is not finite."""
+    fetched = jax.device_get([m for *_, m in pending])
+    records = []
+    for (step, epoch, (rows, t), _), m in zip(pending, fetched, strict=True):
+        if not math.isfinite(m["loss"]):
+            raise Diverged(f"the loss is {float(m['loss'])} at step {step} (epoch {epoch}); "
+                           f"stopped; the last good checkpoint is step {last_good}")
+        tokens_per_sec = rows * t / seconds_per_step
+        records.append({
+            "step": step, "epoch": epoch, "loss": float(m["loss"]), "lr": float(m["lr"]),
+            "grad_norm": float(m["grad_norm"]), "tokens_per_sec": tokens_per_sec,
+            "mfu": None if peak is None else tokens_per_sec * flops_per_token(model, t) / peak,
+            "time": elapsed, "seq_len": t, "rows": rows,
+            "target_tokens": int(m["target_tokens"])})
+    return records
 
 
 def mfu_text(mfu: float | None, source: str) -> str:
@@ -384,6 +415,7 @@ def train_recipe(config: TrainConfig, workdir: str | Path, *, peak: float | None
     in `workdir`."""
     mesh = sharding.make_mesh(config.mesh)
     sharding.check(config, mesh)
+    attention.describe(config.model.attention)  # a kernel this platform lacks: fail first
     config, tokenizer, init_params = resolve_init(config)
     check_config(workdir, config)
     loader = data.batches_for(config, tokenizer)

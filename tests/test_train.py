@@ -192,3 +192,26 @@ def test_bad_setups_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="holds another run's checkpoints .*optim.lr"):
         workdir.check_config(tmp_path, other)
     workdir.check_config(tmp_path, apply_overrides(config, ["mesh=1x1"]))  # a new mesh is fine
+
+
+def test_the_loop_syncs_only_at_the_log_cadence_and_prefetches(tmp_path, monkeypatch):
+    """Metrics reach the host every log_every_steps steps (and at epoch ends); each next batch
+    is put on the devices right after the step is dispatched, before anything waits for it."""
+    events = []
+    put, host, make = train.put_batch, train.host_metrics, train.make_train_step
+
+    def make_step(setup):
+        step = make(setup)
+        return lambda *a: (events.append("step"), step(*a))[1]
+
+    monkeypatch.setattr(train, "put_batch", lambda *a: (events.append("put"), put(*a))[1])
+    monkeypatch.setattr(train, "host_metrics", lambda *a: (events.append("sync"), host(*a))[1])
+    monkeypatch.setattr(train, "make_train_step", make_step)
+    config = ts.tiny_config(mesh="1x1", epochs=1, log_every_steps=3)
+    logged = train.train(config, tmp_path, ts.Loader(config, ts.rows(48)),
+                         mesh=sharding.single_device_mesh(), progress=False, peak=1e12)
+    assert [m["step"] for m in logged] == [1, 2, 3, 4, 5, 6]  # every step's metrics, late
+    assert [m["step"] for m in workdir.read_metrics(tmp_path)] == [3, 6]
+    # put(1) step(1) put(2) step(2) put(3) step(3) put(4) sync(1-3) step(4) ... step(6) sync(4-6)
+    assert events == ["put"] + ["step", "put"] * 3 + ["sync"] + ["step", "put"] * 2 + [
+        "step", "sync"]
