@@ -1,9 +1,11 @@
 """`limajax demo`: the whole pipeline, for real, on a laptop CPU.
 
 A tiny LLaMA (stories260K's shape) with a tokenizer trained on the embedded sample dialogues is
-written in Meta's layout, converted (adding LIMA's EOT), exported to Hugging Face format,
-fine-tuned with the LIMA recipe on a simulated 2x4 mesh, and scored before and after on the
-held-out sample prompts. Every step is the library function behind a CLI command.
+written as a Hugging Face checkpoint, converted (adding LIMA's EOT), exported back to Hugging
+Face format, fine-tuned with the LIMA recipe on a simulated 2x4 mesh, and scored before and
+after on the held-out sample prompts. Every step is the library function behind a CLI command.
+Nothing here needs torch (Meta's .pth layout does: the `meta` extra), so the demo runs on a
+plain `pip install limajax`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from limajax.config import load_recipe
 from limajax.errors import UserError
 from limajax.files import check_replaceable, mark_output, staged_dir
 from limajax.model import Llama
+from limajax.tokenizer import TokenSpec
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
 
@@ -67,16 +70,16 @@ def run_demo(workdir: str | Path, *, epochs: int | None = None, overwrite: bool 
                                                              "train")[0]]
     train_tokenizer([t for c in samples for t in c], workdir / "tokenizer.model")
 
-    banner("2. a random tiny LLaMA written in Meta's layout (consolidated.00/01.pth, params.json)")
+    banner("2. a random tiny LLaMA written as a Hugging Face checkpoint (safetensors)")
     base_config = tiny.model.replace(vocab_size=512)  # the tokenizer's pieces; EOT comes next
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(
         nnx.state(Llama(base_config, rngs=nnx.Rngs(0)), nnx.Param)))
-    with staged_dir(workdir / "meta", command="demo") as tmp:
-        convert.write_meta(tmp, params, base_config, n_shards=2)
-        shutil.copyfile(workdir / "tokenizer.model", tmp / "tokenizer.model")
+    base_tokens = TokenSpec(1, 2, None, 512, base_config.padded_vocab_size)
+    with staged_dir(workdir / "random-hf", command="demo") as tmp:
+        convert.write_hf(tmp, params, base_config, base_tokens, workdir / "tokenizer.model")
 
-    banner("3. limajax convert --from meta (adds LIMA's EOT token)")
-    config, tokens, _ = convert.convert("meta", workdir / "meta", workdir / "base")
+    banner("3. limajax convert --from hf (adds LIMA's EOT token)")
+    config, tokens, _ = convert.convert("hf", workdir / "random-hf", workdir / "base")
     print(f"{workdir / 'base'}: {config.n_params:,} parameters, vocabulary {tokens.vocab_size} "
           f"(EOT {tokens.eot_id})", file=sys.stderr)
 

@@ -104,8 +104,19 @@ def meta_shard_files(directory: Path) -> list[Path]:
     return files
 
 
+def require_torch():
+    """PyTorch, which only Meta's .pth format needs: an extra, so `pip install limajax` never
+    replaces a user's (CUDA) torch."""
+    try:
+        import torch
+    except ImportError:
+        raise UserError("Meta's consolidated.NN.pth format needs PyTorch, which is not installed: "
+                        'pip install "limajax[meta]"') from None
+    return torch
+
+
 def _load_pth(path: Path) -> dict:
-    import torch
+    torch = require_torch()
 
     try:
         # mmap: tensors stay in the page cache until read; weights_only: never run pickled code.
@@ -120,7 +131,7 @@ def _load_pth(path: Path) -> dict:
 
 def _numpy(t) -> np.ndarray:
     """A numpy view of a CPU tensor (numpy has no bfloat16: view the bits as ml_dtypes')."""
-    import torch
+    torch = require_torch()
 
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
@@ -319,7 +330,7 @@ def write_meta(directory: str | Path, params: dict, config: ModelConfig, n_shard
     """Meta's layout in an existing directory: params.json + consolidated.NN.pth, each tensor
     split along its model-parallel axis (tok_embeddings along D, as LLaMA 1/2 do). A tied
     output is written as a copy: Meta's format has no tying. Holds one shard in memory."""
-    import torch
+    torch = require_torch()
 
     directory = Path(directory)
     params_json = meta_params_json(config)
@@ -339,14 +350,14 @@ def write_meta(directory: str | Path, params: dict, config: ModelConfig, n_shard
             if w.split:
                 x = np.split(x, n_shards, axis=w.split[0])[s]
             x = np.array(x, copy=True)  # its own storage: torch.save writes whole storages
-            shard[key] = _torch(x)
+            shard[key] = _to_torch(x)
         torch.save(shard, directory / f"consolidated.{s:02d}.pth")
         del shard
     write_json(directory / "params.json", params_json)
 
 
-def _torch(x: np.ndarray):
-    import torch
+def _to_torch(x: np.ndarray):
+    torch = require_torch()
 
     if x.dtype == ml_dtypes.bfloat16:
         return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
