@@ -6,7 +6,7 @@
     pallas  Pallas GPU flash attention (Triton), which takes segment ids itself
     splash  Pallas TPU splash attention with SegmentIds, inside shard_map
 `auto` takes splash on TPU, pallas on GPU (it honours segments without a dense mask; which of
-pallas and cudnn is faster has not been measured here: tools/gpu_check.py measures both) and
+pallas and cudnn is faster has not been measured here: tools/bench_gpu.py measures both) and
 xla elsewhere. On CPU the Pallas kernels run in their interpreter, which is how they are tested.
 
 Shapes as in model.py: q [B, T, N, H], k and v [B, S, K, H]; positions and segment ids [B, T].

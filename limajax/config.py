@@ -209,6 +209,7 @@ class OptimConfig:
     weight_decay: float = 0.1  # LIMA §3; applied to matrices only
     clip_norm: float | None = 1.0  # global-norm clipping; None turns it off
     warmup_steps: int = 0  # LIMA §3: no warm-up
+    moments_dtype: str = "float32"  # AdamW's mu and nu between steps; bfloat16 halves them
 
     def __post_init__(self):
         check_types(self, "optim")
@@ -216,6 +217,9 @@ class OptimConfig:
             raise UserError(f"optim: lr must be > 0 and end_lr >= 0, got {self.lr}, {self.end_lr}")
         if self.clip_norm is not None and self.clip_norm <= 0:
             raise UserError(f"optim: clip_norm must be positive or None, got {self.clip_norm}")
+        if self.moments_dtype not in ("float32", "bfloat16"):
+            raise UserError(f"optim: moments_dtype must be float32 or bfloat16, got "
+                            f"{self.moments_dtype!r}")
 
 
 @dataclass(frozen=True)
