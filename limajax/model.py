@@ -124,11 +124,12 @@ def dense(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
 
 
 class Projection(nnx.Module):
-    """A bias-free linear map whose kernel keeps its logical axes (e.g. D -> N x H for wq)."""
+    """A bias-free linear map whose kernel keeps its logical axes (e.g. D -> N x H for wq); the
+    first `in_axes` axes of the kernel are contracted with the input's last ones."""
 
-    def __init__(self, shape: tuple[int, ...], names: tuple[str, ...], n_in: int,
-                 config: ModelConfig, rngs: nnx.Rngs):
-        self.n_in, self.dtype = n_in, config.dtype
+    def __init__(self, shape: tuple[int, ...], names: tuple[str, ...], config: ModelConfig,
+                 rngs: nnx.Rngs, in_axes: int = 1):
+        self.n_in, self.dtype = in_axes, config.dtype
         self.kernel = nnx.Param(param_init(names)(rngs.params(), shape, config.param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -139,10 +140,11 @@ class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         d, n, k, h = config.dim, config.n_heads, config.n_kv_heads, config.head_dim
         self.kernel = config.attention
-        self.wq = Projection((d, n, h), ("embed", "heads", "head_dim"), 1, config, rngs)
-        self.wk = Projection((d, k, h), ("embed", "kv_heads", "head_dim"), 1, config, rngs)
-        self.wv = Projection((d, k, h), ("embed", "kv_heads", "head_dim"), 1, config, rngs)
-        self.wo = Projection((n, h, d), ("heads", "head_dim", "embed"), 2, config, rngs)
+        self.wq = Projection((d, n, h), ("embed", "heads", "head_dim"), config, rngs)
+        self.wk = Projection((d, k, h), ("embed", "kv_heads", "head_dim"), config, rngs)
+        self.wv = Projection((d, k, h), ("embed", "kv_heads", "head_dim"), config, rngs)
+        self.wo = Projection((n, h, d), ("heads", "head_dim", "embed"), config, rngs,
+                             in_axes=2)
 
     def __call__(self, x, positions, segment_ids, inv_freq,
                  cache: tuple[jax.Array, jax.Array] | None):
@@ -170,9 +172,9 @@ class FeedForward(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         d, f = config.dim, config.ffn_dim
-        self.w1 = Projection((d, f), ("embed", "mlp"), 1, config, rngs)
-        self.w2 = Projection((f, d), ("mlp", "embed"), 1, config, rngs)
-        self.w3 = Projection((d, f), ("embed", "mlp"), 1, config, rngs)
+        self.w1 = Projection((d, f), ("embed", "mlp"), config, rngs)
+        self.w2 = Projection((f, d), ("mlp", "embed"), config, rngs)
+        self.w3 = Projection((d, f), ("embed", "mlp"), config, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = constrain(jax.nn.silu(self.w1(x)) * self.w3(x), "act_batch", None, "act_mlp")
@@ -220,7 +222,7 @@ class Llama(nnx.Module):
         self.norm = RMSNorm(config, rngs=rngs)
         if not config.tie_embeddings:
             self.output = Projection((config.dim, config.padded_vocab_size),
-                                     ("embed", "vocab"), 1, config, rngs)
+                                     ("embed", "vocab"), config, rngs)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, *,
                  segment_ids: jax.Array | None = None, cache: KVCache | None = None,

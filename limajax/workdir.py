@@ -23,7 +23,14 @@ import orbax.checkpoint as ocp
 
 from limajax.config import TrainConfig
 from limajax.errors import UserError
-from limajax.files import append_jsonl, read_json, write_json
+from limajax.files import (
+    append_jsonl,
+    json_line,
+    read_json,
+    read_jsonl,
+    staged_file,
+    write_json,
+)
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -83,8 +90,8 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def read_metrics(workdir: str | Path) -> list[dict]:
-    path = Path(workdir) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """Every record of a workdir's metrics.jsonl, in order."""
+    return [row for _, _, row in read_jsonl(Path(workdir) / METRICS_FILE)]
 
 
 def truncate_metrics(workdir: str | Path, step: int) -> None:
@@ -92,9 +99,9 @@ def truncate_metrics(workdir: str | Path, step: int) -> None:
     path = Path(workdir) / METRICS_FILE
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    keep = [row for row in read_metrics(workdir) if row["step"] <= step]
+    with staged_file(path) as f:
+        f.writelines(json_line(row) for row in keep)
 
 
 def tensorboard_writer(workdir: str | Path, step: int):

@@ -116,6 +116,15 @@ def test_sharded_forward_equals_single_device(tokens):
         out = nnx.jit(lambda m, t: m(t))(sharded, jax.device_put(batch,
                                                                   sharding.batch_sharding(mesh)))
     np.testing.assert_allclose(np.asarray(out)[..., :300], ref[..., :300], atol=1e-5)
+    # A KV cache placed by sharding.cache_shardings (rows on data, K/V heads on model) prefills
+    # on the mesh to the same logits.
+    placed = sharding.cache_shardings(cfg, batch=4, length=16, mesh=mesh)
+    assert placed.k.spec == jax.sharding.PartitionSpec(None, "data", None, "model", None)
+    cache = jax.device_put(KVCache.empty(cfg, batch=4, length=16), placed)
+    positions = jnp.broadcast_to(jnp.arange(batch.shape[1]), batch.shape)
+    with sharding.activate(mesh):
+        logits, _ = decode(sharded, batch, positions, cache)
+    np.testing.assert_allclose(np.asarray(logits)[..., :300], ref[..., :300], atol=1e-5)
 
 
 def test_params_that_do_not_fit_the_config_are_named():

@@ -17,14 +17,14 @@ def reference(tmp_path_factory):
     """An uninterrupted run on 2x4: (workdir, metrics, final params)."""
     run_dir = tmp_path_factory.mktemp("uninterrupted")
     config = ts.tiny_config()
-    metrics = train.train(config, run_dir, ts.Loader(config, ts.rows(ROWS)), progress=False,
+    metrics = train.train(config, run_dir, ts.KillableLoader(config, ts.rows(ROWS)), progress=False,
                           peak=1e12)
     return run_dir, metrics
 
 
 def _final_params(run_dir, mesh):
     config = ts.tiny_config()
-    setup = train.build(config, mesh, ts.Loader(config, ts.rows(ROWS)).steps_per_epoch)
+    setup = train.build(config, mesh, ts.KillableLoader(config, ts.rows(ROWS)).steps_per_epoch)
     with workdir.checkpoint_manager(run_dir) as manager:
         state, meta = workdir.restore_state(manager, manager.latest_step(), setup.abstract_state)
     return state, meta
@@ -44,8 +44,8 @@ def test_killed_runs_resume_exactly(reference, tmp_path):
     assert partial, "the step-8 save completed before the kill: nothing partial to ignore"
     # 3. Resume again (here): the half-written step-8 save is ignored, step 4 is used.
     config = ts.tiny_config()
-    metrics = train.train(config, tmp_path, ts.Loader(config, ts.rows(ROWS)), progress=False,
-                        peak=1e12)
+    metrics = train.train(config, tmp_path, ts.KillableLoader(config, ts.rows(ROWS)),
+                          progress=False, peak=1e12)
     assert metrics[0]["step"] == 5, (partial, metrics[0])  # resumed from step 4
     assert not [d for d in (tmp_path / "checkpoints").iterdir() if "tmp" in d.name]
     assert [m["step"] for m in workdir.checkpoints(tmp_path)] == [4, 8, 12]

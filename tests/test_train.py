@@ -84,7 +84,7 @@ def step_setup():
     config = ts.tiny_config(mesh="2x4", dropout=0.0)
     mesh = sharding.make_mesh("2x4")
     params = nnx.to_pure_dict(nnx.state(sharding.init_model(config.model, mesh)))
-    batch = next(iter(ts.Loader(config, ts.rows())))
+    batch = next(iter(ts.KillableLoader(config, ts.rows())))
     return config, mesh, params, batch
 
 
@@ -134,7 +134,7 @@ def test_it_learns(tmp_path):
     config = ts.tiny_config(
         mesh="1x1", epochs=60, dropout=0.0, optim=OptimConfig(lr=1e-2, end_lr=1e-3),
         data=DataConfig(batch_size=8, max_len=80))
-    loader = ts.Loader(config, ts.rows(8))
+    loader = ts.KillableLoader(config, ts.rows(8))
     metrics = train.train(config, tmp_path, loader, mesh=sharding.single_device_mesh(),
                         progress=False, peak=1e12)
     assert metrics[0]["loss"] > 4.0
@@ -168,7 +168,7 @@ def test_sharded_equals_unsharded(tmp_path):
 def test_nan_loss_stops_the_run_keeping_the_last_good_checkpoint(tmp_path):
     config = ts.tiny_config(save_every_steps=1, epochs=2)
 
-    class Poisoned(ts.Loader):
+    class Poisoned(ts.KillableLoader):
         def __iter__(self):
             for i, batch in enumerate(super().__iter__()):
                 if i == 2:  # the third step sees a NaN
@@ -208,7 +208,7 @@ def test_the_loop_syncs_only_at_the_log_cadence_and_prefetches(tmp_path, monkeyp
     monkeypatch.setattr(train, "host_metrics", lambda *a: (events.append("sync"), host(*a))[1])
     monkeypatch.setattr(train, "make_train_step", make_step)
     config = ts.tiny_config(mesh="1x1", epochs=1, log_every_steps=3)
-    logged = train.train(config, tmp_path, ts.Loader(config, ts.rows(48)),
+    logged = train.train(config, tmp_path, ts.KillableLoader(config, ts.rows(48)),
                          mesh=sharding.single_device_mesh(), progress=False, peak=1e12)
     assert [m["step"] for m in logged] == [1, 2, 3, 4, 5, 6]  # every step's metrics, late
     assert [m["step"] for m in workdir.read_metrics(tmp_path)] == [3, 6]

@@ -77,7 +77,7 @@ def rows(n: int = 16) -> list[dict]:
             for i, d in zip(range(n), DIALOGUES * (n // 8 + 1), strict=False)]
 
 
-class Loader:
+class KillableLoader:
     """data.Batches, optionally killing this process (SIGKILL) when asked for one batch."""
 
     def __init__(self, config, source, kill_at: tuple[int, int] | None = None,
@@ -153,7 +153,7 @@ def three_steps(config, mesh):
     state = train.init_state(setup)
     step = train.make_train_step(setup)
     losses = []
-    for batch in list(Loader(config, rows(24)))[:3]:
+    for batch in list(KillableLoader(config, rows(24)))[:3]:
         with sharding.activate(mesh):
             state, m = step(state, train.put_batch(batch, setup))
         losses.append(float(m["loss"]))
@@ -182,7 +182,7 @@ def main(argv):
     config = tiny_config(**changes)
     kill = tuple(int(x) for x in opts["kill"].split(".")) if "kill" in opts else None
     after = Path(workdir) / "checkpoints" / opts["wait"] if "wait" in opts else None
-    loader = Loader(config, rows(int(opts.get("rows", 16))), kill, after)
+    loader = KillableLoader(config, rows(int(opts.get("rows", 16))), kill, after)
     metrics = train.train(config, workdir, loader, progress=False, peak=1e12)
     out = Path(workdir) / f"out.{opts.get('tag', 'run')}"
     import jax

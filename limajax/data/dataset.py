@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import shutil
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import tensorflow_datasets as tfds
 from limajax import __version__
 from limajax.data.gair import SPLITS, PrepareOptions, read_gair_dir, select
 from limajax.errors import UserError
-from limajax.files import staged_dir
+from limajax.files import read_json, staged_dir
 
 
 class Lima(tfds.core.GeneratorBasedBuilder):
@@ -100,7 +99,7 @@ def dataset_dir(data_dir: str | Path) -> Path:
 def read_metadata(data_dir: str | Path) -> dict:
     """What `prepare` recorded: input checksums, options, examples per split."""
     path = dataset_dir(data_dir) / "metadata.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json(path) if path.is_file() else {}
 
 
 def split_names(data_dir: str | Path) -> list[str]:
