@@ -44,7 +44,7 @@ from limajax.tokenizer import (
     tokenizer_file,
     write_tokens_json,
 )
-from limajax.workdir import read_config, restore_epoch_params
+from limajax.workdir import read_config, restore_epoch_params, saved_tokenizer
 
 PARAMS_DIR = "params"
 MODEL_FILE = "model.json"
@@ -156,11 +156,6 @@ def read_model_config(model_dir: str | Path) -> ModelConfig:
         raise UserError(f"{path}: {e}") from None
 
 
-def tokenizer_path(model_dir: str | Path) -> Path | None:
-    """The model directory's tokenizer file, or None if it was converted without one."""
-    return tokenizer_file(model_dir)
-
-
 def load_model_dir(model_dir: str | Path, shardings=None):
     """(params, ModelConfig, TokenSpec) of a model directory.
 
@@ -186,7 +181,7 @@ def run_tokens(run: TrainConfig, where: str | Path) -> tuple[TokenSpec, Path | N
     """The token ids and tokenizer file a training run uses: its --init model directory's, or
     its --tokenizer plus LIMA's EOT for a random model. `where` names the run in errors."""
     if run.init is not None:
-        return read_tokens_json(Path(run.init) / TOKENS_FILE), tokenizer_path(run.init)
+        return read_tokens_json(Path(run.init) / TOKENS_FILE), tokenizer_file(run.init)
     if run.tokenizer is None:
         raise UserError(f"{where}: the run names no tokenizer")
     tokenizer = Tokenizer.from_path(run.tokenizer).with_eot()
@@ -194,15 +189,17 @@ def run_tokens(run: TrainConfig, where: str | Path) -> tuple[TokenSpec, Path | N
 
 
 def load_model(source: str | Path, shardings=None, *, epoch: int | None = None):
-    """(params, ModelConfig, TokenSpec, tokenizer.model path or None) of a model directory, or,
+    """(params, ModelConfig, TokenSpec, tokenizer file or None) of a model directory, or,
     with `epoch`, of the checkpoint ending that epoch in a training workdir (DESIGN §3: wherever
     a model directory is accepted, a workdir plus --epoch N is too). `shardings` as in
     sharding.abstract_params."""
     if epoch is None:
-        return (*load_model_dir(source, shardings), tokenizer_path(source))
+        return (*load_model_dir(source, shardings), tokenizer_file(source))
     run = read_config(source)
     params = restore_epoch_params(source, epoch, abstract_params(run.model, shardings))
-    return params, run.model, *run_tokens(run, Path(source) / "config.json")
+    # The tokenizer copied into the workdir (R6); a workdir from before that: the run's.
+    return params, run.model, *(saved_tokenizer(source) or
+                                run_tokens(run, Path(source) / "config.json"))
 
 
 def load_for_inference(source: str | Path, mesh: jax.sharding.Mesh, *,

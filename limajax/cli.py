@@ -4,6 +4,7 @@ library function; user mistakes (UserError) become one line on stderr and exit c
 from __future__ import annotations
 
 import functools
+import os
 import sys
 
 import click
@@ -13,8 +14,15 @@ from limajax.errors import UserError
 DOES_NOT_FIT = 3  # `plan`'s answer "no", apart from 1 (a bug) and 2 (a user's mistake)
 
 
-def user_errors(fn):
-    """Turn a UserError into `error: ...` and exit code 2 (DESIGN §3); anything else is a bug."""
+INTERRUPTED = 130  # 128 + SIGINT, as shells report a command stopped by Ctrl-C
+
+
+def user_errors(fn=None, *, interrupted: str = "interrupted; nothing partial is left behind"):
+    """Turn a UserError into `error: ...` and exit code 2 (DESIGN §3), and Ctrl-C into one line
+    and exit code 130; anything else is a bug. Partial outputs are removed on the way out
+    (files.staged_dir / staged_file), before the line is printed."""
+    if fn is None:
+        return functools.partial(user_errors, interrupted=interrupted)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -23,6 +31,13 @@ def user_errors(fn):
         except UserError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo(f"\n{interrupted}", err=True)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            # Not sys.exit: interpreter shutdown would join Orbax's and TensorStore's worker
+            # threads, which print their own tracebacks for the interrupted work.
+            os._exit(INTERRUPTED)
 
     return wrapper
 
@@ -219,12 +234,14 @@ def data_inspect(data_dir, tokenizer_path, max_len, train_on_prompts, plot, batc
 @click.option("--input", "input_path", required=True, type=click.Path(path_type=str),
               help='JSONL rows {"id", "text"}; BOS is prepended, no chat format.')
 @click.option("--output", "output_path", required=True, type=click.Path(path_type=str),
-              help='JSONL rows adding "token_ids", "logprobs", "nll" and "ppl".')
+              help='JSONL rows adding "token_ids", "logprobs", "nll", "ppl" and "trimmed" '
+              "(missing directories are created).")
 @click.option("--mesh", default="1x1", show_default=True, help="DATAxMODEL device mesh.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
               help="Texts per forward pass (rounded up to a multiple of the mesh's data axis).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --output file.")
 @user_errors
-def score(model_dir, workdir, epoch, input_path, output_path, mesh, batch_size):
+def score(model_dir, workdir, epoch, input_path, output_path, mesh, batch_size, overwrite):
     """Log-probability of every token of each text, and its perplexity (LIMA App. B).
 
     Example: limajax score --model runs/tiny-model --input texts.jsonl --output scores.jsonl
@@ -235,7 +252,12 @@ def score(model_dir, workdir, epoch, input_path, output_path, mesh, batch_size):
     from limajax.scoring import score_file
 
     source, epoch = model_source(model_dir, workdir, epoch)
-    summary = score_file(source, input_path, output_path, mesh, batch_size, epoch=epoch)
+    summary = score_file(source, input_path, output_path, mesh, batch_size, epoch=epoch,
+                         overwrite=overwrite)
+    if summary["trimmed"]:
+        click.echo(f"notice: {summary['trimmed']} of {summary['rows']} texts are longer than the "
+                   f"model's context ({summary['max_len']:,} tokens): scored on their first "
+                   f"{summary['max_len']:,} tokens", err=True)
     click.echo(f"scored {summary['rows']} texts, {summary['tokens']} tokens: "
                f"nll {summary['nll']:.4f}, perplexity {summary['ppl']:.3f} -> {output_path}")
 
@@ -274,7 +296,8 @@ def score(model_dir, workdir, epoch, input_path, output_path, mesh, batch_size):
               help="Multi-host: this process's index, 0 to --num-processes - 1.")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Show a progress bar per epoch.")
-@user_errors
+@user_errors(interrupted="interrupted; rerun the same command to resume from the last "
+             "checkpoint (one is saved at every epoch's end)")
 def train(config_path, mesh, init, data_dir, workdir, overrides, tokenizer, epochs,
           save_every_steps, peak_flops, coordinator, num_processes, process_id, progress):
     """Fine-tune with LIMA's recipe (LIMA §3): 15 epochs, AdamW, lr 1e-5 -> 1e-6, depth-wise

@@ -12,7 +12,9 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,7 +90,8 @@ def append_jsonl(path: str | Path, row: dict) -> None:
 def staged_file(path: str | Path) -> Iterator[IO[str]]:
     """A text file opened beside `path`, renamed onto it on success and removed on failure."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    remove_stale(path)
+    tmp = path.with_name(f".{path.name}.{_OWNER}.tmp")
     try:
         with tmp.open("w", encoding="utf-8") as f:
             yield f
@@ -98,6 +101,38 @@ def staged_file(path: str | Path) -> Iterator[IO[str]]:
 
 
 OUTPUT_MARKER = ".limajax-output.json"  # {"command": ...}: which command made a directory
+
+
+# Temporary outputs are named .NAME.HOST~PID.…: a later run on the same host removes those whose
+# process is gone (killed, or a Ctrl-C during the cleanup), which are hidden and can be the size
+# of a model (newcomer F6). Another host's are left alone: its process may be alive.
+_OWNER = f"{socket.gethostname().replace('.', '_')}~{os.getpid()}"
+
+
+def remove_stale(final: Path) -> None:
+    """Remove the temporary siblings of `final` left by dead processes of this host."""
+    pattern = re.compile(rf"\.{re.escape(final.name)}\.(.+)~(\d+)\..*(partial|old|tmp)$")
+    host = _OWNER.split("~")[0]
+    if not final.parent.is_dir():
+        return
+    for sibling in final.parent.iterdir():
+        m = pattern.fullmatch(sibling.name)
+        if not m or m.group(1) != host or _alive(int(m.group(2))):
+            continue
+        if sibling.is_dir() and not sibling.is_symlink():
+            shutil.rmtree(sibling, ignore_errors=True)
+        else:
+            sibling.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def check_replaceable(final: str | Path, *, overwrite: bool, command: str) -> None:
@@ -151,7 +186,9 @@ def staged_dir(final: str | Path, *, command: str, overwrite: bool = False) -> I
     final = Path(final)
     check_replaceable(final, overwrite=overwrite, command=command)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    remove_stale(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{_OWNER}.", suffix=".partial",
+                                dir=final.parent))
     try:
         yield tmp
         mark_output(tmp, command)

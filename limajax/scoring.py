@@ -46,10 +46,12 @@ def token_logprobs(model: Llama, tokens: jax.Array) -> jax.Array:
 
 def score(model: Llama, tokenizer: Tokenizer, rows: list[dict], mesh: Mesh,
           batch_size: int = 8) -> Iterator[dict]:
-    """Rows with token_ids (BOS first), logprobs of every token after the first, nll and ppl."""
+    """Rows with token_ids (BOS first, cut to the model's context), logprobs of every token
+    after the first, nll, ppl, and whether the text was trimmed."""
     batch_size = sharding.whole_rows(batch_size, mesh)  # rows split evenly over the data axis
     limit = model.config.max_seq_len
-    encoded = [[tokenizer.bos_id] + tokenizer.encode(r["text"])[: limit - 1] for r in rows]
+    full = [[tokenizer.bos_id] + tokenizer.encode(r["text"]) for r in rows]
+    encoded = [ids[:limit] for ids in full]  # LIMA §3 keeps a long text's beginning
     for start in range(0, len(rows), batch_size):
         chunk = encoded[start:start + batch_size]
         width = bucket_length(max(len(ids) for ids in chunk), buckets_for(limit))
@@ -63,20 +65,29 @@ def score(model: Llama, tokenizer: Tokenizer, rows: list[dict], mesh: Mesh,
             lp = logp[i, :len(ids) - 1]
             nll = float(-lp.mean()) if len(lp) else float("nan")
             yield {**rows[start + i], "token_ids": ids, "logprobs": lp.tolist(), "nll": nll,
-                   "ppl": math.exp(nll) if len(lp) else float("nan")}
+                   "ppl": math.exp(nll) if len(lp) else float("nan"),
+                   "trimmed": len(full[start + i]) > limit}
 
 
 def score_file(model_dir: str, input_path: str, output_path: str, mesh_spec: str = "1x1",
-               batch_size: int = 8, epoch: int | None = None) -> dict:
-    """`limajax score`: read texts, write scored rows atomically, return a summary."""
+               batch_size: int = 8, epoch: int | None = None, overwrite: bool = False) -> dict:
+    """`limajax score`: read texts, write scored rows atomically, return a summary (with how
+    many texts were trimmed to the model's context). The output is checked before any work."""
+    output = Path(output_path)
+    if output.exists() and (not overwrite or output.is_dir()):
+        raise UserError(f"{output}: already exists (pass --overwrite to replace it)"
+                        if not output.is_dir() else f"{output}: is a directory (--output)")
+    output.parent.mkdir(parents=True, exist_ok=True)
     rows = read_texts(input_path)
     mesh = sharding.make_mesh(mesh_spec, jax.devices()[:sharding.mesh_devices(mesh_spec)])
     model, tokenizer = load_for_inference(model_dir, mesh, epoch=epoch)
-    total_nll, total_tokens = 0.0, 0
+    total_nll, total_tokens, trimmed = 0.0, 0, 0
     with staged_file(output_path) as f:
         for row in score(model, tokenizer, rows, mesh, batch_size):
+            trimmed += row["trimmed"]
             f.write(json_line(row))
             total_nll += -sum(row["logprobs"])
             total_tokens += len(row["logprobs"])
     nll = total_nll / max(total_tokens, 1)
-    return {"rows": len(rows), "tokens": total_tokens, "nll": nll, "ppl": math.exp(nll)}
+    return {"rows": len(rows), "tokens": total_tokens, "nll": nll, "ppl": math.exp(nll),
+            "trimmed": trimmed, "max_len": model.config.max_seq_len}

@@ -29,11 +29,15 @@ from limajax import attention, data, optim, sharding
 from limajax.checkpoint import resolve_init
 from limajax.config import ModelConfig, TrainConfig
 from limajax.workdir import (
+    CHECKPOINTS_DIR,
     check_config,
     checkpoint_manager,
     log_metrics,
-    restore_state,
+    plot_curves,
+    resolved_paths,
+    restore_latest,
     save_state,
+    save_tokenizer,
     tensorboard_writer,
     truncate_metrics,
     write_config,
@@ -177,6 +181,33 @@ def make_train_step(setup: Setup):
                    donate_argnums=0)
 
 
+def make_eval_step(setup: Setup):
+    """The jitted dev-set step: (params, global batch) -> (summed -log p of the target tokens,
+    their count); no dropout, nothing updated."""
+    graphdef = setup.graphdef
+
+    def evaluate(params, batch: Batch):
+        logits = nnx.merge(graphdef, params)(batch["inputs"], batch["positions"],
+                                             segment_ids=batch["segment_ids"])
+        nll = token_nll(logits, batch["targets"]) * batch["loss_mask"]
+        return jnp.sum(nll), jnp.sum(batch["loss_mask"])
+
+    batch_shardings = {k: setup.batch_sharding for k in BATCH_KEYS}
+    return jax.jit(evaluate, in_shardings=(setup.state_shardings.params, batch_shardings),
+                   out_shardings=sharding.replicated_sharding(setup.mesh))
+
+
+def dev_loss(setup: Setup, evaluate, params, dev: Loader) -> float:
+    """Mean -log p per target token over one pass of the dev split."""
+    dev.set_state({"epoch": 0, "index": 0})
+    sums = []  # left on the devices until the pass is done
+    for _, batch in zip(range(dev.steps_per_epoch), dev, strict=False):
+        with sharding.activate(setup.mesh):
+            sums.append(evaluate(params, put_batch(batch, setup)))
+    total, count = np.asarray(jax.device_get(sums), np.float64).sum(axis=0) if sums else (0, 0)
+    return float(total) / max(float(count), 1.0)
+
+
 def init_state(setup: Setup, params: dict | None = None) -> TrainState:
     """A fresh TrainState: random parameters (or `params`, e.g. from --init) and zero moments."""
     config, mesh = setup.config, setup.mesh
@@ -269,17 +300,20 @@ class Diverged(Exception):
 
 
 def train(config: TrainConfig, workdir: str | Path, loader: Loader, *, mesh: Mesh | None = None,
-          init_params=None, peak: float | None = None, progress: bool = True) -> list[dict]:
+          init_params=None, peak: float | None = None, progress: bool = True,
+          tokenizer=None, dev: Loader | None = None) -> list[dict]:
     """Train (or resume) in `workdir` on batches from `loader`; returns this session's metrics.
 
     `loader` is data.Batches (or anything with its steps_per_epoch, get_state/set_state and
     iteration). `init_params`: None (random), a params dict, or mesh -> params (loaded only if
-    there is no checkpoint to resume). The workdir follows DESIGN §3 (limajax/workdir.py).
+    there is no checkpoint to resume). `tokenizer`: copied into the workdir so its epochs need
+    nothing else. `dev`: one pass of the dev split, scored at every epoch's end. The workdir
+    follows DESIGN §3 (limajax/workdir.py).
     """
     mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
     sharding.check(config, mesh)
     log(attention.describe(config.model.attention))  # once, before anything is built
-    workdir = Path(workdir)
+    config, workdir = resolved_paths(config), Path(workdir)
     is_lead = jax.process_index() == 0
     check_config(workdir, config)
     setup = build(config, mesh, loader.steps_per_epoch)
@@ -288,10 +322,12 @@ def train(config: TrainConfig, workdir: str | Path, loader: Loader, *, mesh: Mes
     manager = checkpoint_manager(workdir, config.max_to_keep)
     writer = None
     try:
-        latest = manager.latest_step()
-        if latest is not None:
-            state, meta = restore_state(manager, latest, setup.abstract_state)
-            position = meta["data"]
+        restored = restore_latest(manager, setup.abstract_state)
+        if restored is not None:
+            state, meta, damaged = restored
+            for error in damaged:
+                log(f"notice: {error}; using the one before")
+            latest, position = meta["step"], meta["data"]
             if position["epoch"] >= config.epochs:
                 log(f"the run in {workdir} is complete ({config.epochs} epochs, step {latest})")
             else:
@@ -303,9 +339,12 @@ def train(config: TrainConfig, workdir: str | Path, loader: Loader, *, mesh: Mes
         step = int(jax.device_get(state.step))
         if is_lead:
             write_config(workdir, config)
+            if tokenizer is not None:
+                save_tokenizer(workdir, tokenizer)
             truncate_metrics(workdir, step)  # a killed run's steps past the checkpoint
             writer = tensorboard_writer(workdir, step)
         train_step = make_train_step(setup)
+        evaluate = make_eval_step(setup) if dev is not None else None
         peak_flops_total, peak_source = peak_flops(config.model.dtype, peak)
         if peak_flops_total is None:
             log(f"notice: MFU is {peak_source}; metrics.jsonl records it as null (pass "
@@ -335,41 +374,62 @@ def train(config: TrainConfig, workdir: str | Path, loader: Loader, *, mesh: Mes
                 step += 1
                 pending.append((step, epoch + 1, batch["inputs"].shape, metrics))
                 end_of_epoch = index + 1 == steps_per_epoch
-                last_step = end_of_epoch and epoch + 1 == config.epochs
                 every = config.save_every_steps
-                save = end_of_epoch or bool(every and step % every == 0)
-                if not (save or last_step):
+                mid_save = bool(every and step % every == 0) and not end_of_epoch
+                if not (mid_save or end_of_epoch):
                     upcoming = fetch()  # host -> devices while the step runs
                 bar.update()
-                if save or step % config.log_every_steps == 0:
+                if mid_save or end_of_epoch or step % config.log_every_steps == 0:
                     # Metrics reach the host at the log cadence and before every checkpoint,
                     # so a NaN stops the run before its state is kept.
                     now = time.perf_counter()
-                    records = host_metrics(pending, (now - window) / len(pending),
-                                           config.model, peak_flops_total, now - start,
-                                           manager.latest_step())
+                    records, bad = host_metrics(pending, (now - window) / len(pending),
+                                                config.model, peak_flops_total, now - start)
                     pending, window = [], now
                     for record in records:
                         if is_lead and record["step"] % config.log_every_steps == 0:
                             log_metrics(workdir, writer, record)
                     logged += records
                     epoch_losses += [r["loss"] for r in records if r["epoch"] == epoch + 1]
+                    if bad is not None:
+                        manager.wait_until_finished()
+                        good = manager.latest_step()
+                        raise Diverged(
+                            f"the loss is {bad['loss']} at step {bad['step']} (epoch "
+                            f"{bad['epoch']}); stopped; " + (
+                                "no checkpoint was saved before it (lower optim.lr?)"
+                                if good is None else f"the last good checkpoint is "
+                                f"step {good} in {workdir / CHECKPOINTS_DIR}"))
                     bar.set_postfix(loss=f"{records[-1]['loss']:.4f}",
                                     tok_s=f"{records[-1]['tokens_per_sec']:.0f}")
-                if save:
+                if mid_save:
                     save_state(manager, state, {
-                        "step": step, "epoch": epoch + 1 if end_of_epoch else epoch,
-                        "end_of_epoch": end_of_epoch, "data": after,
+                        "step": step, "epoch": epoch, "end_of_epoch": False, "data": after,
                         "config": config.to_dict()})
-                    if not last_step:
-                        upcoming = fetch()  # after the save: a kill here leaves it started
+                    upcoming = fetch()  # after the save: a kill here leaves it started
             bar.close()
+            dev_text = ""
+            if evaluate is not None:  # LIMA App. B: dev perplexity beside quality, per epoch
+                loss = dev_loss(setup, evaluate, state.params, dev)
+                dev_text = f", dev loss {loss:.4f} (perplexity {math.exp(loss):.2f})"
+                if is_lead:
+                    log_metrics(workdir, writer, {"step": step, "epoch": epoch + 1,
+                                                  "dev_loss": loss, "dev_ppl": math.exp(loss)})
             if is_lead:
                 last = logged[-1]
                 log(f"epoch {epoch + 1}/{config.epochs}: step {step}, mean loss "
-                    f"{np.mean(epoch_losses):.4f}, lr {last['lr']:.3g}, "
+                    f"{np.mean(epoch_losses):.4f}{dev_text}, lr {last['lr']:.3g}, "
                     f"{last['tokens_per_sec']:.0f} tokens/s, {mfu_text(last['mfu'], peak_source)}, "
                     f"{time.perf_counter() - start:.1f} s")
+                plot_curves(workdir)
+            # The epoch's checkpoint, after what reports it (LIMA §3: one per epoch).
+            save_state(manager, state, {
+                "step": step, "epoch": epoch + 1, "end_of_epoch": True, "data": after,
+                "config": config.to_dict()})
+            if epoch + 1 < config.epochs:
+                upcoming = fetch()  # after the save: a kill here leaves it started
+        if is_lead and logged:
+            log(finished_message(workdir, config.epochs))
         return logged
     finally:
         manager.wait_until_finished()
@@ -378,17 +438,25 @@ def train(config: TrainConfig, workdir: str | Path, loader: Loader, *, mesh: Mes
             writer.close()
 
 
+def finished_message(workdir: Path, epochs: int) -> str:
+    """Where the run's checkpoints are and the commands that use them."""
+    return (f"done: one checkpoint per epoch (1-{epochs}) in {workdir / CHECKPOINTS_DIR}; "
+            f"LIMA §3 picks one of epochs 5-10 by dev perplexity and samples. Use epoch N with\n"
+            f"  limajax score --workdir {workdir} --epoch N --input TEXTS.jsonl --output "
+            f"SCORES.jsonl\n"
+            f"  limajax export --to hf --workdir {workdir} --epoch N --output HF_DIR")
+
+
 def host_metrics(pending: list, seconds_per_step: float, model: ModelConfig,
-                 peak: float | None, elapsed: float, last_good: int | None) -> list[dict]:
-    """The metrics.jsonl records of steps whose metrics were left on the devices: one
-    device_get for all of them; speed is the window's average (no step was timed alone).
-    Raises Diverged at the first step whose loss is not finite."""
+                 peak: float | None, elapsed: float) -> tuple[list[dict], dict | None]:
+    """The metrics.jsonl records of steps whose metrics were left on the devices (one
+    device_get for all of them; speed is the window's average: no step was timed alone), up to
+    the first step whose loss is not finite, and that step ({step, epoch, loss}) or None."""
     fetched = jax.device_get([m for *_, m in pending])
     records = []
     for (step, epoch, (rows, t), _), m in zip(pending, fetched, strict=True):
         if not math.isfinite(m["loss"]):
-            raise Diverged(f"the loss is {float(m['loss'])} at step {step} (epoch {epoch}); "
-                           f"stopped; the last good checkpoint is step {last_good}")
+            return records, {"step": step, "epoch": epoch, "loss": float(m["loss"])}
         tokens_per_sec = rows * t / seconds_per_step
         records.append({
             "step": step, "epoch": epoch, "loss": float(m["loss"]), "lr": float(m["lr"]),
@@ -396,7 +464,7 @@ def host_metrics(pending: list, seconds_per_step: float, model: ModelConfig,
             "mfu": None if peak is None else tokens_per_sec * flops_per_token(model, t) / peak,
             "time": elapsed, "seq_len": t, "rows": rows,
             "target_tokens": int(m["target_tokens"])})
-    return records
+    return records, None
 
 
 def mfu_text(mfu: float | None, source: str) -> str:
@@ -423,4 +491,5 @@ def train_recipe(config: TrainConfig, workdir: str | Path, *, peak: float | None
         f"epoch x {config.epochs} epochs, global batch {config.data.batch_size}, mesh "
         f"{config.mesh}")
     return train(config, workdir, loader, mesh=mesh, peak=peak, progress=progress,
-                 init_params=init_params)
+                 init_params=init_params, tokenizer=tokenizer,
+                 dev=data.dev_batches_for(config, tokenizer))

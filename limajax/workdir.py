@@ -1,8 +1,11 @@
 """Training workdirs (DESIGN §3): what `limajax train` writes and `--workdir W --epoch N` reads.
 
     config.json     the resolved run config (a workdir belongs to one run)
+    tokenizer.model the run's tokenizer (or tokenizer.json) and tokens.json, copied in when the
+    tokens.json     run starts, so `--workdir W --epoch N` needs nothing outside W (review R6)
     metrics.jsonl   one JSON object per logged step
     tensorboard/    the same metrics as TensorBoard events
+    curves.png      loss and learning rate per step, dev perplexity per epoch (each epoch's end)
     checkpoints/    an Orbax CheckpointManager: one checkpoint per epoch (plus any every-N-steps
                     ones), each the TrainState and a JSON item with the data position, the
                     epoch and the run config
@@ -15,8 +18,11 @@ the next start).
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import math
+import shutil
 from pathlib import Path
 
 import orbax.checkpoint as ocp
@@ -31,9 +37,19 @@ from limajax.files import (
     staged_file,
     write_json,
 )
+from limajax.tokenizer import (
+    TOKENS_FILE,
+    Tokenizer,
+    TokenSpec,
+    read_tokens_json,
+    stored_name,
+    tokenizer_file,
+    write_tokens_json,
+)
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "curves.png"
 CHECKPOINTS_DIR = "checkpoints"
 
 
@@ -52,11 +68,18 @@ def write_config(workdir: str | Path, config: TrainConfig) -> None:
     write_json(Path(workdir) / CONFIG_FILE, config.to_dict())
 
 
+# What a resumed run may change: how it is run and recorded, not what it learns (review R5).
+BOOKKEEPING = ("mesh", "save_every_steps", "log_every_steps", "max_to_keep")
+
+
 def check_config(workdir: str | Path, config: TrainConfig) -> None:
-    """A workdir belongs to one run: resuming with a different recipe is refused (the mesh may
-    change: checkpoints restore onto any mesh)."""
+    """A workdir belongs to one run: resuming with a different recipe is refused. Bookkeeping
+    may change (checkpoints restore onto any mesh), and paths are compared resolved (./x, x/
+    and /abs/x are one)."""
     workdir = Path(workdir)
     path = workdir / CONFIG_FILE
+    if workdir.exists() and not workdir.is_dir():
+        raise UserError(f"{workdir}: not a directory (--workdir)")
     if not path.exists():
         if (workdir / CHECKPOINTS_DIR).exists() and any((workdir / CHECKPOINTS_DIR).iterdir()):
             raise UserError(f"{workdir}: holds checkpoints but no {CONFIG_FILE}; "
@@ -66,14 +89,30 @@ def check_config(workdir: str | Path, config: TrainConfig) -> None:
         old = TrainConfig.from_dict(json.loads(path.read_text()))
     except (ValueError, TypeError, UserError) as e:
         raise UserError(f"{path}: not a limajax run config ({e}); use a new --workdir") from None
-    old_d, new_d = _flat(old.to_dict()), _flat(config.to_dict())
-    diffs = [k for k in sorted(set(old_d) | set(new_d))
-             if k != "mesh" and old_d.get(k) != new_d.get(k)]
+    old_d, new_d = _comparable(old), _comparable(config)
+    diffs = [k for k in sorted(set(old_d) | set(new_d)) if old_d.get(k) != new_d.get(k)]
     if diffs:
         k = diffs[0]
         raise UserError(f"{workdir} holds another run's checkpoints ({k}: {old_d.get(k)!r} there, "
-                        f"{new_d.get(k)!r} here{' and more' if len(diffs) > 1 else ''}); use a "
-                        "new --workdir")
+                        f"{new_d.get(k)!r} here{' and more' if len(diffs) > 1 else ''}); to "
+                        "resume, give the same values; to start a new run, use a new --workdir")
+
+
+def _comparable(config: TrainConfig) -> dict:
+    return {k: v for k, v in _flat(resolved_paths(config).to_dict()).items()
+            if k not in BOOKKEEPING}
+
+
+def resolved_paths(config: TrainConfig) -> TrainConfig:
+    """`config` with its paths absolute and normalised, as config.json records them: the run
+    then means the same from any working directory."""
+    def resolve(p):
+        return None if p is None else str(Path(p).resolve())
+
+    return dataclasses.replace(config, init=resolve(config.init),
+                               tokenizer=resolve(config.tokenizer),
+                               data=dataclasses.replace(config.data,
+                                                        path=resolve(config.data.path)))
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -84,6 +123,27 @@ def _flat(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+# --- the tokenizer ------------------------------------------------------------------------------
+
+
+def save_tokenizer(workdir: str | Path, tokenizer: Tokenizer) -> None:
+    """Copy the run's tokenizer file and its ids (tokens.json) into the workdir."""
+    workdir = Path(workdir)
+    name = stored_name(tokenizer.path)
+    if not (workdir / name).exists() or (workdir / name).read_bytes() != \
+            Path(tokenizer.path).read_bytes():
+        shutil.copyfile(tokenizer.path, workdir / name)
+    write_tokens_json(workdir / TOKENS_FILE, tokenizer.spec)
+
+
+def saved_tokenizer(workdir: str | Path) -> tuple[TokenSpec, Path] | None:
+    """(ids, tokenizer file) copied into the workdir, or None (a workdir from before R6)."""
+    file = tokenizer_file(workdir)
+    if file is None or not (Path(workdir) / TOKENS_FILE).is_file():
+        return None
+    return read_tokens_json(Path(workdir) / TOKENS_FILE), file
 
 
 # --- metrics.jsonl and TensorBoard ----------------------------------------------------------------
@@ -113,11 +173,43 @@ def tensorboard_writer(workdir: str | Path, step: int):
 
 
 def log_metrics(workdir: str | Path, writer, record: dict) -> None:
+    """Append a record to metrics.jsonl and TensorBoard (dev_* values under dev/)."""
     append_jsonl(Path(workdir) / METRICS_FILE, record)
     if writer is not None:
         for k, v in record.items():
             if k not in ("step", "epoch") and v is not None and math.isfinite(v):
-                writer.add_scalar(f"train/{k}", v, record["step"])
+                tag = f"dev/{k[4:]}" if k.startswith("dev_") else f"train/{k}"
+                writer.add_scalar(tag, v, record["step"])
+
+
+def plot_curves(workdir: str | Path) -> Path:
+    """curves.png: training loss per step, the learning rate, and dev perplexity per epoch if
+    the run has a dev split, from metrics.jsonl, so a user can look rather than read."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(workdir)
+    steps = [r for r in rows if "loss" in r]
+    dev = [r for r in rows if r.get("dev_ppl") is not None]
+    panels = 3 if dev else 2
+    fig, axes = plt.subplots(panels, 1, figsize=(7, 2.4 * panels), constrained_layout=True)
+    axes[0].plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=1)
+    axes[0].set(ylabel="training loss", title=f"{Path(workdir).resolve().name}: loss per step")
+    axes[1].plot([r["step"] for r in steps], [r["lr"] for r in steps], lw=1, color="tab:orange")
+    axes[1].set(xlabel="step", ylabel="learning rate")
+    if dev:
+        axes[2].plot([r["epoch"] for r in dev], [r["dev_ppl"] for r in dev], "o-",
+                     color="tab:green")
+        axes[2].set(xlabel="epoch", ylabel="dev perplexity")
+        axes[2].xaxis.get_major_locator().set_params(integer=True)
+    path = Path(workdir) / CURVES_FILE
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
 
 
 # --- checkpoints/ ---------------------------------------------------------------------------------
@@ -146,9 +238,10 @@ def save_state(manager: ocp.CheckpointManager, state, meta: dict) -> None:
 
 def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state):
     """(TrainState, meta) of checkpoint `step`, placed by the shardings in `abstract_state`
-    (any mesh: a checkpoint written on 2x4 restores onto 4x2 or one device)."""
+    (any mesh: a checkpoint written on 2x4 restores onto 4x2 or one device). A damaged
+    checkpoint is a UserError naming what is wrong with it."""
     # Explicit abstract targets: a bare restore() in a fresh manager restores nothing.
-    restored = manager.restore(step, args=ocp.args.Composite(
+    restored = _restore(manager, step, ocp.args.Composite(
         state=ocp.args.StandardRestore(_state_tree(abstract_state)),
         meta=ocp.args.JsonRestore()))
     tree = restored["state"]
@@ -156,11 +249,60 @@ def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state):
     return state, restored["meta"]
 
 
+def restore_latest(manager: ocp.CheckpointManager, abstract_state):
+    """(TrainState, meta, [UserError for each newer checkpoint that is damaged]) of the newest
+    checkpoint that restores, or None if there is none: one damaged file costs an epoch, not
+    the run (newcomer F3)."""
+    damaged = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            return (*restore_state(manager, step, abstract_state), damaged)
+        except UserError as e:
+            damaged.append(e)
+    if damaged:
+        raise UserError(f"{damaged[-1]}; no checkpoint in {manager.directory} restores "
+                        "(move the directory away to start again)")
+    return None
+
+
+# The files a complete checkpoint has besides its array data; Orbax's own errors for a missing
+# one are a pytree or KeyError traceback that names none of them.
+_REQUIRED = ("state/_METADATA", "meta/metadata")
+
+
+def _restore(manager: ocp.CheckpointManager, step: int, args, required=_REQUIRED):
+    where = Path(manager.directory) / str(step)
+    for name in required:
+        if not (where / name).is_file():
+            raise UserError(f"{where}: damaged checkpoint ({name} is missing)")
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.CRITICAL)  # Orbax logs each failed read as an error before raising
+    try:
+        return manager.restore(step, args=args)
+    except Exception as e:  # Orbax and TensorStore raise many types for a damaged file
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"{where}: damaged checkpoint ({reason})") from None
+    finally:
+        absl.setLevel(level)
+
+
 def checkpoints(workdir: str | Path) -> list[dict]:
-    """The meta of every complete checkpoint in a workdir, oldest first."""
+    """The meta of every complete checkpoint in a workdir, oldest first (a damaged one's meta
+    may be unreadable: it is left out)."""
+    return _scan(workdir)[0]
+
+
+def _scan(workdir: str | Path) -> tuple[list[dict], list[UserError]]:
+    metas, damaged = [], []
     with checkpoint_manager(workdir) as manager:
-        return [manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-                for step in manager.all_steps()]
+        for step in manager.all_steps():
+            try:
+                metas.append(_restore(manager, step, ocp.args.Composite(
+                    meta=ocp.args.JsonRestore()), required=("meta/metadata",))["meta"])
+            except UserError as e:
+                damaged.append(e)
+    return metas, damaged
 
 
 def epochs(workdir: str | Path) -> list[int]:
@@ -170,13 +312,14 @@ def epochs(workdir: str | Path) -> list[int]:
 
 def epoch_step(workdir: str | Path, epoch: int) -> int:
     """The step of the checkpoint that ends `epoch` (1-based), for `--workdir W --epoch N`."""
-    metas = checkpoints(workdir)
+    metas, damaged = _scan(workdir)
     for meta in metas:
         if meta.get("end_of_epoch") and meta["epoch"] == epoch:
             return meta["step"]
     have = sorted(m["epoch"] for m in metas if m.get("end_of_epoch"))
     raise UserError(f"{workdir}: no checkpoint for epoch {epoch} "
-                    f"(epochs saved: {', '.join(map(str, have)) or 'none'})")
+                    f"(epochs saved: {', '.join(map(str, have)) or 'none'})"
+                    + "".join(f"; {e}" for e in damaged))
 
 
 def restore_epoch_params(workdir: str | Path, epoch: int, abstract_params):
@@ -184,7 +327,7 @@ def restore_epoch_params(workdir: str | Path, epoch: int, abstract_params):
     restored into `abstract_params` (ShapeDtypeStructs with shardings)."""
     step = epoch_step(workdir, epoch)
     with checkpoint_manager(workdir) as manager:
-        restored = manager.restore(step, args=ocp.args.Composite(
+        restored = _restore(manager, step, ocp.args.Composite(
             state=ocp.args.PyTreeRestore(
                 {"params": abstract_params},
                 restore_args={"params": ocp.checkpoint_utils.construct_restore_args(

@@ -427,3 +427,21 @@ def test_existing_output_needs_overwrite(sources, tmp_path, cli):
     ok(cli("convert", "--from", "hf", "--input", sources / "hf", "--output", out, "--overwrite",
            "--no-add-eot"))
     assert json.loads((out / "tokens.json").read_text())["eot_id"] is None
+
+
+def test_a_dead_processs_hidden_partial_output_is_removed(sources, tmp_path, cli):
+    """A killed convert leaves .NAME.HOST~PID.….partial; the next one removes it (F6), but not a
+    live process's or another host's."""
+    import socket
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = socket.gethostname().replace(".", "_")
+    stale = tmp_path / f".out.{host}~{dead.pid}.x1y2.partial"
+    live = tmp_path / f".out.{host}~{os.getpid()}.x1y2.partial"
+    other = tmp_path / f".out.elsewhere~{dead.pid}.x1y2.partial"
+    for d in (stale, live, other):
+        (d / "params").mkdir(parents=True)
+    ok(cli("convert", "--from", "hf", "--input", sources / "hf", "--output", tmp_path / "out"))
+    assert not stale.exists() and live.exists() and other.exists()

@@ -126,3 +126,30 @@ def test_commands_read_a_workdir_epoch_like_a_model_directory(reference, tmp_pat
                    "--output", str(tmp_path / "x")])
     assert r.exit_code == 2 and "no checkpoint for epoch 9 (epochs saved: 1, 2, 3)" in r.output
     assert not (tmp_path / "x").exists()
+
+
+def test_ctrl_c_exits_130_and_says_rerunning_resumes(tmp_path):
+    """SIGINT mid-run: one line, no traceback, exit 130; the next run resumes (F6)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               JAX_COMPILATION_CACHE_DIR=str(ts.JAX_CACHE))
+    cmd = [sys.executable, "-c", "from limajax.cli import main; main()", "train", "--config",
+           str(ts.HERE.parents[1] / "configs" / "tiny.py"), "--workdir", str(tmp_path / "w"),
+           "--tokenizer", str(ts.TOKENIZER), "--set", "data.max_len=64", "--peak-flops", "1e12",
+           "--no-progress"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    lines = []
+    for line in proc.stderr:  # interrupt once epoch 1's checkpoint is written (epoch 2's line)
+        lines.append(line)
+        if line.startswith("epoch 2/5"):
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, "".join(lines) + rest
+    assert "interrupted; rerun the same command to resume" in rest
+    assert "Traceback" not in rest and "Aborted" not in rest
+    assert [m["step"] for m in workdir.checkpoints(tmp_path / "w")][0] == 6

@@ -169,15 +169,22 @@ def test_nan_loss_stops_the_run_keeping_the_last_good_checkpoint(tmp_path):
     config = ts.tiny_config(save_every_steps=1, epochs=2)
 
     class Poisoned(ts.KillableLoader):
+        at = 2  # the third step sees a NaN
+
         def __iter__(self):
             for i, batch in enumerate(super().__iter__()):
-                if i == 2:  # the third step sees a NaN
+                if i == self.at:
                     batch["loss_mask"] = batch["loss_mask"] * np.nan
                 yield batch
 
-    with pytest.raises(train.Diverged, match="at step 3 .*last good checkpoint is step 2"):
+    with pytest.raises(train.Diverged, match="at step 3 .*last good checkpoint is step 2 in "
+                       f"{tmp_path / 'checkpoints'}"):
         train.train(config, tmp_path, Poisoned(config, ts.rows()), progress=False, peak=1e12)
     assert [m["step"] for m in workdir.checkpoints(tmp_path)] == [1, 2]
+    Poisoned.at = 0  # before any checkpoint: said so, not "step None"
+    with pytest.raises(train.Diverged, match="at step 1 .*no checkpoint was saved before it"):
+        train.train(config, tmp_path / "first", Poisoned(config, ts.rows()), progress=False,
+                    peak=1e12)
 
 
 def test_bad_setups_are_user_errors(tmp_path):

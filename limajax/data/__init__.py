@@ -14,6 +14,7 @@ from limajax.data.batches import (
     batches_for,
     bucket_length,
     buckets_for,
+    dev_batches_for,
     steps_per_epoch,
     training_source,
 )
@@ -39,6 +40,7 @@ from limajax.data.stats import SplitStats, format_stats, inspect, plot_lengths
 
 __all__ = ["BATCH_KEYS", "BUCKETS", "SAMPLE_DATA", "SPLITS", "Batches", "Lima", "PrepareOptions",
            "Row", "SplitStats", "batches_for", "bucket_length", "buckets_for", "conversations",
-           "dataset_dir", "format_stats", "inspect", "load", "plot_lengths", "prepare",
+           "dataset_dir", "dev_batches_for", "format_stats", "inspect", "load", "plot_lengths",
+           "prepare",
            "read_gair_dir", "read_gair_file", "read_metadata", "select", "split_names",
            "steps_per_epoch", "training_source"]

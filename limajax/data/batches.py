@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 from limajax.config import TrainConfig
-from limajax.data.dataset import conversations, load
+from limajax.data.dataset import conversations, load, split_names
 from limajax.data.gair import SAMPLE_DATA, read_gair_file
 from limajax.errors import UserError
 from limajax.sharding import parse_mesh
@@ -244,5 +244,18 @@ def batches_for(config: TrainConfig, tokenizer: Tokenizer) -> Batches:
     data_axis, _ = parse_mesh(config.mesh)
     return Batches(training_source(config), tokenizer, batch_size=d.batch_size, seed=d.seed,
                    num_epochs=config.epochs, max_len=d.max_len, buckets=buckets_for(d.max_len),
+                   train_on_prompts=d.train_on_prompt, pack=d.pack,
+                   row_multiple=data_axis * d.accumulation_steps)
+
+
+def dev_batches_for(config: TrainConfig, tokenizer: Tokenizer) -> Batches | None:
+    """One pass over the dataset's dev split, batched like training (LIMA App. B compares dev
+    perplexity with quality across epochs), or None if it has none."""
+    d = config.data
+    if d.path is None or "dev" not in split_names(d.path):
+        return None
+    data_axis, _ = parse_mesh(config.mesh)
+    return Batches(load(d.path, "dev"), tokenizer, batch_size=d.batch_size, seed=d.seed,
+                   num_epochs=1, max_len=d.max_len, buckets=buckets_for(d.max_len),
                    train_on_prompts=d.train_on_prompt, pack=d.pack,
                    row_multiple=data_axis * d.accumulation_steps)

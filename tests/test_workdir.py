@@ -1,0 +1,144 @@
+"""A training workdir through the command line, as a user meets it: one short run (2 epochs of
+the tiny recipe on the sample data, a dev split held out, a random model whose tokenizer is a
+model directory without EOT) shared by every test here.
+
+Proves: the workdir is self-contained (R6) and its epochs export whatever the run (R2); resume
+compares what is learned, not how paths are spelled (F2, R5); a damaged checkpoint is named and
+the one before is used (F3); score checks its output first and says when it trims (F5); the end
+of a run says where the checkpoints are and how to use them."""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import train_support as ts
+
+TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, cli):
+    root = tmp_path_factory.mktemp("workdir")
+    stories = ts.FIXTURES / "stories260K"
+    base = root / "base"  # 512 pieces, no EOT: the run adds it (padded 513 -> 640, R2)
+    assert cli("convert", "--from", "meta", "--input", stories / "meta_layout", "--tokenizer",
+               stories / "tok512.model", "--no-add-eot", "--output", base).exit_code == 0
+    data = root / "data"
+    assert cli("data", "prepare", "--output", data, "--dev-from-train", "8").exit_code == 0
+    args = ["train", "--config", TINY, "--workdir", root / "w", "--tokenizer", base, "--data",
+            data, "--epochs", "2", "--set", "data.max_len=128", "--peak-flops", "1e12",
+            "--no-progress"]
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    return root, args, result
+
+
+def test_dev_loss_and_curves_at_every_epoch_end(run):
+    """LIMA App. B compares dev perplexity across epochs: in the epoch line, metrics.jsonl and
+    TensorBoard, and curves.png beside them."""
+    root, _, result = run
+    epoch_lines = [x for x in result.stderr.splitlines() if x.startswith("epoch ")]
+    assert len(epoch_lines) == 2 and all(", dev loss " in x and "(perplexity " in x
+                                         for x in epoch_lines), result.stderr
+    rows = [json.loads(x) for x in (root / "w" / "metrics.jsonl").read_text().splitlines()]
+    dev = [r for r in rows if "dev_loss" in r]
+    assert [(r["epoch"], r["step"]) for r in dev] == [(1, 5), (2, 10)]
+    assert all(r["dev_ppl"] == pytest.approx(math.exp(r["dev_loss"])) for r in dev)
+    assert (root / "w" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    events = b"".join(p.read_bytes() for p in (root / "w" / "tensorboard").iterdir())
+    assert b"dev/ppl" in events
+
+
+def test_end_of_run_says_where_and_what_next(run):
+    root, _, result = run
+    assert f"one checkpoint per epoch (1-2) in {root / 'w' / 'checkpoints'}" in result.stderr
+    assert f"limajax export --to hf --workdir {root / 'w'} --epoch N" in result.stderr
+
+
+def test_workdir_is_self_contained_and_exports(run, cli, tmp_path):
+    root, _, _ = run
+    moved = tmp_path / "moved"
+    shutil.copytree(root / "w", moved)
+    shutil.move(root / "base", tmp_path / "base-elsewhere")  # the --tokenizer directory is gone
+    try:
+        assert json.loads((moved / "tokens.json").read_text())["padded_vocab_size"] == 640
+        r = cli("export", "--to", "hf", "--workdir", moved, "--epoch", "2", "--output",
+                tmp_path / "hf")
+        assert r.exit_code == 0, r.output
+        assert json.loads((tmp_path / "hf" / "config.json").read_text())["vocab_size"] == 513
+    finally:
+        shutil.move(tmp_path / "base-elsewhere", root / "base")
+
+
+def test_resume_allows_other_spellings_and_bookkeeping(run, cli, monkeypatch):
+    root, args, _ = run
+    monkeypatch.chdir(root)
+    i = args.index("--tokenizer")
+    respelled = [*args[:i], "--tokenizer", "./base/", *args[i + 2:], "--save-every-steps", "3",
+                 "--set", "log_every_steps=2"]
+    r = cli(*respelled)
+    assert r.exit_code == 0, r.output
+    assert "is complete (2 epochs" in r.stderr
+    r = cli(*args, "--set", "optim.lr=0.1")  # what is learned may not change
+    assert r.exit_code == 2 and "holds another run's checkpoints (optim.lr" in r.output
+
+
+def _damage(workdir, step, how):
+    ckpt = workdir / "checkpoints" / str(step)
+    if how == "metadata":
+        (ckpt / "state" / "_METADATA").unlink()
+    elif how == "meta":
+        shutil.rmtree(ckpt / "meta")
+    else:  # truncated array files, as a full disk or a killed copy leaves them
+        for data in (ckpt / "state" / "ocdbt.process_0" / "d").iterdir():
+            data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("how", ["metadata", "meta", "truncated"])
+def test_a_damaged_epoch_is_one_line(run, cli, tmp_path, how):
+    root, _, _ = run
+    w = shutil.copytree(root / "w", tmp_path / "w")
+    last = max(int(p.name) for p in (w / "checkpoints").iterdir())
+    _damage(w, last, how)
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text('{"id": 1, "text": "Hello"}\n')
+    r = cli("score", "--workdir", w, "--epoch", "2", "--input", texts, "--output",
+            tmp_path / "s.jsonl")
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and "Traceback" not in r.output, r.output
+    if how == "meta":  # without its meta the checkpoint cannot say which epoch it ends
+        assert "no checkpoint for epoch 2 (epochs saved: 1); " \
+            f"{w / 'checkpoints' / str(last)}: damaged checkpoint (meta/metadata" in lines[0]
+    else:
+        assert f"{w / 'checkpoints' / str(last)}: damaged checkpoint" in lines[0]
+
+
+def test_resume_passes_over_a_damaged_checkpoint(run, cli, tmp_path):
+    root, args, _ = run
+    w = shutil.copytree(root / "w", tmp_path / "w")
+    _damage(w, 10, "truncated")
+    i = args.index("--workdir")
+    r = cli(*args[:i + 1], w, *args[i + 2:])
+    assert r.exit_code == 0, r.output
+    assert f"notice: {w / 'checkpoints' / '10'}: damaged checkpoint" in r.stderr
+    assert "resuming from the checkpoint at step 5: epoch 2, batch 1 next" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_score_checks_its_output_first_and_says_when_it_trims(run, cli, tmp_path):
+    root, _, _ = run
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text(json.dumps({"id": 1, "text": "Once upon a time " * 600}) + "\n"
+                     + json.dumps({"id": 2, "text": ""}) + "\n")
+    out = tmp_path / "new" / "dir" / "s.jsonl"  # missing parents are created
+    source = ["--workdir", root / "w", "--epoch", "1", "--input", texts]
+    r = cli("score", *source, "--output", out)
+    assert r.exit_code == 0, r.output
+    assert "notice: 1 of 2 texts are longer than the model's context (2,048 tokens)" in r.stderr
+    rows = [json.loads(line, parse_constant=pytest.fail) for line in out.read_text().splitlines()]
+    assert rows[0]["trimmed"] and len(rows[0]["token_ids"]) == 2048 and rows[1]["nll"] is None
+    r = cli("score", *source, "--output", out)
+    assert r.exit_code == 2 and "already exists (pass --overwrite" in r.output
+    assert cli("score", *source, "--output", out, "--overwrite").exit_code == 0
