@@ -372,6 +372,8 @@ def judge_options(required=True):
                      help="Requests in flight at once."),
         click.option("--timeout", default=60.0, show_default=True, type=click.FloatRange(min=0.1),
                      help="Seconds to wait for one answer before retrying."),
+        click.option("--judge-max-tokens", default=1024, show_default=True,
+                     type=click.IntRange(min=1), help="Longest answer the judge may write."),
         click.option("--max-retries", default=6, show_default=True, type=click.IntRange(min=0),
                      help="Retries per request on 429 (honouring Retry-After), 5xx, dropped "
                      "connections and time-outs, with exponential backoff."),
@@ -389,11 +391,12 @@ def judge_options(required=True):
     return decorate
 
 
-def _judge(judge_url, judge_model, api_key_env, concurrency, timeout, max_retries):
+def _judge(judge_url, judge_model, api_key_env, concurrency, timeout, judge_max_tokens,
+           max_retries):
     from limajax.evaluation.judge import Judge
 
     return Judge(judge_url, judge_model, api_key_env=api_key_env, timeout=timeout,
-                 max_retries=max_retries, concurrency=concurrency)
+                 max_retries=max_retries, concurrency=concurrency, max_tokens=judge_max_tokens)
 
 
 def interruptible(fn):
@@ -428,7 +431,7 @@ def interruptible(fn):
 @user_errors
 @interruptible
 def compare(a_path, b_path, output, judge_url, judge_model, api_key_env, orders, concurrency,
-            timeout, max_retries, template_path, labels_path, progress):
+            timeout, judge_max_tokens, max_retries, template_path, labels_path, progress):
     """Ask a judge LIMA §4.1's question for every prompt both sample files answered: is A
     significantly better, B significantly better, or neither? Both orders by default; the
     outcome is A if A wins both, B if B wins both, a tie otherwise.
@@ -449,7 +452,7 @@ def compare(a_path, b_path, output, judge_url, judge_model, api_key_env, orders,
     from limajax.evaluation.compare import compare as compare_lib
 
     r = compare_lib(a_path, b_path, _judge(judge_url, judge_model, api_key_env, concurrency,
-                                           timeout, max_retries),
+                                           timeout, judge_max_tokens, max_retries),
                     output, orders=orders, template_path=template_path, progress=progress)
     if r["torn_line_dropped"]:
         click.echo(f"notice: dropped the unfinished last line of {output} (a run was killed "
@@ -500,7 +503,7 @@ def annotate(a_path, b_path, output, seed):
 @user_errors
 @interruptible
 def rate(samples_path, rubric, output, json_path, judge_url, judge_model, api_key_env,
-         concurrency, timeout, max_retries, template_path, progress):
+         concurrency, timeout, judge_max_tokens, max_retries, template_path, progress):
     """Rate each answer on its own: Fail / Pass / Excellent, or helpfulness 1-6 with the mean
     and its 95% bootstrap interval over prompts.
 
@@ -512,7 +515,7 @@ def rate(samples_path, rubric, output, json_path, judge_url, judge_model, api_ke
     from limajax.files import write_json
 
     s = rate_lib(samples_path, rubric, _judge(judge_url, judge_model, api_key_env, concurrency,
-                                              timeout, max_retries),
+                                              timeout, judge_max_tokens, max_retries),
                  output, template_path=template_path, progress=progress)
     if rubric == "grade":
         figures = ", ".join(f"{g} {s['counts'][g]} ({s['percent'][g] or 0:.0f}%)"

@@ -1,7 +1,8 @@
 """A deterministic OpenAI-compatible judge on loopback, for the evaluation tests.
 
 Its verdict depends on the answers' content: each answer states "quality N", and the higher one
-wins ("Neither" when equal). A prompt containing "biased" gets the answer shown first, whatever
+wins ("Neither" when equal); answers without one (a model's) are judged by length, the longer
+winning. A prompt containing "biased" gets the answer shown first, whatever
 it says (a position bias, so the two orders disagree). A prompt's "form:NAME" picks how the
 verdict is phrased (the forms judges really use) and "fault:NAME" makes the server misbehave on
 that prompt's first request(s) in each order. Every request is logged.
@@ -77,6 +78,12 @@ class JudgeServer:
     @staticmethod
     def decide(text: str) -> tuple[str, str]:
         """(key, which) for a pairwise prompt: which in {"first", "second", "neither"}."""
+        if "quality" not in text:  # a model's answers (select): the longer one wins
+            first, second = re.search(r"\[Answer A\]\n(.*?)\n\n\[Answer B\]\n(.*?)\n\nWhich "
+                                      r"answer is better", text, re.DOTALL).groups()
+            which = ("neither" if len(first) == len(second) else
+                     "first" if len(first) > len(second) else "second")
+            return f"free:{hash(text)}", which
         ident = re.search(r"\b(p\d+)\b", text).group(1)
         qualities = [int(q) for q in re.findall(r"quality (\d)", text)]
         shown = "AB" if text.index("from-a") < text.index("from-b") else "BA"
@@ -91,7 +98,10 @@ class JudgeServer:
     def handle(self, h: BaseHTTPRequestHandler, body: dict) -> None:
         text = body["messages"][0]["content"]
         if "[Reply]" in text:  # a rating: grades and scale follow the answer's quality
-            q = int(re.search(r"quality (\d)", text).group(1))
+            marker = re.search(r"quality (\d)", text)
+            # a model's answer (select) has none: its length in characters decides, 1-3
+            q = int(marker.group(1)) if marker else 1 + min(2, len(
+                text.split("[Reply]\n", 1)[1].split("\n\n1 - ", 1)[0]) // 40)
             content = (f"Reasons.\n{('Fail', 'Pass', 'Excellent')[q - 1]}" if "Excellent" in text
                        else f"Reasons.\n{q + 2}")
             with self.lock:

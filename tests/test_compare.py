@@ -215,3 +215,14 @@ def test_rate_grades_and_scale(tmp_path, cli):
     lo, hi = scale["ci95"]
     # prompts' means are 4, 5, 3.67, 3: resampling the 4 prompts stays within their range
     assert 3 <= lo < scale["mean"] < hi <= 5
+
+
+def test_prompt_as_the_judge_sees_it():
+    from limajax.evaluation.judgments import Sample
+
+    def prompt(*turns):
+        return Sample("x", 0, turns, "answer", "f:1").prompt
+
+    assert prompt("Q?") == "Q?"
+    assert prompt("Q?", "the reference answer") == "Q?"  # a dev row's answer is not shown
+    assert prompt("Q?", "A.", "Q2?") == "User: Q?\n\nAssistant: A.\n\nUser: Q2?"

@@ -37,12 +37,14 @@ class Sample:
 
     @property
     def prompt(self) -> str:
-        """The prompt as the judge sees it: the question, or the dialogue so far (multi-turn)."""
-        if len(self.conversations) == 1:
-            return self.conversations[0]
+        """The prompt as the judge sees it: the question, or the dialogue so far (multi-turn).
+        A trailing assistant turn (a dev row's reference answer) is left out, as `sample`
+        leaves it out of the model's prompt."""
+        turns = self.conversations[:len(self.conversations) - 1 + len(self.conversations) % 2]
+        if len(turns) == 1:
+            return turns[0]
         speakers = ("User", "Assistant")
-        return "\n\n".join(f"{speakers[i % 2]}: {turn}"
-                           for i, turn in enumerate(self.conversations))
+        return "\n\n".join(f"{speakers[i % 2]}: {turn}" for i, turn in enumerate(turns))
 
 
 def read_samples(path: str, *, several_per_id: bool = False) -> dict:

@@ -146,7 +146,9 @@ def figure_size(bars: int) -> tuple[int, int]:
 
 
 def plot(summary: dict, path: str) -> None:
-    """A horizontal stacked bar per comparison, A wins / tie / B wins, as LIMA's Figure 1."""
+    """A horizontal stacked bar per comparison, A wins / tie / B wins, as LIMA's Figure 1: shares
+    of the prompts with a verdict, or, if some have none, of all prompts with a fourth segment
+    for those (so a judge that could not be read shows as such, not as an empty bar)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -157,12 +159,17 @@ def plot(summary: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(width / DPI, height / DPI), dpi=DPI)
     labels = [f"{name(c['a'])} vs {name(c['b'])}" + (f" ({c['judge']})" if len(
         {x["judge"] for x in cs}) > 1 else "") for c in cs]
+    segments = [("a_wins", "A wins", "#4c72b0"), ("ties", "Tie", "#c7c7c7"),
+                ("b_wins", "B wins", "#dd8452")]
+    if any(c["counts"]["unparsed"] for c in cs):
+        segments.append(("unparsed", "No verdict read", "#ffffff"))
     left = [0.0] * len(cs)
-    for key, label, color in (("a_wins", "A wins", "#4c72b0"), ("ties", "Tie", "#c7c7c7"),
-                              ("b_wins", "B wins", "#dd8452")):
-        values = [c["percent"][key] if c["percent"][key] == c["percent"][key] else 0.0
-                  for c in cs]
-        bars = ax.barh(labels, values, left=left, color=color, label=label, height=0.6)
+    for key, label, color in segments:
+        values = [100 * c["counts"][key] / (c["n"] if len(segments) == 4 else
+                                            c["n"] - c["counts"]["unparsed"] or 1) for c in cs]
+        bars = ax.barh(labels, values, left=left, color=color, label=label, height=0.6,
+                       edgecolor="#888888" if key == "unparsed" else None,
+                       hatch="//" if key == "unparsed" else None)
         for bar, v in zip(bars, values, strict=True):
             if v >= 6:
                 ax.text(bar.get_x() + bar.get_width() / 2, bar.get_y() + bar.get_height() / 2,
@@ -170,8 +177,9 @@ def plot(summary: dict, path: str) -> None:
         left = [x + v for x, v in zip(left, values, strict=True)]
     ax.set_xlim(0, 100)
     ax.invert_yaxis()
-    ax.set_xlabel("% of prompts (A = the first sample file)")
-    ax.legend(ncol=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    ax.set_xlabel("% of prompts" + (" with a verdict" if len(segments) == 3 else "") +
+                  " (A = the first sample file)")
+    ax.legend(ncol=len(segments), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     fig.tight_layout()
     with staged_file(path) as f:
         f.close()  # staged_file's text handle is not for binary: matplotlib writes its path
