@@ -262,6 +262,160 @@ def score(model_dir, workdir, epoch, input_path, output_path, mesh, batch_size, 
                f"nll {summary['nll']:.4f}, perplexity {summary['ppl']:.3f} -> {output_path}")
 
 
+# --- sample: LIMA's generation settings over prompt files (limajax.sampling) --------------------
+
+
+def sampling_options(fn):
+    """The knobs of LIMA §4.1's sampler, shared by sample and chat."""
+    for decorator in reversed([
+        click.option("--temperature", type=float, default=0.7, show_default=True,
+                     help="Softmax temperature (LIMA §4.1: 0.7); 0 means greedy."),
+        click.option("--top-p", type=float, default=0.9, show_default=True,
+                     help="Nucleus sampling: keep the most probable tokens up to this mass."),
+        click.option("--repetition-penalty", type=float, default=None,
+                     help="CTRL's penalty on every token already in the context, prompt "
+                     "included (LIMA §4.1: 1.2). Default: 1.2, or 1.0 with --greedy."),
+        click.option("--max-new-tokens", type=click.IntRange(min=1), default=2048,
+                     show_default=True,
+                     help="Stop an answer after this many tokens (never past 2048 in all)."),
+        click.option("--greedy", is_flag=True,
+                     help="Take the most probable token (no temperature or top-p)."),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Draws depend only on (seed, prompt id, sample index)."),
+        click.option("--mesh", default="1x1", show_default=True, help="DATAxMODEL device mesh."),
+    ]):
+        fn = decorator(fn)
+    return fn
+
+
+def sampling_settings(temperature, top_p, repetition_penalty, max_new_tokens, greedy, seed):
+    from limajax.sampling import Settings
+
+    return Settings(temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty,
+                    max_new_tokens=max_new_tokens, greedy=greedy, seed=seed)
+
+
+@main.command()
+@model_source_options
+@click.option("--prompts", "prompts_path", type=click.Path(path_type=str), default=None,
+              help='GAIR-style JSONL: rows {"id", "conversations": [...]}.')
+@click.option("--output", "output_path", type=click.Path(path_type=str), default=None,
+              help="JSONL answers (with --prompts); rows already there are skipped.")
+@click.option("--prompt", "text", default=None, help="Answer this one prompt and print it.")
+@sampling_options
+@click.option("--num-samples", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Answers per prompt (LIMA §5 samples 5).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Answers generated together (prompts of similar length are batched).")
+@click.option("--raw", is_flag=True,
+              help="Continue the first conversation entry as plain text after BOS (base models); "
+              "default: LIMA's dialogue format, every utterance ending in EOT.")
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+@user_errors
+def sample(model_dir, workdir, epoch, prompts_path, output_path, text, temperature, top_p,
+           repetition_penalty, max_new_tokens, greedy, seed, mesh, num_samples, batch_size,
+           raw, progress):
+    """Answer prompts with LIMA's sampler (LIMA §4.1: nucleus 0.9, temperature 0.7,
+    repetition penalty 1.2, up to 2048 tokens, stop at EOT), batched and KV-cached.
+
+    Examples: limajax sample --workdir runs/lima-65b --epoch 7 --prompts test.jsonl
+    --output answers.jsonl;  limajax sample --model models/x --prompt "Tell me a joke."
+    """
+    if (prompts_path is None) == (text is None):
+        raise UserError("give either --prompts FILE.jsonl --output OUT.jsonl or --prompt TEXT")
+    if prompts_path is not None and output_path is None:
+        raise UserError("--prompts needs --output OUT.jsonl")
+    settings = sampling_settings(temperature, top_p, repetition_penalty, max_new_tokens, greedy,
+                                 seed)
+    source, epoch = model_source(model_dir, workdir, epoch)
+    from limajax import sharding
+
+    sharding.start(mesh)  # before anything touches the devices
+    from limajax import sampling
+
+    if text is not None:
+        answers = sampling.sample_text(source, text, settings, epoch=epoch,
+                                       num_samples=num_samples, mesh_spec=mesh, raw=raw)
+        for k, answer in enumerate(answers):
+            if num_samples > 1:
+                click.echo(f"--- sample {k}")
+            click.echo(answer)
+        return
+    try:
+        summary = sampling.sample_file(source, prompts_path, output_path, settings, epoch=epoch,
+                                       num_samples=num_samples, batch_size=batch_size,
+                                       mesh_spec=mesh, raw=raw, progress=progress)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted: the answers finished so far are in {output_path}; the same "
+                   "command continues from there", err=True)
+        sys.exit(130)
+    click.echo(f"wrote {summary['answers']} answers ({summary['tokens']} tokens, "
+               f"{summary['tokens'] / max(summary['seconds'], 1e-9):.1f} tokens/s) to "
+               f"{output_path}; {summary['skipped']} were already there")
+
+
+# --- chat: a conversation in the terminal (limajax.chat) ------------------------------------------
+
+
+@main.command()
+@model_source_options
+@sampling_options
+@user_errors
+def chat(model_dir, workdir, epoch, temperature, top_p, repetition_penalty, max_new_tokens,
+         greedy, seed, mesh):
+    """Talk with the model in LIMA's dialogue format, the answer streaming in as it is made.
+
+    /reset forgets the conversation, /settings shows (and `/settings temperature=0.5` changes)
+    the sampling settings, /exit or Ctrl-D quits, Ctrl-C stops an answer. When the history
+    outgrows the context, the oldest turns are dropped (and it says so).
+
+    Example: limajax chat --workdir runs/lima-65b --epoch 7
+    """
+    settings = sampling_settings(temperature, top_p, repetition_penalty, max_new_tokens, greedy,
+                                 seed)
+    source, epoch = model_source(model_dir, workdir, epoch)
+    from limajax import sharding
+
+    sharding.start(mesh)  # before anything touches the devices
+    from limajax.chat import chat as chat_lib
+
+    chat_lib(source, settings, epoch=epoch, mesh_spec=mesh)
+
+
+# --- serve: an OpenAI-compatible HTTP server with continuous batching (limajax.serving) -----------
+
+
+@main.command()
+@model_source_options
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (loopback: only this machine can connect).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--max-batch", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Decode slots: answers generated at once (continuous batching).")
+@click.option("--context", type=click.IntRange(min=2), default=None,
+              help="Tokens per slot, prompt and answer together (default and most: 2048, or "
+              "the model's context if shorter).")
+@click.option("--mesh", default="1x1", show_default=True, help="DATAxMODEL device mesh.")
+@click.option("--name", default=None, help="The model id in /v1/models (default: the path).")
+@user_errors
+def serve(model_dir, workdir, epoch, host, port, max_batch, context, mesh, name):
+    """Serve the model over an OpenAI-compatible HTTP API: /v1/chat/completions (LIMA's
+    dialogue format), /v1/completions (plain continuation), /v1/models, /health; streaming,
+    n, stop, seed and a `repetition_penalty` extension; omitted settings are LIMA §4.1's.
+
+    Example: limajax serve --workdir runs/lima-65b --epoch 7 --port 8000
+    """
+    source, epoch = model_source(model_dir, workdir, epoch)
+    from limajax import sharding
+
+    sharding.start(mesh)  # before anything touches the devices
+    from limajax.serving import serve as serve_lib
+
+    click.echo(f"serving {source} on http://{host}:{port}/v1 (Ctrl-C stops)", err=True)
+    serve_lib(source, epoch=epoch, host=host, port=port, max_batch=max_batch, mesh_spec=mesh,
+              context=context, name=name)
+
+
 # --- train / plan: LIMA's fine-tuning recipe on a mesh (limajax.train) --------------------------
 
 

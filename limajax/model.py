@@ -226,13 +226,16 @@ class Llama(nnx.Module):
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, *,
                  segment_ids: jax.Array | None = None, cache: KVCache | None = None,
-                 dropout_rates: jax.Array | None = None, dropout_key: jax.Array | None = None):
+                 dropout_rates: jax.Array | None = None, dropout_key: jax.Array | None = None,
+                 last: jax.Array | None = None):
         """Logits [B, T, V] (float32) for tokens [B, T] at positions [B, T] (default 0..T-1).
 
         segment_ids [B, T] (0 = padding) keep packed sequences from attending to each other.
 
         With a cache, returns (logits, updated cache). dropout_rates [L] with a dropout_key turns
         on residual dropout; without them the model is deterministic (evaluation, sampling).
+        `last` [B] (an index into T per row) computes only those tokens' logits, [B, 1, V]: a
+        sampler's prefill needs only each prompt's last one.
         """
         config = self.config
         if positions is None:
@@ -252,6 +255,8 @@ class Llama(nnx.Module):
                               transform_metadata={nnx.PARTITION_NAME: "layers"})
         x, layer_caches = run_layers(x, self.layers, layer_caches, rates, keys)
 
+        if last is not None:
+            x = jnp.take_along_axis(x, last[:, None, None], axis=1)
         x = self.norm(x)
         if config.tie_embeddings:
             logits = dense(x, self.tok_embeddings.embedding[...].astype(x.dtype).T, 1)

@@ -55,3 +55,19 @@ def lima_dataset(fixtures, tmp_path_factory):
 def cli():
     """Run `limajax ARGS...` in-process: cli("convert", "--from", ...) -> click's Result."""
     return lambda *args: CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="session")
+def stories(fixtures, tmp_path_factory):
+    """stories260K (a real trained model) converted from Meta's layout into `model/` and
+    exported for transformers into `hf/`, once per session."""
+    root = tmp_path_factory.mktemp("stories")
+    src = fixtures / "stories260K"
+    result = CliRunner().invoke(main, [
+        "convert", "--from", "meta", "--input", str(src / "meta_layout"),
+        "--tokenizer", str(src / "tok512.model"), "--output", str(root / "model")])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(main, ["export", "--to", "hf", "--model", str(root / "model"),
+                                       "--output", str(root / "hf")])
+    assert result.exit_code == 0, result.output
+    return root

@@ -72,6 +72,8 @@ def test_every_command_but_metas_works_without_torch(tmp_path, fixtures):
                    f"{t}/run", "--set", "epochs=1", "--set", "data.max_len=64", "--set",
                    "data.batch_size=32", "--no-progress", "--peak-flops", "1e12"]),
         ("plan", ["plan", *tiny, "--seq-len", "64", "--device-memory", "1GiB"]),
+        ("sample", ["sample", "--model", f"{t}/m2", "--prompt", "Once upon a time", "--raw",
+                    "--greedy", "--max-new-tokens", "8"]),
         ("export epoch", ["export", "--to", "hf", "--workdir", f"{t}/run", "--epoch", "1",
                           "--output", f"{t}/hf-e1"]),
     ]

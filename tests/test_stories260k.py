@@ -4,7 +4,6 @@ greedily with the KV cache, and compared token for token with transformers on th
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 import torch
 from click.testing import CliRunner
 
@@ -15,20 +14,6 @@ from limajax.model import KVCache
 from limajax.tokenizer import Tokenizer
 
 NEW_TOKENS = 60
-
-
-@pytest.fixture(scope="module")
-def converted(fixtures, tmp_path_factory):
-    root = tmp_path_factory.mktemp("stories")
-    src = fixtures / "stories260K"
-    result = CliRunner().invoke(main, [
-        "convert", "--from", "meta", "--input", str(src / "meta_layout"),
-        "--tokenizer", str(src / "tok512.model"), "--output", str(root / "model")])
-    assert result.exit_code == 0, result.output
-    result = CliRunner().invoke(main, ["export", "--to", "hf", "--model", str(root / "model"),
-                                       "--output", str(root / "hf")])
-    assert result.exit_code == 0, result.output
-    return root
 
 
 def greedy(model, prompt: list[int], steps: int) -> list[int]:
@@ -43,11 +28,11 @@ def greedy(model, prompt: list[int], steps: int) -> list[int]:
     return out
 
 
-def test_greedy_story_matches_the_known_text_and_transformers(converted):
-    params, config, _ = load_model_dir(converted / "model")
+def test_greedy_story_matches_the_known_text_and_transformers(stories):
+    params, config, _ = load_model_dir(stories / "model")
     assert config.tie_embeddings and config.n_kv_heads == 4 and config.vocab_size == 513
     model = sharding.model_from_params(config, params)
-    tok = Tokenizer.from_path(converted / "model")
+    tok = Tokenizer.from_path(stories / "model")
     prompt = [tok.bos_id] + tok.encode("Once upon a time")
     ours = greedy(model, prompt, NEW_TOKENS)
     text = tok.decode(prompt[1:] + ours)
@@ -56,20 +41,20 @@ def test_greedy_story_matches_the_known_text_and_transformers(converted):
 
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(converted / "hf", dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(stories / "hf", dtype=torch.float32)
     with torch.no_grad():
         generated = hf.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS,
                                 do_sample=False, eos_token_id=None, pad_token_id=0)
     assert generated[0, len(prompt):].tolist() == ours
 
 
-def test_score_gives_the_models_low_perplexity_on_its_kind_of_text(converted, tmp_path):
+def test_score_gives_the_models_low_perplexity_on_its_kind_of_text(stories, tmp_path):
     texts = tmp_path / "texts.jsonl"
     texts.write_text('{"id": "story", "text": "Once upon a time, there was a little girl named '
                      'Lily. She loved to play outside."}\n{"id": "noise", "text": "zq xv kj '
                      'wp qq zz xx"}\n')
     out = tmp_path / "scores.jsonl"
-    result = CliRunner().invoke(main, ["score", "--model", str(converted / "model"),
+    result = CliRunner().invoke(main, ["score", "--model", str(stories / "model"),
                                        "--input", str(texts), "--output", str(out)])
     assert result.exit_code == 0, result.output
     import json

@@ -3,6 +3,7 @@ with an index) + tokenizer files, for LlamaForCausalLM (reference/lima-and-llama
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from contextlib import ExitStack
@@ -286,8 +287,29 @@ def hf_tokenizer_config(pieces: SentencePieceFile | HFTokenizerFile, tokens: Tok
         eot = pieces.piece(tokens.eot_id) if tokens.eot_id < pieces.size else EOT_TEXT
         added[str(tokens.eot_id)] = special(eot)
         out["additional_special_tokens"] = [eot]
+        out["chat_template"] = dialogue_template(
+            eot, prefix=" " if isinstance(pieces, SentencePieceFile) else "")
     out["added_tokens_decoder"] = added
     return out
+
+
+def dialogue_template(eot: str, prefix: str) -> str:
+    """A chat template (Jinja, for transformers' apply_chat_template and vLLM) that renders a
+    conversation as limajax's dialogue format (LIMA §3): BOS, then every utterance followed by
+    EOT; the assistant answers next, so a generation prompt adds nothing. `prefix` goes before
+    each utterance: SentencePiece's dummy-prefix space, which limajax's tokenizer gives every
+    utterance (each is encoded on its own) but transformers gives no text that follows a special
+    token. LIMA has no system turn: system messages go before the first user turn, then a blank
+    line, as `limajax serve` does (serving.conversation)."""
+    return (
+        "{%- set system = messages | selectattr('role', 'equalto', 'system')"
+        " | map(attribute='content') | join('\\n\\n') -%}"
+        "{{- bos_token -}}"
+        "{%- for m in messages | rejectattr('role', 'equalto', 'system') -%}"
+        f"{{{{- {json.dumps(prefix)} -}}}}"
+        "{%- if loop.first and system -%}{{- system + '\\n\\n' -}}{%- endif -%}"
+        f"{{{{- m['content'] + {json.dumps(eot)} -}}}}"
+        "{%- endfor -%}")
 
 
 def write_tokenizer(directory: Path, tokenizer: Path, tokens: TokenSpec, config: ModelConfig

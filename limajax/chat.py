@@ -1,0 +1,148 @@
+"""`limajax chat`: a conversation in the terminal, in LIMA's dialogue format (LIMA §6 studies
+multi-turn dialogue). The history is the list of utterances; every turn is prompted as BOS,
+every utterance + EOT, and the answer streams in as the engine produces it."""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import sys
+from collections.abc import Callable, Sequence
+
+import jax
+from jax.sharding import Mesh
+
+from limajax import sharding
+from limajax.checkpoint import load_for_inference
+from limajax.errors import UserError
+from limajax.model import Llama
+from limajax.sampling import Request, Settings, TextStream, prompt_ids
+from limajax.serving import Engine, Job
+from limajax.tokenizer import Tokenizer
+
+HELP = ("/reset forgets the conversation, /settings shows the sampling settings and "
+        "`/settings temperature=0.5 top_p=0.95 ...` changes them, /exit (or Ctrl-D) quits; "
+        "Ctrl-C stops an answer.")
+
+
+def fit(tokenizer: Tokenizer, turns: Sequence[str], limit: int, room: int
+        ) -> tuple[list[int], int]:
+    """The prompt for `turns` (the user's last), leaving `room` tokens for the answer within
+    `limit`: the oldest exchanges (a user turn and its answer) are dropped until it fits.
+    Returns (prompt ids, turns dropped); a last message too long on its own is a UserError."""
+    for dropped in range(0, len(turns), 2):
+        ids = prompt_ids(tokenizer, turns[dropped:], raw=False)
+        if len(ids) + room <= limit:
+            return ids, dropped
+    raise UserError(f"that message is {len(ids)} tokens; with room for an answer the context "
+                    f"holds {limit - room}")
+
+
+def change(settings: Settings, words: Sequence[str]) -> Settings:
+    """`temperature=0.5 top_p=0.95` -> settings with those values (checked by Settings)."""
+    types = {f.name: f.type for f in dataclasses.fields(Settings)}
+    changes = {}
+    for word in words:
+        name, _, value = word.partition("=")
+        name = name.replace("-", "_")
+        if name not in types or not value:
+            raise UserError(f"{word!r}: expected NAME=VALUE with NAME one of {', '.join(types)}")
+        try:
+            if name == "greedy":
+                changes[name] = value.lower() in ("1", "true", "yes", "on")
+            elif name in ("max_new_tokens", "seed"):
+                changes[name] = int(value)
+            else:
+                changes[name] = float(value)
+        except ValueError:
+            raise UserError(f"{word!r}: {value!r} is not a number") from None
+    new = dataclasses.replace(settings, **changes)
+    if new.greedy != settings.greedy and "repetition_penalty" not in changes:
+        new = dataclasses.replace(new, repetition_penalty=None)  # greedy's default differs
+    return new
+
+
+def converse(model: Llama, tokenizer: Tokenizer, mesh: Mesh, settings: Settings,
+             read: Callable[[str], str], write: Callable[[str], None]) -> None:
+    """The conversation loop: `read(prompt)` gives the user's line (EOFError ends it), `write`
+    shows text as it comes."""
+    engine = Engine(model, tokenizer, mesh, max_batch=1, steps_per_call=4)
+    limit, turns, answered = engine.cache_length, [], 0
+    write(f"limajax chat: {HELP}\n")
+    try:
+        while True:
+            try:
+                line = read("you> ").strip()
+            except EOFError:
+                write("\n")
+                return
+            if not line:
+                continue
+            if line == "/exit":
+                return
+            if line == "/reset":
+                turns = []
+                write("(the conversation is forgotten)\n")
+                continue
+            if line.split()[0] == "/settings":
+                try:
+                    settings = change(settings, line.split()[1:])
+                except UserError as e:
+                    write(f"error: {e}\n")
+                shown = ", ".join(f"{k}={v}" for k, v in settings.to_dict().items())
+                write(f"settings: {shown}\n")
+                continue
+            if line.startswith("/"):
+                write(f"unknown command {line.split()[0]}; {HELP}\n")
+                continue
+            try:
+                ids, dropped = fit(tokenizer, turns + [line], limit,
+                                   min(settings.max_new_tokens, limit // 4))
+            except UserError as e:
+                write(f"error: {e}\n")
+                continue
+            if dropped:
+                write(f"(the conversation outgrew the {limit}-token context: the oldest "
+                      f"{dropped} turns are dropped)\n")
+                turns = turns[dropped:]
+            answer = stream_answer(engine, tokenizer, Request(ids, settings, "chat", answered),
+                                   write)
+            turns += [line, answer]
+            answered += 1
+    finally:
+        engine.close()
+
+
+def stream_answer(engine: Engine, tokenizer: Tokenizer, request: Request,
+                  write: Callable[[str], None]) -> str:
+    """Generate one answer, writing it as it comes; Ctrl-C stops it where it is."""
+    events: queue.Queue[dict] = queue.Queue()
+    job = Job(request, events.put, TextStream(tokenizer))
+    engine.submit(job)
+    write("lima> ")
+    try:
+        while "finish" not in (event := events.get()):
+            if "error" in event:
+                raise RuntimeError(event["error"])
+            write(event["text"])
+    except KeyboardInterrupt:
+        job.cancelled = True
+        write(" [stopped]")
+    write("\n")
+    return job.stream.text
+
+
+def chat(source: str, settings: Settings, *, epoch: int | None = None, mesh_spec: str = "1x1",
+         read: Callable[[str], str] = input, write: Callable[[str], None] | None = None) -> None:
+    """`limajax chat`: load the model and talk."""
+    mesh = sharding.make_mesh(mesh_spec, jax.devices()[:sharding.mesh_devices(mesh_spec)])
+    model, tokenizer = load_for_inference(source, mesh, epoch=epoch)
+    if tokenizer.eot_id is None:
+        raise UserError(f"{source}: the model has no EOT token, so it cannot hold LIMA's "
+                        "dialogue format (use `limajax sample --raw` for a base model)")
+    converse(model, tokenizer, mesh, settings, read, write or echo)
+
+
+def echo(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()

@@ -1,0 +1,464 @@
+"""LIMA's sampler (LIMA §4.1): prefill, then a compiled decode loop over one state.
+
+A batch of prompts of different lengths is right-padded and prefilled into a KV cache in one
+forward pass. Then `lax.while_loop` advances one `State`: each step chooses a token from the last
+logits (repetition penalty -> temperature -> top-p -> categorical draw, or the argmax), writes it
+and runs the model on it. Nothing returns to Python until every row has stopped (EOT, EOS or its
+length limit), so a batch is one compiled call; `decode` can also stop after a few steps, which
+is how serving streams tokens and admits new requests between steps.
+
+Shapes compile once per (batch, prompt length, cache length) bucket. A row's random draws come
+from (seed, prompt id, sample index, position) alone, never from the rows that share its batch,
+so a resumed or re-batched run gives the same answers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+import zlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+from flax import nnx
+from jax.sharding import Mesh
+
+from limajax import sharding
+from limajax.checkpoint import load_for_inference
+from limajax.data import bucket_length, buckets_for
+from limajax.errors import UserError
+from limajax.files import append_jsonl, read_jsonl, staged_file
+from limajax.model import KVCache, Llama, constrain
+from limajax.tokenizer import MAX_LEN, Tokenizer
+
+FINISH_REASONS = ("", "eot", "eos", "length")  # a row's finish code indexes this; 0 = running
+RUNNING, EOT, EOS, LENGTH = range(4)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """How tokens are chosen; LIMA §4.1's values by default. Temperature 0 means greedy. The
+    repetition penalty defaults to LIMA's 1.2 when sampling and to none (1.0) when greedy, so a
+    greedy answer is the model's argmax, as transformers' greedy generate gives it."""
+
+    temperature: float = 0.7
+    top_p: float = 0.9
+    repetition_penalty: float | None = None
+    max_new_tokens: int = MAX_LEN
+    greedy: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.temperature >= 0:  # also refuses NaN
+            raise UserError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"top-p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty is not None and not self.repetition_penalty > 0:
+            raise UserError(f"repetition penalty must be > 0, got {self.repetition_penalty}")
+        if self.max_new_tokens < 1:
+            raise UserError(f"max new tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature == 0:
+            object.__setattr__(self, "greedy", True)
+        if self.repetition_penalty is None:
+            object.__setattr__(self, "repetition_penalty", 1.0 if self.greedy else 1.2)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --- logit processors: small pure functions, applied in this order (LIMA §4.1) -----------------
+
+
+def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: jax.Array):
+    """CTRL's penalty as transformers fixed it: for every id already in the context (prompt
+    included, once however often it occurs), a positive logit is divided by the penalty and a
+    negative one multiplied, so the penalty always makes the id less likely."""
+    p = penalty[:, None]
+    return jnp.where(seen, jnp.where(logits < 0, logits * p, logits / p), logits)
+
+
+def apply_temperature(logits: jax.Array, temperature: jax.Array) -> jax.Array:
+    return logits / temperature[:, None]
+
+
+def apply_top_p(logits: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Nucleus: keep the smallest set of most probable ids whose probability reaches p; the rest
+    get -inf. Formulated as transformers' TopPLogitsWarper (ascending sort, drop what sums to at
+    most 1 - p, always keep the most probable) so both keep the same set."""
+    ascending = jnp.sort(logits, axis=-1)
+    cumulative = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
+    dropped = (cumulative <= 1 - top_p[:, None]).at[:, -1].set(False)
+    smallest_kept = jnp.min(jnp.where(dropped, jnp.inf, ascending), axis=-1, keepdims=True)
+    return jnp.where(logits < smallest_kept, -jnp.inf, logits)
+
+
+class Knobs(NamedTuple):
+    """Per-row sampling settings [B], so rows with different settings share a batch (serving)."""
+
+    temperature: jax.Array
+    top_p: jax.Array
+    penalty: jax.Array
+    greedy: jax.Array
+
+    @classmethod
+    def of(cls, settings: Sequence[Settings]) -> Knobs:
+        return cls(np.asarray([s.temperature for s in settings], np.float32),
+                   np.asarray([s.top_p for s in settings], np.float32),
+                   np.asarray([s.repetition_penalty for s in settings], np.float32),
+                   np.asarray([s.greedy for s in settings], bool))
+
+
+def choose(logits: jax.Array, seen: jax.Array, knobs: Knobs, keys: jax.Array) -> jax.Array:
+    """Each row's next token: the penalised argmax if greedy, else a draw from the penalised,
+    tempered, truncated distribution. The sort top-p needs is skipped when no row needs it."""
+    logits = apply_repetition_penalty(logits, seen, knobs.penalty)
+
+    def draw():
+        x = apply_temperature(logits, jnp.where(knobs.greedy, 1.0, knobs.temperature))
+        x = jax.lax.cond(jnp.all(knobs.top_p >= 1), lambda x: x,
+                         lambda x: apply_top_p(x, knobs.top_p), x)
+        return jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
+
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    drawn = jax.lax.cond(jnp.all(knobs.greedy), lambda: greedy, draw)
+    return jnp.where(knobs.greedy, greedy, drawn)
+
+
+# --- the state machine ---------------------------------------------------------------------------
+
+
+class State(NamedTuple):
+    """Everything the decode loop carries; every field but the cache has the batch axis first."""
+
+    tokens: jax.Array  # [B, S] the prompt, then what was generated
+    length: jax.Array  # [B] tokens so far: the next one goes here
+    limit: jax.Array  # [B] the row stops when its length reaches this
+    finish: jax.Array  # [B] RUNNING, EOT, EOS or LENGTH
+    seen: jax.Array  # [B, V] ids in the context, for the repetition penalty
+    logits: jax.Array  # [B, V] the next token's logits
+    keys: jax.Array  # [B, 2] the row's key: (seed, prompt id, sample index)
+    knobs: Knobs
+    cache: KVCache  # [L, B, S, K, H]
+
+
+def row_keys(seed, prompt_hash, sample) -> jax.Array:
+    """fold_in(fold_in(key(seed), prompt id), sample index) per row: the row's randomness."""
+
+    def key(s, p, k):
+        return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(s), p), k)
+
+    return jax.vmap(key)(jnp.asarray(seed, jnp.uint32), jnp.asarray(prompt_hash, jnp.uint32),
+                         jnp.asarray(sample, jnp.uint32))
+
+
+def prompt_hash(prompt_id) -> int:
+    """A stable 32-bit number for a prompt id of any JSON type."""
+    return zlib.crc32(str(prompt_id).encode())
+
+
+def constrain_cache(cache: KVCache) -> KVCache:
+    """The cache is laid out like the activations: rows over `data`, K/V heads over `model`."""
+    return KVCache(*(constrain(c, *sharding.CACHE_AXES) for c in cache))
+
+
+@nnx.jit(static_argnames=("cache_length",))
+def prefill(model: Llama, prompts, lengths, limits, knobs: Knobs, keys, *, cache_length: int
+            ) -> State:
+    """Run right-padded prompts [B, P] through the model into a cache of `cache_length` slots.
+
+    Padding is written into cache slots past each prompt; a query only sees slots at or before
+    its position, and decoding overwrites those slots in order, so padding is never attended to.
+    """
+    b, p = prompts.shape
+    v = model.config.padded_vocab_size
+    cache = constrain_cache(KVCache.empty(model.config, b, cache_length))
+    positions = jnp.broadcast_to(jnp.arange(p), (b, p))
+    logits, cache = model(prompts, positions, cache=cache, last=lengths - 1)
+    real = jnp.where(positions < lengths[:, None], prompts, v)  # v: out of range, dropped
+    seen = jnp.zeros((b, v), bool).at[jnp.arange(b)[:, None], real].set(True, mode="drop")
+    tokens = jnp.zeros((b, cache_length), jnp.int32).at[:, :p].set(prompts)
+    finish = jnp.where(lengths >= limits, LENGTH, RUNNING).astype(jnp.int32)
+    return State(tokens, lengths, limits, finish, seen, logits[:, 0], keys, knobs,
+                 constrain_cache(cache))
+
+
+def step(model: Llama, state: State, stop_ids: jax.Array) -> State:
+    """Choose every running row's next token, record it, and compute the logits after it."""
+    b, s = state.tokens.shape
+    rows = jnp.arange(b)
+    running = state.finish == RUNNING
+    position = state.length
+    keys = jax.vmap(jax.random.fold_in)(state.keys, position)
+    token = jnp.where(running, choose(state.logits, state.seen, state.knobs, keys), 0)
+    tokens = state.tokens.at[rows, jnp.where(running, position, s)].set(token, mode="drop")
+    seen = state.seen.at[rows, jnp.where(running, token, state.seen.shape[1])].set(
+        True, mode="drop")
+    length = position + running
+    finish = jnp.select(
+        [~running, token == stop_ids[0], token == stop_ids[1], length >= state.limit],
+        [state.finish, EOT, EOS, LENGTH], RUNNING).astype(jnp.int32)
+    # Stopped rows run along on their last slot; what they compute is never read.
+    logits, cache = model(token[:, None], jnp.minimum(position, s - 1)[:, None],
+                          cache=state.cache)
+    return state._replace(tokens=tokens, length=length, finish=finish, seen=seen,
+                          logits=logits[:, 0], cache=constrain_cache(cache))
+
+
+@nnx.jit(donate_argnames=("state",))
+def decode(model: Llama, state: State, stop_ids, max_steps) -> State:
+    """Advance until every row has stopped or `max_steps` tokens were generated, in one loop."""
+
+    def cond(carry):
+        _, state, n = carry
+        return (n < max_steps) & jnp.any(state.finish == RUNNING)
+
+    def body(carry):
+        model, state, n = carry
+        return model, step(model, state, stop_ids), n + 1
+
+    return nnx.while_loop(cond, body, (model, state, jnp.int32(0)))[1]
+
+
+# --- requests in, completions out ----------------------------------------------------------------
+
+
+class Request(NamedTuple):
+    """One answer to generate: prompt ids (BOS first), settings, and who it is for the RNG."""
+
+    ids: list[int]
+    settings: Settings
+    prompt_id: object = 0
+    sample: int = 0
+
+
+class Completion(NamedTuple):
+    tokens: list[int]  # generated ids, the stop token included
+    finish: str  # "eot", "eos" or "length"
+
+    def text_tokens(self) -> list[int]:
+        """The answer without the token that stopped it."""
+        return self.tokens[:-1] if self.finish in ("eot", "eos") else self.tokens
+
+
+def context_length(model: Llama) -> int:
+    """Tokens a prompt and its answer may fill together: LIMA §4.1's 2048, or less if the
+    model's context is shorter."""
+    return min(MAX_LEN, model.config.max_seq_len)
+
+
+def stop_ids(tokenizer: Tokenizer) -> np.ndarray:
+    """[EOT, EOS]; -1 where a model has no EOT (never matches)."""
+    eot = -1 if tokenizer.eot_id is None else tokenizer.eot_id
+    return np.asarray([eot, tokenizer.eos_id], np.int32)
+
+
+def check_prompt(ids: Sequence[int], limit: int, where: str) -> None:
+    if len(ids) >= limit:
+        raise UserError(f"{where}: the prompt is {len(ids)} tokens; the context holds {limit} "
+                        "with the answer, so it must be shorter")
+
+
+def batch_arrays(requests: Sequence[Request], batch: int, limit: int):
+    """Right-padded prompts and per-row arrays for `prefill`, padded to `batch` rows with rows
+    that are finished from the start; and the cache length bucket."""
+    lengths = [len(r.ids) for r in requests]
+    buckets = buckets_for(limit)
+    width = bucket_length(max(lengths), buckets)
+    cache_length = bucket_length(min(limit, max(n + r.settings.max_new_tokens for n, r in
+                                                zip(lengths, requests, strict=True))), buckets)
+    prompts = np.zeros((batch, width), np.int32)
+    for i, r in enumerate(requests):
+        prompts[i, :len(r.ids)] = r.ids
+    filler = [1] * (batch - len(requests))  # padding rows: one token, already at their limit
+    n = np.asarray(lengths + filler, np.int32)
+    limits = np.asarray([min(len(r.ids) + r.settings.max_new_tokens, cache_length)
+                         for r in requests] + filler, np.int32)
+    settings = [r.settings for r in requests] + [Settings()] * len(filler)
+    keys = row_keys([s.seed for s in settings],
+                    [prompt_hash(r.prompt_id) for r in requests] + [0] * len(filler),
+                    [r.sample for r in requests] + [0] * len(filler))
+    return prompts, n, limits, Knobs.of(settings), keys, cache_length
+
+
+def run_batch(model: Llama, mesh: Mesh, requests: Sequence[Request], batch: int,
+              stops: np.ndarray) -> list[Completion]:
+    """Generate every request of one batch to the end (one prefill, one decode call)."""
+    limit = context_length(model)
+    prompts, lengths, limits, knobs, keys, cache_length = batch_arrays(requests, batch, limit)
+    rows = sharding.batch_sharding(mesh)
+    with sharding.activate(mesh):
+        put = jax.device_put
+        state = prefill(model, put(prompts, rows), put(lengths, rows), put(limits, rows),
+                        Knobs(*(put(k, rows) for k in knobs)), put(keys, rows),
+                        cache_length=cache_length)
+        state = decode(model, state, stops, jnp.int32(cache_length))
+    tokens, length, finish = jax.device_get((state.tokens, state.length, state.finish))
+    return [Completion(tokens[i, len(r.ids):length[i]].tolist(), FINISH_REASONS[finish[i]])
+            for i, r in enumerate(requests)]
+
+
+def generate(model: Llama, mesh: Mesh, requests: Sequence[Request], batch_size: int,
+             stops: np.ndarray) -> Iterator[list[tuple[int, Completion]]]:
+    """Answer all requests, in batches of prompts of similar length (shortest first), yielding
+    each batch's (request index, completion) pairs as it finishes."""
+    batch = sharding.whole_rows(batch_size, mesh)
+    limit = context_length(model)
+    for i, r in enumerate(requests):
+        check_prompt(r.ids, limit, f"request {i} ({r.prompt_id})")
+    order = sorted(range(len(requests)), key=lambda i: len(requests[i].ids))
+    for start in range(0, len(order), batch):
+        chunk = order[start:start + batch]
+        done = run_batch(model, mesh, [requests[i] for i in chunk], batch, stops)
+        yield list(zip(chunk, done, strict=True))
+
+
+class TextStream:
+    """A growing answer as text deltas, for streaming. Text that may still change is held back:
+    a character whose bytes are not all decoded yet, and an ending that may begin a stop
+    string. The answer ends at the first stop string, which is not part of it."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()):
+        self.tokenizer, self.stop, self.text = tokenizer, [s for s in stop if s], ""
+        self.stopped = False
+
+    def update(self, ids: Sequence[int], final: bool = False) -> str:
+        """The new text after `ids` (the whole answer so far); sets `stopped` at a stop string."""
+        text = self.tokenizer.decode(ids)
+        cuts = [text.find(s) for s in self.stop if s in text]
+        if cuts:
+            text, self.stopped, final = text[:min(cuts)], True, True
+        if not final:
+            text = text.rstrip("\ufffd")  # the replacement for a partial UTF-8 character
+            hold = max((n for s in self.stop for n in range(1, len(s))
+                        if text.endswith(s[:n])), default=0)
+            text = text[:len(text) - hold]
+        if not text.startswith(self.text):  # decoding re-spaced earlier text: send nothing new
+            return ""
+        delta, self.text = text[len(self.text):], text
+        return delta
+
+
+# --- `limajax sample`: GAIR prompt files in, answer files out (DESIGN §3) ------------------------
+
+
+def read_prompts(path: str | Path) -> list[dict]:
+    """GAIR rows {"id", "conversations": [...]}; a row without an id gets its line number."""
+    rows, lines = [], {}
+    for where, n, row in read_jsonl(path):
+        conv = row.get("conversations") if isinstance(row, dict) else None
+        if not (isinstance(conv, list) and conv and all(isinstance(t, str) for t in conv)):
+            raise UserError(f'{where}: expected an object with "conversations", a non-empty '
+                            "list of strings")
+        row = {"id": n, **row}
+        if str(row["id"]) in lines:
+            raise UserError(f"{where}: id {row['id']!r} was already used on line "
+                            f"{lines[str(row['id'])]}")
+        lines[str(row["id"])] = n
+        rows.append(row)
+    if not rows:
+        raise UserError(f"{path}: no prompts")
+    return rows
+
+
+def prompt_ids(tokenizer: Tokenizer, conversations: Sequence[str], raw: bool) -> list[int]:
+    """The ids the answer continues. Dialogue format (LIMA §3): BOS, every utterance + EOT, and
+    the assistant answers next; a trailing assistant turn (a training row's reference answer)
+    is left out. `raw`: BOS + the first entry as plain text, for a base model."""
+    if raw:
+        return [tokenizer.bos_id] + tokenizer.encode(conversations[0])
+    turns = conversations[:-1] if len(conversations) % 2 == 0 else conversations
+    return tokenizer.encode_dialogue(turns, max_len=sys.maxsize).ids.tolist()
+
+
+def answered(path: Path) -> set[tuple[str, int]]:
+    """(id, sample) of the rows an earlier run wrote; a last line cut short is dropped."""
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):  # interrupted mid-line: keep the complete rows
+        data = data[:data.rfind(b"\n") + 1]
+        path.write_bytes(data)
+    done = set()
+    for n, line in enumerate(data.decode("utf-8").splitlines(), 1):
+        try:
+            row = json.loads(line)
+            done.add((str(row["id"]), int(row["sample"])))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise UserError(f"{path}:{n}: not a row of an earlier `limajax sample` run (expected "
+                            'JSON with "id" and "sample"); move the file away') from None
+    return done
+
+
+def sample_file(source: str, prompts_path: str, output_path: str, settings: Settings, *,
+                epoch: int | None = None, num_samples: int = 1, batch_size: int = 16,
+                mesh_spec: str = "1x1", raw: bool = False, progress: bool = True) -> dict:
+    """`limajax sample --prompts`: answer every prompt `num_samples` times into a JSONL file.
+
+    Rows are appended as batches finish, so an interrupted run keeps what it finished; rerun,
+    rows already in the output are skipped. When all are there the file is rewritten in the
+    input's order. Returns a summary.
+    """
+    rows = read_prompts(prompts_path)
+    output = Path(output_path)
+    done = answered(output)
+    mesh = sharding.make_mesh(mesh_spec, jax.devices()[:sharding.mesh_devices(mesh_spec)])
+    model, tokenizer = load_for_inference(source, mesh, epoch=epoch)
+    limit = context_length(model)
+    todo = []
+    for row in rows:
+        ids = prompt_ids(tokenizer, row["conversations"], raw)
+        check_prompt(ids, limit, f"{prompts_path}: prompt {row['id']!r}")
+        todo += [(row, Request(ids, settings, row["id"], k)) for k in range(num_samples)
+                 if (str(row["id"]), k) not in done]
+    meta = {"settings": {**settings.to_dict(), "raw": raw},
+            "checkpoint": {"path": str(source), "epoch": epoch}}
+    generated, start = 0, time.perf_counter()
+    bar = tqdm.tqdm(total=len(todo), unit="answer", disable=not progress)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with bar:
+        for finished in generate(model, mesh, [r for _, r in todo], batch_size,
+                                 stop_ids(tokenizer)):
+            for i, c in finished:
+                row, request = todo[i]
+                append_jsonl(output, {
+                    **row, "response": tokenizer.decode(c.text_tokens()),
+                    "sample": request.sample, **meta, "prompt_tokens": len(request.ids),
+                    "completion_tokens": len(c.tokens), "finish_reason": c.finish})
+                generated += len(c.tokens)
+            bar.update(len(finished))
+            bar.set_postfix_str(f"{generated / (time.perf_counter() - start):.1f} tokens/s")
+    _in_input_order(output, rows)
+    return {"answers": len(todo), "skipped": len(rows) * num_samples - len(todo),
+            "tokens": generated, "seconds": time.perf_counter() - start}
+
+
+def _in_input_order(output: Path, rows: list[dict]) -> None:
+    """Rewrite the finished output atomically with its rows in the prompts' order."""
+    place = {str(row["id"]): n for n, row in enumerate(rows)}
+    lines = output.read_text(encoding="utf-8").splitlines(keepends=True)
+    keyed = [(json.loads(line), line) for line in lines]
+    keyed.sort(key=lambda x: (place.get(str(x[0]["id"]), len(place)), x[0]["sample"]))
+    with staged_file(output) as f:
+        f.write("".join(line for _, line in keyed))
+
+
+def sample_text(source: str, text: str, settings: Settings, *, epoch: int | None = None,
+                num_samples: int = 1, mesh_spec: str = "1x1", raw: bool = False) -> list[str]:
+    """`limajax sample --prompt TEXT`: the answers to one prompt."""
+    mesh = sharding.make_mesh(mesh_spec, jax.devices()[:sharding.mesh_devices(mesh_spec)])
+    model, tokenizer = load_for_inference(source, mesh, epoch=epoch)
+    ids = prompt_ids(tokenizer, [text], raw)
+    check_prompt(ids, context_length(model), "--prompt")
+    requests = [Request(ids, settings, "prompt", k) for k in range(num_samples)]
+    answers = [""] * num_samples
+    for finished in generate(model, mesh, requests, num_samples, stop_ids(tokenizer)):
+        for i, c in finished:
+            answers[i] = tokenizer.decode(c.text_tokens())
+    return answers

@@ -1,0 +1,50 @@
+"""`limajax chat` on the real stories260K model: commands, streaming, history in the dialogue
+format, and the oldest turns dropped when the history outgrows the context."""
+
+import pytest
+from click.testing import CliRunner
+
+from limajax.chat import change, fit
+from limajax.cli import main
+from limajax.errors import UserError
+from limajax.sampling import Settings, prompt_ids
+from limajax.tokenizer import Tokenizer
+
+
+def test_a_conversation_with_commands(stories):
+    lines = ["Tell me a story.", "/settings", "/settings temperature=0 max_new_tokens=12",
+             "And another one?", "/settings top_p=0", "/reset", "/nope", "/exit", "Never read."]
+    result = CliRunner().invoke(main, ["chat", "--model", str(stories / "model"),
+                                       "--max-new-tokens", 20], input="\n".join(lines) + "\n")
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert out.count("lima> ") == 2  # nothing after /exit
+    assert "settings: temperature=0.7, top_p=0.9, repetition_penalty=1.2, max_new_tokens=20" in out
+    assert "temperature=0.0, top_p=0.9, repetition_penalty=1.0, max_new_tokens=12, greedy=True" \
+        in out
+    assert "error: top-p must be in (0, 1], got 0.0" in out
+    assert "(the conversation is forgotten)" in out and "unknown command /nope" in out
+    answers = [line[len("lima> "):] for line in out.splitlines() if line.startswith("lima> ")]
+    assert all(answers), out
+
+
+def test_the_oldest_turns_are_dropped_when_the_history_outgrows_the_context(stories):
+    tok = Tokenizer.from_path(stories / "model")
+    turns = ["Hello there.", "Hi! How can I help?", "Tell me about cats.", "Cats purr.",
+             "And dogs?"]
+    whole = prompt_ids(tok, turns, raw=False)
+    assert fit(tok, turns, len(whole) + 10, 10) == (whole, 0)
+    ids, dropped = fit(tok, turns, len(whole) + 9, 10)  # one token short: the first exchange goes
+    assert dropped == 2 and ids == prompt_ids(tok, turns[2:], raw=False)
+    assert fit(tok, turns, len(prompt_ids(tok, turns[4:], raw=False)) + 10, 10)[1] == 4
+    with pytest.raises(UserError, match="that message is"):
+        fit(tok, turns, 12, 10)
+
+
+def test_settings_changes_are_checked():
+    s = change(Settings(), ["greedy=true"])
+    assert s.greedy and s.repetition_penalty == 1.0
+    with pytest.raises(UserError, match="NAME=VALUE"):
+        change(Settings(), ["colour=blue"])
+    with pytest.raises(UserError, match="not a number"):
+        change(Settings(), ["top_p=high"])
