@@ -389,7 +389,8 @@ def chat(model_dir, workdir, epoch, temperature, top_p, repetition_penalty, max_
 @model_source_options
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (loopback: only this machine can connect).")
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535),
+              help="TCP port to listen on.")
 @click.option("--max-batch", default=16, show_default=True, type=click.IntRange(min=1),
               help="Decode slots: answers generated at once (continuous batching).")
 @click.option("--context", type=click.IntRange(min=2), default=None,
@@ -449,7 +450,7 @@ def serve(model_dir, workdir, epoch, host, port, max_batch, context, mesh, name)
 @click.option("--process-id", type=click.IntRange(min=0), default=None,
               help="Multi-host: this process's index, 0 to --num-processes - 1.")
 @click.option("--progress/--no-progress", default=True, show_default=True,
-              help="Show a progress bar per epoch.")
+              help="Show a progress bar per epoch (on a terminal; a log gets the epoch lines).")
 @user_errors(interrupted="interrupted; rerun the same command to resume from the last "
              "checkpoint (one is saved at every epoch's end)")
 def train(config_path, mesh, init, data_dir, workdir, overrides, tokenizer, epochs,
@@ -502,6 +503,8 @@ def plan(config_path, mesh, device_memory, seq_len, overrides):
     sharding.start(config.mesh)
     from limajax import plan as plan_lib
 
+    for line in sharding.replication_notices(config.model, sharding.make_mesh(config.mesh)):
+        click.echo(line, err=True)
     report = plan_lib.plan(config, plan_lib.parse_bytes(device_memory), seq_len=seq_len)
     click.echo(report.format())
     if not report.fits:

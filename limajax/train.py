@@ -365,7 +365,7 @@ def train(config: TrainConfig, workdir: str | Path, loader: Loader, *, mesh: Mes
             first = position["index"] if epoch == position["epoch"] else 0
             bar = tqdm(total=steps_per_epoch, initial=first, unit="step", leave=False,
                        desc=f"epoch {epoch + 1}/{config.epochs}",
-                       disable=not (progress and is_lead))
+                       disable=not (progress and is_lead and sys.stderr.isatty()))
             epoch_losses = []
             for index in range(first, steps_per_epoch):
                 batch, after = upcoming
@@ -439,11 +439,13 @@ def train(config: TrainConfig, workdir: str | Path, loader: Loader, *, mesh: Mes
 
 
 def finished_message(workdir: Path, epochs: int) -> str:
-    """Where the run's checkpoints are and the commands that use them."""
+    """Where the run's checkpoints are and the commands that use them (score, sample, export)."""
     return (f"done: one checkpoint per epoch (1-{epochs}) in {workdir / CHECKPOINTS_DIR}; "
             f"LIMA §3 picks one of epochs 5-10 by dev perplexity and samples. Use epoch N with\n"
             f"  limajax score --workdir {workdir} --epoch N --input TEXTS.jsonl --output "
             f"SCORES.jsonl\n"
+            f"  limajax sample --workdir {workdir} --epoch N --prompts PROMPTS.jsonl --output "
+            f"ANSWERS.jsonl\n"
             f"  limajax export --to hf --workdir {workdir} --epoch N --output HF_DIR")
 
 
@@ -484,9 +486,14 @@ def train_recipe(config: TrainConfig, workdir: str | Path, *, peak: float | None
     mesh = sharding.make_mesh(config.mesh)
     sharding.check(config, mesh)
     attention.describe(config.model.attention)  # a kernel this platform lacks: fail first
+    if config.init is None and config.tokenizer is None and config.data.path is None:
+        log(f"notice: a random model on the sample data: its tokenizer, {data.SAMPLE_TOKENIZER}")
+        config = dataclasses.replace(config, tokenizer=str(data.SAMPLE_TOKENIZER))
     config, tokenizer, init_params = resolve_init(config)
     check_config(workdir, config)
     loader = data.batches_for(config, tokenizer)
+    for line in sharding.replication_notices(config.model, mesh):
+        log(line)
     log(f"{config.model.n_params / 1e6:,.2f}M parameters, {loader.steps_per_epoch} steps per "
         f"epoch x {config.epochs} epochs, global batch {config.data.batch_size}, mesh "
         f"{config.mesh}")

@@ -87,3 +87,21 @@ def test_device_memory_needs_a_unit():
     assert parse_bytes("32GiB") == 32 * 2**30 and parse_bytes("16GB") == 16 * 10**9
     with pytest.raises(UserError, match="expected a size with its unit"):
         parse_bytes("32")
+
+
+def test_replicated_tensors_are_named_with_their_cost(cli):
+    """K/V heads fewer than the model axis are replicated (as is standard), never silently:
+    `plan` (and `train`, `score`) name each such tensor and its cost per device (R3)."""
+    r = cli("plan", "--config", ROOT / "configs" / "tiny.py", "--mesh", "1x8",
+            "--device-memory", "1GiB")
+    assert r.exit_code == 0, r.output
+    notices = [x for x in r.stderr.splitlines() if "replicated" in x]
+    # wk and wv: [5 layers, 64, 4 K/V heads, 8] float32 = 40 KiB, 7/8 of it extra per device;
+    # the feed-forward's 172 (Meta's rule with multiple_of 4) does not split 8 ways either.
+    assert [x.split(" [")[0] for x in notices] == [
+        "notice: layers.attention.wk.kernel", "notice: layers.attention.wv.kernel",
+        "notice: layers.feed_forward.w1.kernel", "notice: layers.feed_forward.w2.kernel",
+        "notice: layers.feed_forward.w3.kernel"]
+    assert all("kv_heads (4) over model (8) does not divide" in x and "+0.03 MiB per device" in x
+               for x in notices[:2]), notices
+    assert "mlp (172) over model (8)" in notices[2]

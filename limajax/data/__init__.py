@@ -29,6 +29,7 @@ from limajax.data.dataset import (
 )
 from limajax.data.gair import (
     SAMPLE_DATA,
+    SAMPLE_TOKENIZER,
     SPLITS,
     PrepareOptions,
     Row,
@@ -38,8 +39,9 @@ from limajax.data.gair import (
 )
 from limajax.data.stats import SplitStats, format_stats, inspect, plot_lengths
 
-__all__ = ["BATCH_KEYS", "BUCKETS", "SAMPLE_DATA", "SPLITS", "Batches", "Lima", "PrepareOptions",
-           "Row", "SplitStats", "batches_for", "bucket_length", "buckets_for", "conversations",
+__all__ = ["BATCH_KEYS", "BUCKETS", "SAMPLE_DATA", "SAMPLE_TOKENIZER", "SPLITS", "Batches",
+           "Lima", "PrepareOptions", "Row", "SplitStats", "batches_for", "bucket_length",
+           "buckets_for", "conversations",
            "dataset_dir", "dev_batches_for", "format_stats", "inspect", "load", "plot_lengths",
            "prepare",
            "read_gair_dir", "read_gair_file", "read_metadata", "select", "split_names",
