@@ -209,15 +209,17 @@ def data_prepare(input_dir, output_dir, dev_from_train, seed, sample, sources):
               help="Count loss on user turns too (default: assistant turns and their EOT).")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="Write a histogram of lengths to this PNG instead of the text one.")
+@click.option("--batch-size", type=int, default=32, show_default=True,
+              help="Dialogues per step, for the rows and padding of an epoch packed and not.")
 @user_errors
-def data_inspect(data_dir, tokenizer_path, max_len, train_on_prompts, plot):
+def data_inspect(data_dir, tokenizer_path, max_len, train_on_prompts, plot, batch_size):
     """Examples per split and source, turns, token lengths, trimming and loss coverage."""
     from limajax import data as data_lib
     from limajax.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_path(tokenizer_path)
     stats = data_lib.inspect(data_dir, tokenizer, max_len=max_len,
-                             train_on_prompts=train_on_prompts)
+                             train_on_prompts=train_on_prompts, batch_size=batch_size)
     click.echo(data_lib.format_stats(stats, histogram=plot is None))
     if plot:
         data_lib.plot_lengths(stats, plot)
