@@ -15,10 +15,9 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def progress(items: Iterable[T], *, total: int, desc: str, unit: str,
-             enabled: bool = True) -> Iterator[T]:
-    """`items`, reporting how far along they are on stderr."""
-    if not enabled or total <= 1:
+def progress(items: Iterable[T], *, total: int, desc: str, unit: str) -> Iterator[T]:
+    """`items`, reporting how far along they are on stderr (nothing for a single item)."""
+    if total <= 1:
         yield from items
         return
     if sys.stderr.isatty():
