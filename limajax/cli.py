@@ -210,15 +210,17 @@ def data_prepare(input_dir, output_dir, dev_from_train, seed, sample, sources):
               help="Count loss on user turns too (default: assistant turns and their EOT).")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="Write a histogram of lengths to this PNG instead of the text one.")
+@click.option("--batch-size", type=int, default=32, show_default=True,
+              help="Dialogues per step, for the rows and padding of an epoch packed and not.")
 @user_errors
-def data_inspect(data_dir, tokenizer_path, max_len, train_on_prompts, plot):
+def data_inspect(data_dir, tokenizer_path, max_len, train_on_prompts, plot, batch_size):
     """Examples per split and source, turns, token lengths, trimming and loss coverage."""
     from limajax import data as data_lib
     from limajax.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_path(tokenizer_path)
     stats = data_lib.inspect(data_dir, tokenizer, max_len=max_len,
-                             train_on_prompts=train_on_prompts)
+                             train_on_prompts=train_on_prompts, batch_size=batch_size)
     click.echo(data_lib.format_stats(stats, histogram=plot is None))
     if plot:
         data_lib.plot_lengths(stats, plot)
@@ -388,7 +390,8 @@ def chat(model_dir, workdir, epoch, temperature, top_p, repetition_penalty, max_
 @model_source_options
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (loopback: only this machine can connect).")
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535),
+              help="TCP port to listen on.")
 @click.option("--max-batch", default=16, show_default=True, type=click.IntRange(min=1),
               help="Decode slots: answers generated at once (continuous batching).")
 @click.option("--context", type=click.IntRange(min=2), default=None,
@@ -448,7 +451,7 @@ def serve(model_dir, workdir, epoch, host, port, max_batch, context, mesh, name)
 @click.option("--process-id", type=click.IntRange(min=0), default=None,
               help="Multi-host: this process's index, 0 to --num-processes - 1.")
 @click.option("--progress/--no-progress", default=True, show_default=True,
-              help="Show a progress bar per epoch.")
+              help="Show a progress bar per epoch (on a terminal; a log gets the epoch lines).")
 @user_errors(interrupted="interrupted; rerun the same command to resume from the last "
              "checkpoint (one is saved at every epoch's end)")
 def train(config_path, mesh, init, data_dir, workdir, overrides, tokenizer, epochs,
@@ -501,6 +504,8 @@ def plan(config_path, mesh, device_memory, seq_len, overrides):
     sharding.start(config.mesh)
     from limajax import plan as plan_lib
 
+    for line in sharding.replication_notices(config.model, sharding.make_mesh(config.mesh)):
+        click.echo(line, err=True)
     report = plan_lib.plan(config, plan_lib.parse_bytes(device_memory), seq_len=seq_len)
     click.echo(report.format())
     if not report.fits:

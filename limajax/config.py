@@ -26,6 +26,7 @@ from limajax.errors import UserError
 DTYPES = ("float32", "bfloat16", "float16")
 VOCAB_MULTIPLE = 128  # padded vocabulary divides by any model-axis size up to 128
 REMAT_POLICIES = ("none", "full", "dots")
+ATTENTION_KERNELS = ("auto", "xla", "cudnn", "pallas", "splash")  # limajax/attention.py
 DERIVED = ("n_kv_heads", "head_dim", "ffn_dim")  # ModelConfig sizes that None derives
 
 
@@ -95,6 +96,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype (bfloat16 on accelerators)
     remat: str = "full"  # what the backward pass recomputes per layer: none | full | dots
+    attention: str = "auto"  # the attention kernel (limajax/attention.py); auto: by platform
 
     def __post_init__(self):
         def bad(msg):
@@ -127,6 +129,8 @@ class ModelConfig:
             bad(f"dtypes must be one of {DTYPES}, got {self.param_dtype!r}/{self.dtype!r}")
         if self.remat not in REMAT_POLICIES:
             bad(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if self.attention not in ATTENTION_KERNELS:
+            bad(f"attention must be one of {ATTENTION_KERNELS}, got {self.attention!r}")
         if self.vocab_multiple <= 0:
             bad(f"vocab_multiple must be positive, got {self.vocab_multiple}")
 
@@ -205,6 +209,7 @@ class OptimConfig:
     weight_decay: float = 0.1  # LIMA §3; applied to matrices only
     clip_norm: float | None = 1.0  # global-norm clipping; None turns it off
     warmup_steps: int = 0  # LIMA §3: no warm-up
+    moments_dtype: str = "float32"  # AdamW's mu and nu between steps; bfloat16 halves them
 
     def __post_init__(self):
         check_types(self, "optim")
@@ -212,6 +217,9 @@ class OptimConfig:
             raise UserError(f"optim: lr must be > 0 and end_lr >= 0, got {self.lr}, {self.end_lr}")
         if self.clip_norm is not None and self.clip_norm <= 0:
             raise UserError(f"optim: clip_norm must be positive or None, got {self.clip_norm}")
+        if self.moments_dtype not in ("float32", "bfloat16"):
+            raise UserError(f"optim: moments_dtype must be float32 or bfloat16, got "
+                            f"{self.moments_dtype!r}")
 
 
 @dataclass(frozen=True)
@@ -223,6 +231,9 @@ class DataConfig:
     micro_batch_size: int | None = None  # gradient accumulation when set (must divide batch)
     max_len: int = 2048  # LIMA §3: texts longer than 2048 tokens are trimmed
     train_on_prompt: bool = False  # loss on user turns too (LIMA does not say; default: off)
+    # Lay each step's dialogues into as few rows as hold them (segment ids keep them apart):
+    # the same loss and gradient as one dialogue per row, without computing the padding.
+    pack: bool = True
     seed: int = 0  # shuffling
 
     def __post_init__(self):

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from limajax import attention
 from limajax.config import ModelConfig
 
 # How logical names become a layout, installed by sharding.activate: the model names the axes of
@@ -138,41 +139,31 @@ class Projection(nnx.Module):
 class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         d, n, k, h = config.dim, config.n_heads, config.n_kv_heads, config.head_dim
-        self.n_kv_heads = k
+        self.kernel = config.attention
         self.wq = Projection((d, n, h), ("embed", "heads", "head_dim"), config, rngs)
         self.wk = Projection((d, k, h), ("embed", "kv_heads", "head_dim"), config, rngs)
         self.wv = Projection((d, k, h), ("embed", "kv_heads", "head_dim"), config, rngs)
         self.wo = Projection((n, h, d), ("heads", "head_dim", "embed"), config, rngs,
                              in_axes=2)
 
-    def __call__(self, x, positions, inv_freq, cache: tuple[jax.Array, jax.Array] | None):
+    def __call__(self, x, positions, segment_ids, inv_freq,
+                 cache: tuple[jax.Array, jax.Array] | None):
         q = constrain(apply_rope(self.wq(x), positions, inv_freq),
                       "act_batch", None, "act_heads", None)
         k = apply_rope(self.wk(x), positions, inv_freq)
         v = self.wv(x)
         if cache is None:
-            key_positions = positions  # [B, S = T]
+            # Packed rows: segment ids keep each dialogue to itself (limajax/attention.py).
+            out = attention.attend(self.kernel, q, k, v, positions, segment_ids,
+                                   ACTIVATION_LAYOUT.get())
         else:
             # Write this step's keys and values at their positions; attend over every slot.
             rows = jnp.arange(x.shape[0])[:, None]
             k = cache[0].at[rows, positions].set(k.astype(cache[0].dtype))
             v = cache[1].at[rows, positions].set(v.astype(cache[1].dtype))
             cache = (k, v)
-            key_positions = jnp.broadcast_to(jnp.arange(k.shape[1]), (k.shape[0], k.shape[1]))
-        b, t, n, h = q.shape
-        kv, g = self.n_kv_heads, n // self.n_kv_heads
-        # Each K/V head serves G query heads: fold them into the query axis (Q = T*G), so
-        # attention is two 4-D einsums, ~1.9x faster forward+backward than 5-D ones on XLA CPU.
-        q = q.reshape(b, t, kv, g, h).swapaxes(2, 3).reshape(b, t * g, kv, h)
-        query_positions = jnp.repeat(positions, g, axis=1)  # [B, Q]
-        scores = jnp.einsum("BQKH,BSKH->BKQS", q, k, preferred_element_type=jnp.float32)
-        # Causal by position: key s is visible to a query at p iff s <= p. Examples are never
-        # packed, so padding (which comes after the real tokens) is never attended to.
-        visible = key_positions[:, None, :] <= query_positions[:, :, None]  # [B, Q, S]
-        scores = jnp.where(visible[:, None], scores / math.sqrt(h), -jnp.inf)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("BKQS,BSKH->BQKH", probs, v)
-        out = out.reshape(b, t, g, kv, h).swapaxes(2, 3).reshape(b, t, n, h)
+            slots = jnp.broadcast_to(jnp.arange(k.shape[1]), (k.shape[0], k.shape[1]))
+            out = attention.xla(q, k, v, positions, slots)
         return self.wo(out), cache
 
 
@@ -197,10 +188,11 @@ class Block(nnx.Module):
         self.ffn_norm = RMSNorm(config, rngs=rngs)
         self.feed_forward = FeedForward(config, rngs=rngs)
 
-    def __call__(self, x, positions, inv_freq, cache, dropout_rate, dropout_key):
+    def __call__(self, x, positions, segment_ids, inv_freq, cache, dropout_rate, dropout_key):
         # LIMA §3: residual dropout on each sub-layer's output, before the residual add.
         keys = (None, None) if dropout_key is None else jax.random.split(dropout_key)
-        a, cache = self.attention(self.attention_norm(x), positions, inv_freq, cache)
+        a, cache = self.attention(self.attention_norm(x), positions, segment_ids, inv_freq,
+                                  cache)
         h = x + dropout(a, dropout_rate, keys[0])
         out = h + dropout(self.feed_forward(self.ffn_norm(h)), dropout_rate, keys[1])
         return constrain(out, "act_batch", None, None), cache
@@ -233,9 +225,12 @@ class Llama(nnx.Module):
                                      ("embed", "vocab"), config, rngs)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, *,
-                 cache: KVCache | None = None, dropout_rates: jax.Array | None = None,
-                 dropout_key: jax.Array | None = None, last: jax.Array | None = None):
+                 segment_ids: jax.Array | None = None, cache: KVCache | None = None,
+                 dropout_rates: jax.Array | None = None, dropout_key: jax.Array | None = None,
+                 last: jax.Array | None = None):
         """Logits [B, T, V] (float32) for tokens [B, T] at positions [B, T] (default 0..T-1).
+
+        segment_ids [B, T] (0 = padding) keep packed sequences from attending to each other.
 
         With a cache, returns (logits, updated cache). dropout_rates [L] with a dropout_key turns
         on residual dropout; without them the model is deterministic (evaluation, sampling).
@@ -252,7 +247,7 @@ class Llama(nnx.Module):
         layer_caches = None if cache is None else (cache.k, cache.v)
 
         def layer(x, block, layer_cache, rate, key):
-            return block(x, positions, inv_freq, layer_cache, rate, key)
+            return block(x, positions, segment_ids, inv_freq, layer_cache, rate, key)
 
         if config.remat != "none":  # recompute activations in the backward pass
             layer = nnx.remat(layer, policy=CHECKPOINT_POLICIES[config.remat])

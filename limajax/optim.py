@@ -9,6 +9,7 @@ RMSNorm scales: decaying a gain towards zero would shrink the layer, not regular
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -42,10 +43,31 @@ def decay_mask(abstract_state: nnx.State) -> dict:
     return nnx.to_pure_dict(mask)
 
 
+def stored_as(tx: optax.GradientTransformation, dtype: str) -> optax.GradientTransformation:
+    """`tx` with its floating-point state (Adam's moments) kept in `dtype` between steps and
+    computed in float32: half the memory in bfloat16. The parameters stay float32: LIMA's
+    updates (lr 1e-5) are below bfloat16's resolution of a weight."""
+    def cast(tree, to):
+        return jax.tree.map(
+            lambda x: x.astype(to) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+    def init(params):
+        return cast(tx.init(params), dtype)
+
+    def update(updates, state, params=None):
+        updates, state = tx.update(updates, cast(state, jnp.float32), params)
+        return updates, cast(state, dtype)
+
+    return optax.GradientTransformation(init, update)
+
+
 def optimizer(config: OptimConfig, total_steps: int, mask) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW (decoupled weight decay on `mask`) at LIMA's schedule."""
+    """Global-norm clipping, then AdamW (decoupled weight decay on `mask`) at LIMA's schedule,
+    its moments stored in config.moments_dtype."""
     adamw = optax.adamw(schedule(config, total_steps), b1=config.b1, b2=config.b2,
                         eps=config.eps, weight_decay=config.weight_decay, mask=mask)
+    if config.moments_dtype != "float32":
+        adamw = stored_as(adamw, config.moments_dtype)
     if config.clip_norm is None:
         return adamw
     return optax.chain(optax.clip_by_global_norm(config.clip_norm), adamw)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from limajax import sharding
+from limajax import attention, sharding
 from limajax.config import TrainConfig
 from limajax.errors import UserError
 from limajax.train import BATCH_KEYS, build, make_train_step
@@ -62,6 +62,7 @@ class Plan:
     compiled_temp: int
     analytic: dict[str, float]
     compile_seconds: float
+    kernel: str  # the attention kernel compiled (and estimated)
 
     @property
     def total(self) -> int:
@@ -80,7 +81,8 @@ class Plan:
         rows = [
             f"plan: {m.n_params / 1e9:,.2f}B parameters, mesh {c.mesh} ({self.devices} devices), "
             f"global batch {c.data.batch_size} x {self.seq_len} tokens (micro batch {micro}), "
-            f"params {m.param_dtype}, compute {m.dtype}, remat {m.remat}",
+            f"params {m.param_dtype}, compute {m.dtype}, moments {c.optim.moments_dtype}, "
+            f"remat {m.remat}, attention {self.kernel}",
             f"{'per device':<34}{'compiled':>14}{'analytic':>14}",
             f"{'  parameters':<34}{gib(self.params):>14}{gib(a['params']):>14}",
             f"{'  optimizer state (AdamW mu, nu)':<34}{gib(self.opt_state):>14}"
@@ -89,8 +91,11 @@ class Plan:
             f"{'  temporaries (grads, activations)':<34}{gib(self.compiled_temp):>14}"
             f"{gib(a['temp']):>14}",
             f"{'    of which: gradients':<34}{'':>14}{gib(a['grads']):>14}",
+            f"{'    of which: AdamW update':<34}{'':>14}{gib(a['update']):>14}",
             f"{'    of which: saved activations':<34}{'':>14}{gib(a['activations']):>14}",
             f"{'    of which: one layer recomputed':<34}{'':>14}{gib(a['layer']):>14}",
+            f"{'      (its attention: ' + self.kernel + ')':<34}{'':>14}"
+            f"{gib(a['attention']):>14}",
             f"{'    of which: logits and loss':<34}{'':>14}{gib(a['logits']):>14}",
             f"{'  outputs not updated in place':<34}"
             f"{gib(self.compiled_outputs - self.compiled_aliased):>14}{'':>14}",
@@ -103,8 +108,10 @@ class Plan:
         return "\n".join(rows)
 
 
-def analytic_memory(config: TrainConfig, mesh: Mesh, seq_len: int) -> dict[str, float]:
-    """Bytes per device by arithmetic: fully sharded state, and activations as remat keeps them."""
+def analytic_memory(config: TrainConfig, mesh: Mesh, seq_len: int,
+                    platform: str | None = None) -> dict[str, float]:
+    """Bytes per device by arithmetic: fully sharded state, and activations as remat keeps them;
+    attention as the kernel `model.attention` means on `platform` (default: this one) keeps it."""
     m, d = config.model, config.data
     data, model = mesh.shape["data"], mesh.shape["model"]
     n_dev = data * model
@@ -112,26 +119,36 @@ def analytic_memory(config: TrainConfig, mesh: Mesh, seq_len: int) -> dict[str, 
     n = m.n_params + (m.padded_vocab_size - m.vocab_size) * m.dim * (
         1 if m.tie_embeddings else 2)
     param_bytes = jnp.dtype(m.param_dtype).itemsize
+    moment_bytes = jnp.dtype(config.optim.moments_dtype).itemsize
     rows = (d.micro_batch_size or d.batch_size) // data  # rows per device in one micro batch
     t, dim = seq_len, m.dim
     heads, ffn, vocab = m.n_heads // model, m.ffn_dim // model, m.padded_vocab_size // model
-    out = {"params": n * param_bytes / n_dev, "opt_state": 2 * n * 4 / n_dev,
-           "batch": 4 * d.batch_size * t * 4 / data}
+    out = {"params": n * param_bytes / n_dev, "opt_state": 2 * n * moment_bytes / n_dev,
+           "batch": len(BATCH_KEYS) * d.batch_size * t * 4 / data}
     accumulators = 1 if d.accumulation_steps == 1 else 2  # + the running sum
     out["grads"] = accumulators * n * 4 / n_dev
+    # AdamW's update is computed whole (float32, like the parameters) before it is applied:
+    # one more parameter-sized tree. This is the 4.3 GiB the compiler reported above the
+    # arithmetic for LIMA-65B on 8x8 before it was counted (3.8 GiB of it).
+    out["update"] = n * 4 / n_dev
     # remat "full" keeps each layer's input (the residual stream) for the backward pass.
     saved = {"full": rows * t * dim * act,
              "dots": rows * t * (4 * dim + 3 * ffn + 2 * m.n_heads // model * m.head_dim) * act,
              "none": rows * t * (6 * dim + 4 * ffn + 3 * heads * t) * act}[m.remat]
     out["activations"] = m.n_layers * saved
-    # One layer at a time: its gathered weights, f32 attention scores and probabilities, and
-    # the feed-forward hidden state, forward and backward.
+    # One layer at a time: its gathered weights, attention, and the feed-forward hidden state,
+    # forward and backward. XLA's attention holds float32 scores and probabilities [T, T] per
+    # head (and their gradient); a fused kernel only its output and a logsumexp per query.
+    kernel = attention.choose(m.attention, platform)
+    scores = (3 * rows * heads * t * t * 4 if kernel == "xla"
+              else rows * heads * t * (2 * m.head_dim * act + 2 * 4))
+    out["attention"] = scores
     layer_weights = (m.n_params - m.vocab_size * dim * 2) / m.n_layers / model * act
-    out["layer"] = (2 * layer_weights + 3 * rows * heads * t * t * 4
-                    + 4 * rows * t * ffn * act + 6 * rows * t * dim * act)
+    out["layer"] = 2 * layer_weights + scores + (4 * ffn + 6 * dim) * rows * t * act
     # float32 logits, their log-softmax and gradient, for the vocabulary shard.
     out["logits"] = 3 * rows * t * vocab * 4
-    out["temp"] = out["grads"] + out["activations"] + out["layer"] + out["logits"]
+    out["temp"] = (out["grads"] + out["update"] + out["activations"] + out["layer"]
+                   + out["logits"])
     out["total"] = out["params"] + out["opt_state"] + out["batch"] + out["temp"]
     return out
 
@@ -160,4 +177,5 @@ def plan(config: TrainConfig, device_memory: int, *, seq_len: int | None = None,
                 compiled_outputs=mem.output_size_in_bytes,
                 compiled_aliased=mem.alias_size_in_bytes,
                 compiled_temp=mem.temp_size_in_bytes,
-                analytic=analytic_memory(config, mesh, t), compile_seconds=seconds)
+                analytic=analytic_memory(config, mesh, t), compile_seconds=seconds,
+                kernel=attention.choose(config.model.attention))

@@ -8,6 +8,7 @@ it has seen the like of, and the same numbers as the reference implementation).
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from limajax.data import bucket_length, buckets_for
 from limajax.errors import UserError
 from limajax.files import json_line, read_jsonl, staged_file
 from limajax.model import Llama
+from limajax.progress import progress
 from limajax.tokenizer import Tokenizer
 from limajax.train import token_nll
 
@@ -52,7 +54,8 @@ def score(model: Llama, tokenizer: Tokenizer, rows: list[dict], mesh: Mesh,
     limit = model.config.max_seq_len
     full = [[tokenizer.bos_id] + tokenizer.encode(r["text"]) for r in rows]
     encoded = [ids[:limit] for ids in full]  # LIMA §3 keeps a long text's beginning
-    for start in range(0, len(rows), batch_size):
+    starts = range(0, len(rows), batch_size)
+    for start in progress(starts, total=len(starts), desc="score", unit="batch"):
         chunk = encoded[start:start + batch_size]
         width = bucket_length(max(len(ids) for ids in chunk), buckets_for(limit))
         tokens = np.zeros((batch_size, width), np.int32)  # right padding is never attended to
@@ -81,6 +84,8 @@ def score_file(model_dir: str, input_path: str, output_path: str, mesh_spec: str
     rows = read_texts(input_path)
     mesh = sharding.make_mesh(mesh_spec, jax.devices()[:sharding.mesh_devices(mesh_spec)])
     model, tokenizer = load_for_inference(model_dir, mesh, epoch=epoch)
+    for line in sharding.replication_notices(model.config, mesh):
+        print(line, file=sys.stderr)
     total_nll, total_tokens, trimmed = 0.0, 0, 0
     with staged_file(output_path) as f:
         for row in score(model, tokenizer, rows, mesh, batch_size):

@@ -186,6 +186,29 @@ def state_shardings(state: nnx.State, mesh: Mesh, replicated: list[str] | None =
     return jax.tree.map(sharding, state, is_leaf=_is_variable)
 
 
+def replication_notices(config: ModelConfig, mesh: Mesh) -> list[str]:
+    """One line per parameter whose dimension its mesh axis does not divide, which is therefore
+    replicated over that axis (as is standard for K/V heads fewer than the model axis, e.g. 70B's
+    8 on 16), with what the copy costs each device: never silent (review R3)."""
+    state = nnx.state(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0))))
+    itemsize = np.dtype(config.param_dtype).itemsize
+    lines = []
+    for path, v in jax.tree_util.tree_leaves_with_path(state, is_leaf=_is_variable):
+        shape, dropped = v.get_value().shape, []
+        spec = spec_for(logical_axes(v), shape, mesh, dropped)
+        if not dropped:
+            continue
+        kept = int(np.prod([mesh.shape[a] for a in spec if a is not None]))
+        lost = int(np.prod([mesh.shape[r.rsplit(" over ", 1)[1].split()[0]] for r in dropped]))
+        per_device = int(np.prod(shape)) * itemsize / kept
+        name = ".".join(str(getattr(k, "key", k)) for k in path)
+        lines.append(f"notice: {name} {list(shape)}: {', '.join(dropped)} does not divide, so it "
+                     f"is replicated there: +{(per_device - per_device / lost) / 2**20:,.2f} MiB "
+                     f"per device ({config.param_dtype}; AdamW's two moments add twice that in "
+                     "training)")
+    return lines
+
+
 def replicated_sharding(mesh: Mesh) -> NamedSharding:
     """A full copy on every device (scalars: the step, the RNG key, metrics)."""
     return NamedSharding(mesh, PartitionSpec())

@@ -25,7 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from tqdm import tqdm
 
-from limajax import data, optim, sharding
+from limajax import attention, data, optim, sharding
 from limajax.checkpoint import resolve_init
 from limajax.config import ModelConfig, TrainConfig
 from limajax.workdir import (
@@ -53,8 +53,8 @@ class TrainState(NamedTuple):
     rng: jax.Array  # uint32 [2]
 
 
-Batch = dict[str, Any]  # inputs, targets, positions int32 [B, T]; loss_mask float32 [B, T]
-BATCH_KEYS = ("inputs", "targets", "loss_mask", "positions")
+Batch = dict[str, Any]  # data.BATCH_KEYS: int32 [R, T], loss_mask float32 [R, T]
+BATCH_KEYS = data.BATCH_KEYS
 
 
 class Loader(Protocol):
@@ -135,7 +135,7 @@ def make_train_step(setup: Setup):
 
     def summed_loss(params, batch, key):
         model = nnx.merge(graphdef, params)
-        logits = model(batch["inputs"], batch["positions"],
+        logits = model(batch["inputs"], batch["positions"], segment_ids=batch["segment_ids"],
                        dropout_rates=rates if config.dropout > 0 else None,
                        dropout_key=key if config.dropout > 0 else None)
         return jnp.sum(token_nll(logits, batch["targets"]) * batch["loss_mask"])
@@ -187,7 +187,8 @@ def make_eval_step(setup: Setup):
     graphdef = setup.graphdef
 
     def evaluate(params, batch: Batch):
-        logits = nnx.merge(graphdef, params)(batch["inputs"], batch["positions"])
+        logits = nnx.merge(graphdef, params)(batch["inputs"], batch["positions"],
+                                             segment_ids=batch["segment_ids"])
         nll = token_nll(logits, batch["targets"]) * batch["loss_mask"]
         return jnp.sum(nll), jnp.sum(batch["loss_mask"])
 
@@ -199,12 +200,12 @@ def make_eval_step(setup: Setup):
 def dev_loss(setup: Setup, evaluate, params, dev: Loader) -> float:
     """Mean -log p per target token over one pass of the dev split."""
     dev.set_state({"epoch": 0, "index": 0})
-    total, count = 0.0, 0.0
+    sums = []  # left on the devices until the pass is done
     for _, batch in zip(range(dev.steps_per_epoch), dev, strict=False):
         with sharding.activate(setup.mesh):
-            nll, n = evaluate(params, put_batch(batch, setup))
-        total, count = total + float(nll), count + float(n)
-    return total / max(count, 1.0)
+            sums.append(evaluate(params, put_batch(batch, setup)))
+    total, count = np.asarray(jax.device_get(sums), np.float64).sum(axis=0) if sums else (0, 0)
+    return float(total) / max(float(count), 1.0)
 
 
 def init_state(setup: Setup, params: dict | None = None) -> TrainState:
@@ -224,7 +225,8 @@ def put_batch(batch: Batch, setup: Setup) -> dict[str, jax.Array]:
     s = setup.batch_sharding
     if jax.process_count() == 1:
         return {k: jax.device_put(np.asarray(batch[k]), s) for k in BATCH_KEYS}
-    global_rows = setup.config.data.batch_size
+    # Every process holds the same number of rows (data.Batches splits the global rows evenly).
+    global_rows = len(batch["inputs"]) * jax.process_count()
     return {k: jax.make_array_from_process_local_data(
         s, np.asarray(batch[k]), (global_rows, *np.shape(batch[k])[1:])) for k in BATCH_KEYS}
 
@@ -310,6 +312,7 @@ def train(config: TrainConfig, workdir: str | Path, loader: Loader, *, mesh: Mes
     """
     mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
     sharding.check(config, mesh)
+    log(attention.describe(config.model.attention))  # once, before anything is built
     config, workdir = resolved_paths(config), Path(workdir)
     is_lead = jax.process_index() == 0
     check_config(workdir, config)
@@ -348,50 +351,62 @@ def train(config: TrainConfig, workdir: str | Path, loader: Loader, *, mesh: Mes
                 "--peak-flops FLOP/s to know it)")
         loader.set_state(position)
         batches = iter(loader)
+
+        def fetch():
+            """The next batch, already on its way to the devices, and the data position after
+            it (what a checkpoint taken after its step records)."""
+            return put_batch(next(batches), setup), loader.get_state()
+
         steps_per_epoch, logged = loader.steps_per_epoch, []
-        start = time.time()
+        pending = []  # (step, epoch, batch shape, metrics still on the devices)
+        start = window = time.perf_counter()
+        upcoming = fetch() if position["epoch"] < config.epochs else None
         for epoch in range(position["epoch"], config.epochs):
             first = position["index"] if epoch == position["epoch"] else 0
             bar = tqdm(total=steps_per_epoch, initial=first, unit="step", leave=False,
                        desc=f"epoch {epoch + 1}/{config.epochs}",
-                       disable=not (progress and is_lead))
+                       disable=not (progress and is_lead and sys.stderr.isatty()))
             epoch_losses = []
             for index in range(first, steps_per_epoch):
-                batch = put_batch(next(batches), setup)
-                t0 = time.perf_counter()
-                with sharding.activate(mesh):
+                batch, after = upcoming
+                with sharding.activate(mesh):  # dispatched; the host does not wait for it
                     state, metrics = train_step(state, batch)
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                dt = time.perf_counter() - t0
                 step += 1
-                if not math.isfinite(metrics["loss"]):
-                    manager.wait_until_finished()
-                    good = manager.latest_step()
-                    raise Diverged(
-                        f"the loss is {metrics['loss']} at step {step} (epoch {epoch + 1}); "
-                        "stopped; " + ("no checkpoint was saved before it (lower optim.lr?)"
-                                       if good is None else f"the last good checkpoint is "
-                                       f"step {good} in {workdir / CHECKPOINTS_DIR}"))
-                b, t = batch["inputs"].shape
-                record = {"step": step, "epoch": epoch + 1, "loss": metrics["loss"],
-                          "lr": metrics["lr"], "grad_norm": metrics["grad_norm"],
-                          "tokens_per_sec": b * t / dt,
-                          "mfu": None if peak_flops_total is None else
-                          b * t * flops_per_token(config.model, t) / dt / peak_flops_total,
-                          "time": time.time() - start, "seq_len": t,
-                          "target_tokens": int(metrics["target_tokens"])}
-                epoch_losses.append(metrics["loss"])
-                if is_lead and step % config.log_every_steps == 0:
-                    log_metrics(workdir, writer, record)
-                logged.append(record)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}",
-                                tok_s=f"{record['tokens_per_sec']:.0f}")
-                bar.update()
+                pending.append((step, epoch + 1, batch["inputs"].shape, metrics))
+                end_of_epoch = index + 1 == steps_per_epoch
                 every = config.save_every_steps
-                if every and step % every == 0 and index + 1 < steps_per_epoch:
+                mid_save = bool(every and step % every == 0) and not end_of_epoch
+                if not (mid_save or end_of_epoch):
+                    upcoming = fetch()  # host -> devices while the step runs
+                bar.update()
+                if mid_save or end_of_epoch or step % config.log_every_steps == 0:
+                    # Metrics reach the host at the log cadence and before every checkpoint,
+                    # so a NaN stops the run before its state is kept.
+                    now = time.perf_counter()
+                    records, bad = host_metrics(pending, (now - window) / len(pending),
+                                                config.model, peak_flops_total, now - start)
+                    pending, window = [], now
+                    for record in records:
+                        if is_lead and record["step"] % config.log_every_steps == 0:
+                            log_metrics(workdir, writer, record)
+                    logged += records
+                    epoch_losses += [r["loss"] for r in records if r["epoch"] == epoch + 1]
+                    if bad is not None:
+                        manager.wait_until_finished()
+                        good = manager.latest_step()
+                        raise Diverged(
+                            f"the loss is {bad['loss']} at step {bad['step']} (epoch "
+                            f"{bad['epoch']}); stopped; " + (
+                                "no checkpoint was saved before it (lower optim.lr?)"
+                                if good is None else f"the last good checkpoint is "
+                                f"step {good} in {workdir / CHECKPOINTS_DIR}"))
+                    bar.set_postfix(loss=f"{records[-1]['loss']:.4f}",
+                                    tok_s=f"{records[-1]['tokens_per_sec']:.0f}")
+                if mid_save:
                     save_state(manager, state, {
-                        "step": step, "epoch": epoch, "end_of_epoch": False,
-                        "data": loader.get_state(), "config": config.to_dict()})
+                        "step": step, "epoch": epoch, "end_of_epoch": False, "data": after,
+                        "config": config.to_dict()})
+                    upcoming = fetch()  # after the save: a kill here leaves it started
             bar.close()
             dev_text = ""
             if evaluate is not None:  # LIMA App. B: dev perplexity beside quality, per epoch
@@ -405,12 +420,14 @@ def train(config: TrainConfig, workdir: str | Path, loader: Loader, *, mesh: Mes
                 log(f"epoch {epoch + 1}/{config.epochs}: step {step}, mean loss "
                     f"{np.mean(epoch_losses):.4f}{dev_text}, lr {last['lr']:.3g}, "
                     f"{last['tokens_per_sec']:.0f} tokens/s, {mfu_text(last['mfu'], peak_source)}, "
-                    f"{time.time() - start:.1f} s")
+                    f"{time.perf_counter() - start:.1f} s")
                 plot_curves(workdir)
             # The epoch's checkpoint, after what reports it (LIMA §3: one per epoch).
             save_state(manager, state, {
-                "step": step, "epoch": epoch + 1, "end_of_epoch": True,
-                "data": loader.get_state(), "config": config.to_dict()})
+                "step": step, "epoch": epoch + 1, "end_of_epoch": True, "data": after,
+                "config": config.to_dict()})
+            if epoch + 1 < config.epochs:
+                upcoming = fetch()  # after the save: a kill here leaves it started
         if is_lead and logged:
             log(finished_message(workdir, config.epochs))
         return logged
@@ -422,12 +439,34 @@ def train(config: TrainConfig, workdir: str | Path, loader: Loader, *, mesh: Mes
 
 
 def finished_message(workdir: Path, epochs: int) -> str:
-    """Where the run's checkpoints are and the commands that use them."""
+    """Where the run's checkpoints are and the commands that use them (score, sample, export)."""
     return (f"done: one checkpoint per epoch (1-{epochs}) in {workdir / CHECKPOINTS_DIR}; "
             f"LIMA §3 picks one of epochs 5-10 by dev perplexity and samples. Use epoch N with\n"
             f"  limajax score --workdir {workdir} --epoch N --input TEXTS.jsonl --output "
             f"SCORES.jsonl\n"
+            f"  limajax sample --workdir {workdir} --epoch N --prompts PROMPTS.jsonl --output "
+            f"ANSWERS.jsonl\n"
             f"  limajax export --to hf --workdir {workdir} --epoch N --output HF_DIR")
+
+
+def host_metrics(pending: list, seconds_per_step: float, model: ModelConfig,
+                 peak: float | None, elapsed: float) -> tuple[list[dict], dict | None]:
+    """The metrics.jsonl records of steps whose metrics were left on the devices (one
+    device_get for all of them; speed is the window's average: no step was timed alone), up to
+    the first step whose loss is not finite, and that step ({step, epoch, loss}) or None."""
+    fetched = jax.device_get([m for *_, m in pending])
+    records = []
+    for (step, epoch, (rows, t), _), m in zip(pending, fetched, strict=True):
+        if not math.isfinite(m["loss"]):
+            return records, {"step": step, "epoch": epoch, "loss": float(m["loss"])}
+        tokens_per_sec = rows * t / seconds_per_step
+        records.append({
+            "step": step, "epoch": epoch, "loss": float(m["loss"]), "lr": float(m["lr"]),
+            "grad_norm": float(m["grad_norm"]), "tokens_per_sec": tokens_per_sec,
+            "mfu": None if peak is None else tokens_per_sec * flops_per_token(model, t) / peak,
+            "time": elapsed, "seq_len": t, "rows": rows,
+            "target_tokens": int(m["target_tokens"])})
+    return records, None
 
 
 def mfu_text(mfu: float | None, source: str) -> str:
@@ -446,9 +485,15 @@ def train_recipe(config: TrainConfig, workdir: str | Path, *, peak: float | None
     in `workdir`."""
     mesh = sharding.make_mesh(config.mesh)
     sharding.check(config, mesh)
+    attention.describe(config.model.attention)  # a kernel this platform lacks: fail first
+    if config.init is None and config.tokenizer is None and config.data.path is None:
+        log(f"notice: a random model on the sample data: its tokenizer, {data.SAMPLE_TOKENIZER}")
+        config = dataclasses.replace(config, tokenizer=str(data.SAMPLE_TOKENIZER))
     config, tokenizer, init_params = resolve_init(config)
     check_config(workdir, config)
     loader = data.batches_for(config, tokenizer)
+    for line in sharding.replication_notices(config.model, mesh):
+        log(line)
     log(f"{config.model.n_params / 1e6:,.2f}M parameters, {loader.steps_per_epoch} steps per "
         f"epoch x {config.epochs} epochs, global batch {config.data.batch_size}, mesh "
         f"{config.mesh}")

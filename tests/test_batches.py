@@ -1,4 +1,6 @@
-"""The input pipeline on the real LIMA dialogues: epochs, padding, buckets, hosts and resuming."""
+"""The input pipeline on the real LIMA dialogues: epochs, padding, buckets, hosts and resuming.
+(The packed layout itself is tested in test_packing.py; here the one-dialogue-per-row layout
+shows the order and contents plainly, and hosts and resuming run packed, the default.)"""
 
 import itertools
 
@@ -48,11 +50,11 @@ def loader(source, tok, **kw):
 
 
 def rows(batch, example_of):
-    """The example index of each row (None for an all-padding row)."""
+    """The example index of each dialogue, row by row (None for an all-padding row)."""
     out = []
-    for targets in batch["targets"]:
-        n = np.count_nonzero(targets)
-        out.append(example_of[targets[:n].tobytes()] if n else None)
+    for targets, segments in zip(batch["targets"], batch["segment_ids"], strict=True):
+        out += [example_of[targets[segments == s].tobytes()] for s in range(1, segments.max() + 1)]
+        out += [] if segments.any() else [None]
     return out
 
 
@@ -61,7 +63,7 @@ def same(a, b):
 
 
 def test_three_epochs_each_see_every_example_once_in_new_orders(source, tok, encoded, example_of):
-    batches = loader(source, tok, num_epochs=3, seed=7)
+    batches = loader(source, tok, num_epochs=3, seed=7, pack=False)
     assert batches.steps_per_epoch == 33  # ceil(1029 / 32): the short batch is kept
     got = list(batches)
     assert len(got) == 99 and batches.get_state() == {"epoch": 3, "index": 0}
@@ -74,7 +76,7 @@ def test_three_epochs_each_see_every_example_once_in_new_orders(source, tok, enc
         assert real == batches.order(epoch)
         orders.append(real)
     assert orders[0] != orders[1] != orders[2] != orders[0]
-    again = itertools.islice(loader(source, tok, seed=7), 33)  # a new loader, the same seed
+    again = itertools.islice(loader(source, tok, seed=7, pack=False), 33)  # a new loader
     assert [r for b in again for r in rows(b, example_of) if r is not None] == orders[0]
     assert loader(source, tok, seed=8).order(0) != orders[0]
 
@@ -90,7 +92,8 @@ def test_three_epochs_each_see_every_example_once_in_new_orders(source, tok, enc
             n = len(ids) - 1
             assert (b["inputs"][i, :n] == ids[:-1]).all() and not b["inputs"][i, n:].any()
             assert (b["loss_mask"][i, :n] == mask[1:]).all() and not b["loss_mask"][i, n:].any()
-            assert (b["positions"][i] == np.arange(2048)).all()
+            assert (b["positions"][i, :n] == np.arange(n)).all() and not b["positions"][i, n:].any()
+            assert (b["segment_ids"][i, :n] == 1).all() and not b["segment_ids"][i, n:].any()
         total_loss += b["loss_mask"].sum()
     # Every assistant token and its EOT is a target exactly once per epoch: the loss
     # normaliser (sum of loss_mask) counts real targets only.
@@ -99,7 +102,7 @@ def test_three_epochs_each_see_every_example_once_in_new_orders(source, tok, enc
 
 def test_batches_use_the_smallest_bucket_that_holds_the_longest_row(source, tok, example_of):
     shapes = set()
-    for b in loader(source, tok, batch_size=2, num_epochs=1):
+    for b in loader(source, tok, batch_size=2, num_epochs=1, pack=False):
         longest = max(np.count_nonzero(t) for t in b["targets"])
         t = b["inputs"].shape[1]
         assert t == min(x for x in data.BUCKETS if x >= longest)
@@ -108,7 +111,7 @@ def test_batches_use_the_smallest_bucket_that_holds_the_longest_row(source, tok,
 
 
 def test_drop_remainder_drops_the_short_batch(source, tok):
-    batches = loader(source, tok, batch_size=100, drop_remainder=True, num_epochs=1)
+    batches = loader(source, tok, batch_size=100, drop_remainder=True, num_epochs=1, pack=False)
     assert batches.steps_per_epoch == 10 == data.steps_per_epoch(1029, 100, drop_remainder=True)
     assert data.steps_per_epoch(1029, 100) == 11
     got = list(batches)
@@ -119,15 +122,16 @@ def test_drop_remainder_drops_the_short_batch(source, tok):
 def test_each_process_gets_a_disjoint_slice_and_together_the_global_batch(
     subset, tok, example_of, processes
 ):
-    kw = dict(batch_size=16, seed=3, num_epochs=1)
+    kw = dict(batch_size=16, seed=3, num_epochs=1, row_multiple=processes)  # packed
     whole = list(loader(subset, tok, **kw))
     parts = [list(loader(subset, tok, process_index=i, process_count=processes, **kw))
              for i in range(processes)]
     assert all(len(p) == len(whole) == 22 for p in parts)  # ceil(343 / 16)
     for step, global_batch in enumerate(whole):
         slices = [p[step] for p in parts]
-        assert all(s["inputs"].shape == (16 // processes, global_batch["inputs"].shape[1])
-                   for s in slices)  # every process agrees on the bucket
+        assert all(s["inputs"].shape == (len(global_batch["inputs"]) // processes,
+                                         global_batch["inputs"].shape[1])
+                   for s in slices)  # every process agrees on the rows and the bucket
         joined = {k: np.concatenate([s[k] for s in slices]) for k in KEYS}
         assert same(joined, global_batch)
         seen = [set(rows(s, example_of)) - {None} for s in slices]

@@ -51,3 +51,17 @@ def test_a_broken_recipe_is_one_line_with_file_and_line(tmp_path, body, line, wo
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {recipe}:{line}: "), r.stderr
     assert words in lines[0]
+
+
+def test_every_option_has_help():
+    import click
+
+    def options(cmd, name):
+        if isinstance(cmd, click.Group):
+            for sub, c in cmd.commands.items():
+                yield from options(c, f"{name} {sub}")
+        else:
+            yield from ((name, p.opts) for p in cmd.params
+                        if isinstance(p, click.Option) and not p.help)
+
+    assert list(options(main, "limajax")) == []

@@ -443,5 +443,8 @@ def test_a_dead_processs_hidden_partial_output_is_removed(sources, tmp_path, cli
     other = tmp_path / f".out.elsewhere~{dead.pid}.x1y2.partial"
     for d in (stale, live, other):
         (d / "params").mkdir(parents=True)
-    ok(cli("convert", "--from", "hf", "--input", sources / "hf", "--output", tmp_path / "out"))
+    r = ok(cli("convert", "--from", "hf", "--input", sources / "hf", "--output", tmp_path / "out"))
     assert not stale.exists() and live.exists() and other.exists()
+    # Progress as plain lines (stderr is not a terminal here): a quarter at a time, no \r.
+    assert "convert: 21/21 tensors" in r.stderr and r.stderr.count("convert: ") == 4
+    assert "\r" not in r.stderr

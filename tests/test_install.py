@@ -98,3 +98,20 @@ def test_every_command_but_metas_works_without_torch(tmp_path, fixtures):
         assert code == 0, f"{name}: {output}"
     assert not (tmp_path / "m").exists() and not (tmp_path / "x").exists()
     assert (tmp_path / "hf-e1" / "model.safetensors").is_file()
+
+
+def test_the_wheel_carries_what_demo_and_a_sample_run_need(tmp_path):
+    """`limajax demo` and `limajax train --config configs/tiny.py` on the sample data work from
+    an installed package: the recipe and the sample data's tokenizer ship in the wheel."""
+    import zipfile
+
+    from limajax import data, demo
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("limajax-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    package = Path(data.__file__).parents[1]
+    for path in (demo.RECIPE, data.SAMPLE_TOKENIZER):
+        assert str(path.relative_to(package.parent)) in names
+    assert (ROOT / "configs" / "tiny.py").resolve() == demo.RECIPE.resolve()

@@ -17,10 +17,12 @@ def _train(*args):
 
 
 def test_train_command_runs_on_the_sample_data(tmp_path):
-    r = _train("--workdir", str(tmp_path), "--tokenizer", str(ts.TOKENIZER),
-               "--epochs", "1", "--set", "data.max_len=128", "--peak-flops", "1e12")
+    # No --tokenizer: a random model on the sample data takes the sample data's own.
+    r = _train("--workdir", str(tmp_path), "--epochs", "1", "--set", "data.max_len=128",
+               "--peak-flops", "1e12")
     assert r.exit_code == 0, r.output
     assert "epoch 1/1: step 6" in r.stderr  # 48 sample dialogues / batch 8
+    assert r.stderr.count("attention: xla (auto on cpu)") == 1  # the kernel, logged once
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == list(range(1, 7))
     assert json.loads((tmp_path / "config.json").read_text())["model"]["vocab_size"] == 513
@@ -32,7 +34,8 @@ def _fake_model_dir(path, config):
     return str(path)
 
 
-@pytest.mark.parametrize("case", ["mesh", "batch", "heads", "init", "set", "workdir"])
+@pytest.mark.parametrize("case", ["mesh", "batch", "heads", "init", "set", "workdir",
+                                  "kernel"])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, case):
     workdir = tmp_path / "w"
     args = ["--workdir", str(workdir), "--tokenizer", str(ts.TOKENIZER)]
@@ -43,6 +46,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, case):
         "init": "its model.json has n_layers = 4 but the recipe's model has 5",
         "set": "unknown key 'lr_max' in OptimConfig",
         "workdir": "holds another run's checkpoints (optim.",
+        "kernel": "model.attention=cudnn: the cudnn kernel runs on gpu, not cpu",
     }[case]
     if case == "mesh":
         args += ["--mesh", "2x2"]
@@ -54,6 +58,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, case):
         args += ["--init", _fake_model_dir(tmp_path / "m", preset("tiny"))]
     elif case == "set":
         args += ["--set", "optim.lr_max=1"]
+    elif case == "kernel":
+        args += ["--set", "model.attention=cudnn"]
     elif case == "workdir":
         workdir.mkdir()
         _train("--workdir", str(workdir), "--tokenizer", str(ts.TOKENIZER), "--set",

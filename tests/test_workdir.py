@@ -55,6 +55,7 @@ def test_end_of_run_says_where_and_what_next(run):
     root, _, result = run
     assert f"one checkpoint per epoch (1-2) in {root / 'w' / 'checkpoints'}" in result.stderr
     assert f"limajax export --to hf --workdir {root / 'w'} --epoch N" in result.stderr
+    assert f"limajax sample --workdir {root / 'w'} --epoch N" in result.stderr
 
 
 def test_workdir_is_self_contained_and_exports(run, cli, tmp_path):
@@ -92,8 +93,9 @@ def _damage(workdir, step, how):
     elif how == "meta":
         shutil.rmtree(ckpt / "meta")
     else:  # truncated array files, as a full disk or a killed copy leaves them
-        for data in (ckpt / "state" / "ocdbt.process_0" / "d").iterdir():
-            data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+        for data in (ckpt / "state").rglob("*"):
+            if data.parent.name == "d" and data.is_file():
+                data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
 
 
 @pytest.mark.parametrize("how", ["metadata", "meta", "truncated"])
@@ -134,9 +136,11 @@ def test_score_checks_its_output_first_and_says_when_it_trims(run, cli, tmp_path
                      + json.dumps({"id": 2, "text": ""}) + "\n")
     out = tmp_path / "new" / "dir" / "s.jsonl"  # missing parents are created
     source = ["--workdir", root / "w", "--epoch", "1", "--input", texts]
-    r = cli("score", *source, "--output", out)
+    r = cli("score", *source, "--output", out, "--batch-size", "1")
     assert r.exit_code == 0, r.output
     assert "notice: 1 of 2 texts are longer than the model's context (2,048 tokens)" in r.stderr
+    # Progress: stderr is not a terminal here, so plain lines, not a bar's \r frames.
+    assert "score: 1/2 batches" in r.stderr and "\r" not in r.stderr
     rows = [json.loads(line, parse_constant=pytest.fail) for line in out.read_text().splitlines()]
     assert rows[0]["trimmed"] and len(rows[0]["token_ids"]) == 2048 and rows[1]["nll"] is None
     r = cli("score", *source, "--output", out)

@@ -56,12 +56,13 @@ def tokenizer():
 
 
 def tiny_config(**changes):
-    """Two layers of the tiny preset, batch 8 of at most 32 tokens, 3 epochs of 2 steps."""
+    """Two layers of the tiny preset, batch 8 of at most 80 tokens (packed two dialogues
+    a row), 3 epochs of 2 steps."""
     from limajax.config import DataConfig, OptimConfig, TrainConfig, preset
 
     model = preset("tiny").replace(n_layers=2, vocab_size=tokenizer().vocab_size,
                                    n_kv_heads=8)
-    base = dict(model=model, data=DataConfig(batch_size=8, max_len=32), epochs=3, dropout=0.2,
+    base = dict(model=model, data=DataConfig(batch_size=8, max_len=80), epochs=3, dropout=0.2,
                 optim=OptimConfig(lr=1e-3, end_lr=1e-4, eps=1e-4), mesh="2x4")
     # eps 1e-4, not 1e-8: Adam's first update is about lr * sign(g), so for gradient entries
     # near 0 a different summation order (another mesh, accumulation) would flip whole
@@ -81,11 +82,13 @@ class KillableLoader:
 
     def __init__(self, config, source, kill_at: tuple[int, int] | None = None,
                  kill_after: Path | None = None):
-        from limajax import data
+        from limajax import data, sharding
 
         d = config.data
+        data_axis, _ = sharding.parse_mesh(config.mesh)
         self.inner = data.Batches(source, tokenizer(), batch_size=d.batch_size, seed=d.seed,
-                                  max_len=d.max_len, buckets=(d.max_len,),
+                                  max_len=d.max_len, buckets=(d.max_len,), pack=d.pack,
+                                  row_multiple=data_axis * d.accumulation_steps,
                                   num_epochs=config.epochs, read_options=None)
         self.steps_per_epoch, self.kill_at = self.inner.steps_per_epoch, kill_at
         self.kill_after = kill_after  # a checkpoint directory to wait for before the kill
@@ -144,7 +147,8 @@ def three_steps(config, mesh):
     from limajax import sharding, train
     from limajax.config import apply_overrides
 
-    config = apply_overrides(config, ["epochs=1"])
+    shape = f"{mesh.shape['data']}x{mesh.shape['model']}"  # the rows' multiple follows the mesh
+    config = apply_overrides(config, ["epochs=1", f"mesh={shape}"])
     setup = train.build(config, mesh, steps_per_epoch=3)
     state = train.init_state(setup)
     step = train.make_train_step(setup)

@@ -1,7 +1,8 @@
 """Benchmark one training step: limajax's jitted train_step against a PyTorch training step of
-transformers' LlamaForCausalLM with the same model, batch, sequence length, optimiser and dtype
-(float32), on this machine's CPU. Prints tokens/s (median of several steps after warm-up) and
-limajax's MFU against a measured matmul peak.
+transformers' LlamaForCausalLM with the same model, batch, sequence length and optimiser, in
+float32, on this machine's CPU; then limajax again with bfloat16 compute (float32 master
+weights, float32 accumulation in every matmul) against the same float32 torch step. Prints
+tokens/s (median of several steps after warm-up) and MFU against a measured matmul peak.
 
     python tools/bench_train.py [--dim 512 --layers 8 --heads 8 --vocab 32000 --seq 512
                                  --batch 4 --steps 5 --warmup 2 --remat none]
@@ -14,7 +15,7 @@ import statistics
 import time
 
 
-def bench_limajax(args) -> dict:
+def bench_limajax(args, dtype: str = "float32") -> dict:
     import jax
     import numpy as np
 
@@ -22,7 +23,7 @@ def bench_limajax(args) -> dict:
     from limajax.config import DataConfig, ModelConfig, TrainConfig
 
     model = ModelConfig(dim=args.dim, n_layers=args.layers, n_heads=args.heads,
-                        vocab_size=args.vocab, ffn_dim=args.ffn, remat=args.remat)
+                        vocab_size=args.vocab, ffn_dim=args.ffn, remat=args.remat, dtype=dtype)
     config = TrainConfig(model=model, data=DataConfig(batch_size=args.batch, max_len=args.seq),
                          dropout=0.0, epochs=1)
     mesh = sharding.single_device_mesh()
@@ -35,7 +36,8 @@ def bench_limajax(args) -> dict:
         "inputs": tokens[:, :-1], "targets": tokens[:, 1:],
         "loss_mask": np.ones((args.batch, args.seq), np.float32),
         "positions": np.broadcast_to(np.arange(args.seq, dtype=np.int32),
-                                     (args.batch, args.seq)).copy()}, setup)
+                                     (args.batch, args.seq)).copy(),
+        "segment_ids": np.ones((args.batch, args.seq), np.int32)}, setup)
     times = []
     for i in range(args.warmup + args.steps):
         t = time.perf_counter()
@@ -114,6 +116,8 @@ def main():
         "float32", 4096, repeats=3))
     peak = max(jax_peak, torch_matmul_peak())  # the machine's best float32 matmul rate
     jx = bench_limajax(args)
+    bf = bench_limajax(args, "bfloat16")
+    bf_peak = train.measure_matmul_peak("bfloat16", 4096, repeats=3)
     th = bench_torch(args)
     tokens = args.batch * args.seq
     jx_tps, th_tps = tokens / jx["median_s"], tokens / th["median_s"]
@@ -131,9 +135,14 @@ def main():
     print("|---|---|---|---|---|")
     print(f"| limajax (jax.jit) | {jx['median_s']:.3f} | {jx_tps:,.0f} | {mfu:.0%} | "
           f"{jx['loss']:.3f} |")
+    bf_tps = tokens / bf["median_s"]
+    bf_mfu = bf["flops_per_token"] * bf_tps / bf_peak
+    print(f"| limajax, bfloat16 compute (MFU of the bf16 matmul peak {bf_peak / 1e9:.0f} GFLOP/s)"
+          f" | {bf['median_s']:.3f} | {bf_tps:,.0f} | {bf_mfu:.0%} | {bf['loss']:.3f} |")
     print(f"| transformers LlamaForCausalLM (torch eager) | {th['median_s']:.3f} | "
           f"{th_tps:,.0f} | {th_mfu:.0%} | {th['loss']:.3f} |")
-    print(f"\nspeed-up: {jx_tps / th_tps:.2f}x")
+    print(f"\nspeed-up over torch float32: {jx_tps / th_tps:.2f}x (float32), "
+          f"{bf_tps / th_tps:.2f}x (bfloat16 compute)")
 
 
 if __name__ == "__main__":

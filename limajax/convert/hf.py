@@ -34,6 +34,7 @@ from limajax.convert.table import (
 )
 from limajax.errors import UserError
 from limajax.files import read_json, write_json
+from limajax.progress import progress
 from limajax.tokenizer import (
     HF_TOKENIZER_FILE,
     HFTokenizerFile,
@@ -179,7 +180,8 @@ def read_hf(input_dir: str | Path, *, dtype: str = "float32", add_eot: bool = Tr
         config = converted_config(config, base_vocab, eot_id, dtype)
         params = allocate(config, staging)
         sizes = sizes_for(config, rows)
-        for w, layer, key in expected:
+        for w, layer, key in progress(expected, total=len(expected), desc="convert",
+                                      unit="tensor"):
             path, handle = handles[key]
             place(params, w, layer, handle.get_tensor(key), w.hf_layout, sizes)
     if new_eot:
@@ -345,7 +347,8 @@ def write_hf(directory: str | Path, params: dict, config: ModelConfig, tokens: T
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     weight_map, total = {}, 0
     for name, shard in zip(names, shards, strict=True):
-        tensors = {key: extract(params, w, layer, w.hf_layout, sizes) for w, layer, key in shard}
+        tensors = {key: extract(params, w, layer, w.hf_layout, sizes) for w, layer, key in
+                   progress(shard, total=len(shard), desc=f"export {name}", unit="tensor")}
         save_file(tensors, directory / name, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, name))
         total += sum(t.nbytes for t in tensors.values())

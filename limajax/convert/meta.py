@@ -28,6 +28,7 @@ from limajax.convert.table import (
 )
 from limajax.errors import UserError
 from limajax.files import read_json, write_json
+from limajax.progress import progress
 from limajax.tokenizer import check_fits, eot_id_for, load_pieces, tokenizer_file
 
 META_KEYS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
@@ -219,7 +220,7 @@ def read_meta(input_dir: str | Path, *, tokenizer: str | Path | None = None,
     config = converted_config(config, base_vocab, eot_id, dtype)
     params = allocate(config, staging)
     sizes = sizes_for(config, base_vocab)
-    for w, layer, key, axis in plan:
+    for w, layer, key, axis in progress(plan, total=len(plan), desc="convert", unit="tensor"):
         parts = [_numpy(sd[key]) for sd in shards]
         # One merged tensor in memory at most; a single shard is read straight from the file.
         x = parts[0] if axis is None else np.concatenate(parts, axis)
@@ -342,7 +343,7 @@ def write_meta(directory: str | Path, params: dict, config: ModelConfig, n_shard
             raise UserError(f"{key} {list(shape)} cannot be split evenly into {n_shards} shards "
                             f"along axis {w.split[0]}, as Meta's model-parallel layers need "
                             "(try --shards 1)")
-    for s in range(n_shards):
+    for s in progress(range(n_shards), total=n_shards, desc="export", unit="shard"):
         shard = {}
         for w, layer, key in entries:
             source = WEIGHTS[0] if config.tie_embeddings and w.ours == "output/kernel" else w

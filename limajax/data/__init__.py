@@ -1,13 +1,14 @@
 """LIMA's dialogues: GAIR's JSONL -> a versioned TFDS dataset (ArrayRecord) -> grain -> batches.
 
     prepare(GAIR_DIR, DATA_DIR)          validate, select subsets, write DATA_DIR/lima/1.0.0/
-    Batches(load(DATA_DIR), tokenizer)   padded global batches, epoch after epoch, resumable
+    Batches(load(DATA_DIR), tokenizer)   packed global batches, epoch after epoch, resumable
 
 gair.py reads and checks GAIR's files; dataset.py is the TFDS builder; batches.py turns
-dialogues into bucketed batches (and holds the one bucketing rule); stats.py reports.
+dialogues into packed, bucketed batches (and holds the one bucketing rule); stats.py reports.
 """
 
 from limajax.data.batches import (
+    BATCH_KEYS,
     BUCKETS,
     Batches,
     batches_for,
@@ -28,6 +29,7 @@ from limajax.data.dataset import (
 )
 from limajax.data.gair import (
     SAMPLE_DATA,
+    SAMPLE_TOKENIZER,
     SPLITS,
     PrepareOptions,
     Row,
@@ -37,8 +39,9 @@ from limajax.data.gair import (
 )
 from limajax.data.stats import SplitStats, format_stats, inspect, plot_lengths
 
-__all__ = ["BUCKETS", "SAMPLE_DATA", "SPLITS", "Batches", "Lima", "PrepareOptions", "Row",
-           "SplitStats", "batches_for", "bucket_length", "buckets_for", "conversations",
+__all__ = ["BATCH_KEYS", "BUCKETS", "SAMPLE_DATA", "SAMPLE_TOKENIZER", "SPLITS", "Batches",
+           "Lima", "PrepareOptions", "Row", "SplitStats", "batches_for", "bucket_length",
+           "buckets_for", "conversations",
            "dataset_dir", "dev_batches_for", "format_stats", "inspect", "load", "plot_lengths",
            "prepare",
            "read_gair_dir", "read_gair_file", "read_metadata", "select", "split_names",

@@ -1,14 +1,20 @@
-"""Global batches for the train step: dialogues -> ids + loss mask -> padded, bucketed arrays,
+"""Global batches for the train step: dialogues -> ids + loss mask -> packed, bucketed arrays,
 epoch after epoch, with a resumable position.
 
 A batch is a dict of numpy arrays for this process's rows of one global batch (DESIGN §4):
-    inputs    int32   [B, T]  ids[:-1], right-padded with 0
-    targets   int32   [B, T]  ids[1:]
-    loss_mask float32 [B, T]  mask[1:]: assistant tokens and their EOT (LIMA §3); 0 on padding
-    positions int32   [B, T]  0..T-1 on every row: padding continues the count, and is harmless
-                              because it sits right of the real tokens under a causal mask
-T is the smallest length bucket that holds the longest row of the *global* batch, so every
-process agrees on it. Rows are never packed together, so examples never attend to each other.
+    inputs      int32   [R, T]  ids[:-1] of each dialogue laid into a row, 0 on padding
+    targets     int32   [R, T]  ids[1:]
+    loss_mask   float32 [R, T]  mask[1:]: assistant tokens and their EOT (LIMA §3); 0 on padding
+    positions   int32   [R, T]  0, 1, ... restarting at each dialogue (rotary positions)
+    segment_ids int32   [R, T]  1, 2, ... one per dialogue in its row; 0 on padding
+A step is LIMA's: `batch_size` dialogues, in the seeded order. Packed (the default), those
+dialogues are laid first-fit-decreasing into as few rows of T tokens as hold them, and the
+attention mask (segment and causality) keeps every dialogue to itself, so the step computes the
+same loss and gradient as one dialogue per row at about a third of the tokens on LIMA's data.
+Unpacked (`data.pack: false`), each dialogue has a row of its own, R = batch_size.
+T is the smallest length bucket that holds the longest dialogue of the *global* batch, and R one
+of a few row counts (ROW_STEPS) times the rows' multiple (the data axis and the processes), so
+every process agrees on the shape and only a handful of shapes compile.
 """
 
 from __future__ import annotations
@@ -24,9 +30,16 @@ from limajax.config import TrainConfig
 from limajax.data.dataset import conversations, load, split_names
 from limajax.data.gair import SAMPLE_DATA, read_gair_file
 from limajax.errors import UserError
+from limajax.sharding import parse_mesh
 from limajax.tokenizer import MAX_LEN, Encoded, Tokenizer
 
 BUCKETS = (256, 512, 1024, 2048)
+# Packed row counts are one of these times the rows' multiple (at most 25% above the rows the
+# dialogues need, and four shapes per doubling): on LIMA at batch 32 and 2048 tokens a packed
+# epoch computes 38% of the padded tokens, against 34% with no rounding at all.
+ROW_STEPS = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96,
+             112, 128)
+BATCH_KEYS = ("inputs", "targets", "loss_mask", "positions", "segment_ids")
 DEFAULT_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
 
 
@@ -53,13 +66,38 @@ def bucket_length(length: int, buckets: Sequence[int] = BUCKETS) -> int:
     raise ValueError(f"{length} tokens do not fit the largest bucket {max(buckets)}")
 
 
+def pack(lengths: Sequence[int], row_len: int) -> list[list[int]]:
+    """First-fit decreasing: the indices of `lengths` laid into as few rows of `row_len` as
+    the greedy finds, each row in the dialogues' original order (a stable sort keeps ties)."""
+    rows, free = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, room in enumerate(free):
+            if lengths[i] <= room:
+                rows[r].append(i)
+                free[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            free.append(row_len - lengths[i])
+    return [sorted(r) for r in rows]
+
+
+def row_count(needed: int, multiple: int, most: int) -> int:
+    """Rows for a global batch: `needed` rounded up to a ROW_STEPS multiple of `multiple`,
+    never above `most` (the unpacked row count)."""
+    for step in ROW_STEPS:
+        if step * multiple >= needed:
+            return min(step * multiple, most)
+    return most
+
+
 class Batches:
     """Global batches of one split, epoch after epoch, with a resumable position.
 
-    Epoch e visits every example once, in an order seeded by (seed, e). The last, short batch is
-    filled with all-padding rows (loss_mask 0), so shapes stay static; normalising the loss by
-    the real target-token count (the sum of loss_mask over the global batch) makes it exact.
-    With N processes, process i gets rows [i*B/N, (i+1)*B/N) of every global batch.
+    Epoch e visits every example once, in an order seeded by (seed, e). The last, short batch
+    has fewer dialogues (and, unpacked, all-padding rows with loss_mask 0); normalising the loss
+    by the real target-token count (the sum of loss_mask over the global batch) makes it exact.
+    With N processes, process i gets rows [i*R/N, (i+1)*R/N) of every global batch's R rows.
     Iterating advances the position; get_state() is the position of the next batch.
     """
 
@@ -75,6 +113,8 @@ class Batches:
         max_len: int = MAX_LEN,
         train_on_prompts: bool = False,
         drop_remainder: bool = False,
+        pack: bool = True,
+        row_multiple: int = 1,
         process_index: int | None = None,
         process_count: int | None = None,
         read_options: grain.ReadOptions = DEFAULT_READ_OPTIONS,
@@ -92,12 +132,14 @@ class Batches:
         self.source, self.tokenizer = source, tokenizer
         self.batch_size, self.seed, self.num_epochs = batch_size, seed, num_epochs
         self.buckets, self.max_len = tuple(buckets), max_len
-        self.train_on_prompts = train_on_prompts
+        self.train_on_prompts, self.pack = train_on_prompts, pack
+        # Packed rows split evenly over the processes and the data axis (and micro batches).
+        self.row_multiple = math.lcm(row_multiple, process_count)
+        if batch_size % self.row_multiple:
+            raise UserError(f"batch size {batch_size} is not a multiple of the rows' multiple "
+                            f"{self.row_multiple} (data axis x micro batches, and processes)")
+        self.process_index, self.process_count = process_index, process_count
         self.drop_remainder, self.read_options = drop_remainder, read_options
-        self.rows = slice(
-            process_index * batch_size // process_count,
-            (process_index + 1) * batch_size // process_count,
-        )
         self.steps_per_epoch = steps_per_epoch(len(source), batch_size, drop_remainder)
         if self.steps_per_epoch == 0:
             raise UserError(f"{len(source)} examples make no full batch of {batch_size}")
@@ -117,22 +159,46 @@ class Batches:
             conversations(record), max_len=self.max_len, train_on_prompts=self.train_on_prompts
         )
 
-    def collate(self, rows: Sequence[Encoded]) -> dict[str, np.ndarray]:
-        """Pad a global batch to B rows and one bucket; keep this process's rows."""
-        t = bucket_length(max(len(r.ids) - 1 for r in rows), self.buckets)
-        mine = list(rows)[self.rows]
-        b = self.rows.stop - self.rows.start
-        batch = {
-            "inputs": np.zeros((b, t), np.int32),
-            "targets": np.zeros((b, t), np.int32),
-            "loss_mask": np.zeros((b, t), np.float32),
-            "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
-        }
-        for i, r in enumerate(mine):  # rows past len(mine) stay all padding
-            n = len(r.ids) - 1
-            batch["inputs"][i, :n] = r.ids[:-1]
-            batch["targets"][i, :n] = r.ids[1:]
-            batch["loss_mask"][i, :n] = r.loss_mask[1:]
+    def layout(self, lengths: Sequence[int]) -> tuple[int, list[list[int]]]:
+        """(T, rows): the bucket length and which dialogues (by index in the global batch) each
+        row of the global batch holds; rows past the dialogues are all padding."""
+        t = bucket_length(max(lengths), self.buckets)
+        if self.pack:
+            rows = pack(lengths, t)
+            n = row_count(len(rows), self.row_multiple, self.batch_size)
+        else:
+            rows, n = [[i] for i in range(len(lengths))], self.batch_size
+        return t, rows + [[] for _ in range(n - len(rows))]
+
+    def shapes(self, epoch: int = 0, lengths: Sequence[int] | None = None) -> list[tuple[int, int]]:
+        """(global rows, T) of each batch of `epoch`, without building them; `lengths` (tokens
+        per example, trimmed, by source index) saves encoding every dialogue again."""
+        if lengths is None:
+            lengths = [len(self.encode(self.source[i]).ids) for i in range(len(self.source))]
+        ordered = [lengths[i] - 1 for i in self.order(epoch)]
+        b = self.batch_size
+        return [(len(rows), t) for t, rows in
+                (self.layout(ordered[s * b:(s + 1) * b]) for s in range(self.steps_per_epoch))]
+
+    def collate(self, dialogues: Sequence[Encoded]) -> dict[str, np.ndarray]:
+        """Lay a global batch into rows of one bucket; keep this process's rows."""
+        t, rows = self.layout([len(d.ids) - 1 for d in dialogues])
+        per_process = len(rows) // self.process_count
+        mine = rows[self.process_index * per_process:(self.process_index + 1) * per_process]
+        batch = {k: np.zeros((len(mine), t), np.float32 if k == "loss_mask" else np.int32)
+                 for k in BATCH_KEYS}
+        for r, row in enumerate(mine):
+            at = 0
+            for segment, i in enumerate(row, 1):
+                d = dialogues[i]
+                n = len(d.ids) - 1
+                span = slice(at, at + n)
+                batch["inputs"][r, span] = d.ids[:-1]
+                batch["targets"][r, span] = d.ids[1:]
+                batch["loss_mask"][r, span] = d.loss_mask[1:]
+                batch["positions"][r, span] = np.arange(n)
+                batch["segment_ids"][r, span] = segment
+                at += n
         return batch
 
     def epoch_batches(self, epoch: int) -> grain.MapDataset:
@@ -175,9 +241,11 @@ def training_source(config: TrainConfig):
 def batches_for(config: TrainConfig, tokenizer: Tokenizer) -> Batches:
     """The Batches a training run's recipe asks for."""
     d = config.data
+    data_axis, _ = parse_mesh(config.mesh)
     return Batches(training_source(config), tokenizer, batch_size=d.batch_size, seed=d.seed,
                    num_epochs=config.epochs, max_len=d.max_len, buckets=buckets_for(d.max_len),
-                   train_on_prompts=d.train_on_prompt)
+                   train_on_prompts=d.train_on_prompt, pack=d.pack,
+                   row_multiple=data_axis * d.accumulation_steps)
 
 
 def dev_batches_for(config: TrainConfig, tokenizer: Tokenizer) -> Batches | None:
@@ -186,6 +254,8 @@ def dev_batches_for(config: TrainConfig, tokenizer: Tokenizer) -> Batches | None
     d = config.data
     if d.path is None or "dev" not in split_names(d.path):
         return None
+    data_axis, _ = parse_mesh(config.mesh)
     return Batches(load(d.path, "dev"), tokenizer, batch_size=d.batch_size, seed=d.seed,
                    num_epochs=1, max_len=d.max_len, buckets=buckets_for(d.max_len),
-                   train_on_prompts=d.train_on_prompt)
+                   train_on_prompts=d.train_on_prompt, pack=d.pack,
+                   row_multiple=data_axis * d.accumulation_steps)

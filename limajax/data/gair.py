@@ -15,6 +15,9 @@ from limajax.files import read_jsonl
 
 SPLITS = ("train", "dev", "test")
 SAMPLE_DATA = Path(__file__).parents[1] / "sample_data"  # the embedded dialogues, GAIR's schema
+# Trained on the sample dialogues by limajax.demo.train_tokenizer (512 pieces, LLaMA's shape):
+# a run on the sample data needs no tokenizer of its own.
+SAMPLE_TOKENIZER = SAMPLE_DATA / "tokenizer.model"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from limajax.data.batches import BUCKETS
+from limajax.data.batches import BUCKETS, Batches, buckets_for
 from limajax.data.dataset import conversations, load, split_names
 from limajax.errors import UserError
 from limajax.tokenizer import MAX_LEN, Tokenizer
@@ -26,6 +26,9 @@ class SplitStats:
     max_len: int
     loss_tokens: int  # tokens with loss_mask 1, after trimming
     no_loss: int  # dialogues left with no loss token after trimming
+    # Epoch 1's batches of `batch_size` dialogues: {"packed"/"padded": (rows, tokens computed)}
+    batch_size: int = 0
+    batching: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
 
     @property
     def examples(self) -> int:
@@ -47,9 +50,10 @@ class SplitStats:
 
 def inspect(
     data_dir: str | Path, tokenizer: Tokenizer, max_len: int = MAX_LEN,
-    train_on_prompts: bool = False,
+    train_on_prompts: bool = False, batch_size: int = 32,
 ) -> list[SplitStats]:
-    """Count every split of a prepared dataset with `tokenizer`."""
+    """Count every split of a prepared dataset with `tokenizer`, and what training computes for
+    the dialogues' first epoch at `batch_size`, packed and one per row."""
     stats = []
     for split in split_names(data_dir):
         source = load(data_dir, split)
@@ -62,6 +66,15 @@ def inspect(
             kept = int(full.loss_mask[:max_len].sum())
             loss_tokens, no_loss = loss_tokens + kept, no_loss + (kept == 0)
         decoded = [r["source"].decode("utf-8") for r in records]
+        batching = {}
+        if split == "train" and tokenizer.eot_id is not None:
+            trimmed = [min(n, max_len) for n in lengths]
+            for name, pack in (("packed", True), ("padded", False)):
+                batches = Batches(records, tokenizer, batch_size=batch_size, max_len=max_len,
+                                  buckets=buckets_for(max_len), pack=pack, process_index=0,
+                                  process_count=1)
+                shapes = batches.shapes(0, trimmed)
+                batching[name] = (sum(r for r, _ in shapes), sum(r * t for r, t in shapes))
         stats.append(SplitStats(
             split=split,
             sources=dict(Counter(decoded).most_common()),
@@ -70,6 +83,8 @@ def inspect(
             max_len=max_len,
             loss_tokens=loss_tokens,
             no_loss=no_loss,
+            batch_size=batch_size,
+            batching=batching,
         ))
     return stats
 
@@ -103,6 +118,13 @@ def format_stats(stats: list[SplitStats], histogram: bool = True) -> str:
                          f"{s.loss_tokens:,} ({s.loss_tokens / s.tokens:.1%})")
         if s.no_loss and max(s.turns) > 1:
             lines.append(f"  dialogues with no token carrying loss: {s.no_loss:,}")
+        if s.batching:
+            # Tokens a step computes: rows x bucket length; the rest of each row is padding.
+            lines.append(f"  an epoch in batches of {s.batch_size} (max length {s.max_len}):")
+            real = s.tokens - s.examples  # each dialogue's inputs: its tokens but the last
+            for name, (rows, tokens) in s.batching.items():
+                lines.append(f"    {name + ':':<8} {rows:>6,} rows, {tokens:>11,} tokens computed,"
+                             f" {1 - real / tokens:.1%} padding")
         if histogram:
             edges = _length_bins(s.lengths)
             # Bin i holds lengths in (edges[i-1], edges[i]]: the dialogues that fit bucket i.
