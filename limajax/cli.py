@@ -69,7 +69,8 @@ def main():
     """limajax: LIMA (Less Is More for Alignment) in JAX.
 
     Convert LLaMA weights (Meta or Hugging Face, in and out), prepare LIMA's dialogues,
-    fine-tune with LIMA's recipe on a device mesh, plan its memory, and score texts.
+    fine-tune with LIMA's recipe on a device mesh, plan its memory, score texts, sample,
+    chat with and serve the model, and compare its answers with another model's.
     """
 
 

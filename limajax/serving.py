@@ -69,7 +69,6 @@ class Job:
     deliver: Callable[[dict], None]  # called on the engine's thread with each event
     stream: TextStream
     slot: int = -1
-    sent: int = 0  # generated tokens already turned into text
     cancelled: bool = False
 
 
@@ -123,8 +122,7 @@ class Engine:
         rows = sharding.batch_sharding(self.mesh) if len(requests) == self.max_batch else None
         with sharding.activate(self.mesh):
             put = (lambda x: jax.device_put(x, rows)) if rows is not None else jnp.asarray
-            return prefill(self.model, put(prompts), put(lengths),
-                           put(np.minimum(limits, self.cache_length)),
+            return prefill(self.model, put(prompts), put(lengths), put(limits),
                            Knobs(*(put(k) for k in knobs)), put(keys),
                            cache_length=self.cache_length)
 

@@ -2,11 +2,11 @@
 with the same weights (exported with `limajax export --to hf`), settings and token counts, in
 one run on this machine's CPU (float32 both).
 
-Cases: a random ~58M-parameter LLaMA (dim 512, 8 layers, vocabulary 32,000), 32-token prompts,
+Cases: a random 60M-parameter LLaMA (dim 512, 8 layers, vocabulary 32,000), 32-token prompts,
 128 new tokens (min = max, so both generate exactly as many), batch 1 and 16, greedy and LIMA
 §4.1's sampling (temperature 0.7, top-p 0.9, repetition penalty 1.2); the real stories260K
 (BOS + "Once upon a time", 255 new tokens, greedy, one stream); and `serve` under 16
-concurrent clients (continuous batching, 16 slots) on the 58M model. New tokens per second,
+concurrent clients (continuous batching, 16 slots) on the 60M model. New tokens per second,
 median of --repeats runs after a warm-up (which compiles limajax's loop).
 
     python tools/bench_decode.py [--repeats 3] [--new 128] [--skip-server]
@@ -150,6 +150,7 @@ def main():
     save_model_dir(root / "m58", params, config, TokenSpec(1, 2, None, 32000, 32000),
                    FIXTURES / "llama_tokenizer" / "tokenizer.model", command="convert")
     convert.export("hf", root / "m58", root / "m58-hf")
+    size = f"{config.n_params / 1e6:.0f}M"
     print(f"model: {config.n_params / 1e6:.1f}M parameters, float32; jax "
           f"{jax.__version__}, torch {torch.__version__}, {os.cpu_count()} CPU threads")
 
@@ -160,7 +161,7 @@ def main():
         for greedy in (True, False):
             a = ours(root / "m58", prompts, args.new, greedy, args.repeats)
             b = theirs(root / "m58-hf", prompts, args.new, greedy, args.repeats)
-            rows.append((f"58M, batch {batch}, {'greedy' if greedy else 'LIMA sampling'}",
+            rows.append((f"{size}, batch {batch}, {'greedy' if greedy else 'LIMA sampling'}",
                          a, b))
             print(f"{rows[-1][0]}: limajax {a:.1f} tokens/s, transformers {b:.1f} "
                   f"({a / b:.2f}x)", flush=True)
@@ -180,7 +181,7 @@ def main():
     if not args.skip_server:
         prompts = rng.integers(3, 32000, (16, args.prompt)).tolist()
         rate, tokens = served(root / "m58", prompts, args.new, 16)
-        print(f"serve, 58M, 16 concurrent clients, LIMA sampling: {rate:.1f} tokens/s "
+        print(f"serve, {size}, 16 concurrent clients, LIMA sampling: {rate:.1f} tokens/s "
               f"({tokens} tokens)")
 
     print("\n| case | limajax tokens/s | transformers tokens/s | ratio |\n|---|---|---|---|")
