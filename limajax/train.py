@@ -38,6 +38,7 @@ from limajax.workdir import (
     restore_latest,
     save_state,
     save_tokenizer,
+    set_aside,
     tensorboard_writer,
     truncate_metrics,
     write_config,
@@ -325,8 +326,10 @@ def train(config: TrainConfig, workdir: str | Path, loader: Loader, *, mesh: Mes
         restored = restore_latest(manager, setup.abstract_state)
         if restored is not None:
             state, meta, damaged = restored
-            for error in damaged:
+            for error in damaged.values():
                 log(f"notice: {error}; using the one before")
+            for path in set_aside(manager, damaged, lead=is_lead):
+                log(f"notice: the damaged checkpoint is kept as {path}; its epoch is trained again")
             latest, position = meta["step"], meta["data"]
             if position["epoch"] >= config.epochs:
                 log(f"the run in {workdir} is complete ({config.epochs} epochs, step {latest})")

@@ -23,9 +23,11 @@ import json
 import logging
 import math
 import shutil
+import sys
 from pathlib import Path
 
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from limajax.config import TrainConfig
 from limajax.errors import UserError
@@ -250,19 +252,37 @@ def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state):
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state):
-    """(TrainState, meta, [UserError for each newer checkpoint that is damaged]) of the newest
-    checkpoint that restores, or None if there is none: one damaged file costs an epoch, not
-    the run (newcomer F3)."""
-    damaged = []
+    """(TrainState, meta, {step: UserError} for each newer checkpoint that is damaged) of the
+    newest checkpoint that restores, or None if there is none: one damaged file costs an epoch,
+    not the run (newcomer F3)."""
+    damaged = {}
     for step in sorted(manager.all_steps(), reverse=True):
         try:
             return (*restore_state(manager, step, abstract_state), damaged)
         except UserError as e:
-            damaged.append(e)
+            damaged[step] = e
     if damaged:
-        raise UserError(f"{damaged[-1]}; no checkpoint in {manager.directory} restores "
-                        "(move the directory away to start again)")
+        raise UserError(f"{list(damaged.values())[-1]}; no checkpoint in {manager.directory} "
+                        "restores (move the directory away to start again)")
     return None
+
+
+def set_aside(manager: ocp.CheckpointManager, steps, *, lead: bool) -> list[Path]:
+    """Rename damaged checkpoints to `STEP.damaged` (kept for inspection, invisible to Orbax):
+    Orbax never saves a step it already holds, so a resumed run would otherwise train the
+    epoch again and keep the damaged checkpoint in place of it."""
+    moved = []
+    for step in steps:
+        where = Path(manager.directory) / str(step)
+        target, n = where.with_name(f"{step}.damaged"), 1
+        while target.exists():
+            target, n = where.with_name(f"{step}.damaged.{n}"), n + 1
+        if lead:
+            where.rename(target)
+        moved.append(target)
+    multihost_utils.sync_global_devices("limajax: damaged checkpoints set aside")
+    manager.reload()
+    return moved
 
 
 # The files a complete checkpoint has besides its array data; Orbax's own errors for a missing
@@ -278,6 +298,7 @@ def _restore(manager: ocp.CheckpointManager, step: int, args, required=_REQUIRED
     absl = logging.getLogger("absl")
     level = absl.level
     absl.setLevel(logging.CRITICAL)  # Orbax logs each failed read as an error before raising
+    _ignore_closed_event_loop()
     try:
         return manager.restore(step, args=args)
     except Exception as e:  # Orbax and TensorStore raise many types for a damaged file
@@ -285,6 +306,28 @@ def _restore(manager: ocp.CheckpointManager, step: int, args, required=_REQUIRED
         raise UserError(f"{where}: damaged checkpoint ({reason})") from None
     finally:
         absl.setLevel(level)
+
+
+def _ignore_closed_event_loop() -> None:
+    """A failed restore leaves TensorStore reads in flight whose completions later reach Orbax's
+    closed asyncio loop: each prints an unraisable `RuntimeError: Event loop is closed` traceback
+    (hundreds of lines for one damaged file) after the one-line error. Drop exactly those; any
+    other unraisable exception goes to the hook that was there before."""
+    global _hook_installed
+    if _hook_installed:
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    _hook_installed = True
+
+
+_hook_installed = False
 
 
 def checkpoints(workdir: str | Path) -> list[dict]:

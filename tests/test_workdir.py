@@ -10,6 +10,8 @@ of a run says where the checkpoints are and how to use them."""
 import json
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -127,6 +129,28 @@ def test_resume_passes_over_a_damaged_checkpoint(run, cli, tmp_path):
     assert f"notice: {w / 'checkpoints' / '10'}: damaged checkpoint" in r.stderr
     assert "resuming from the checkpoint at step 5: epoch 2, batch 1 next" in r.stderr
     assert "Traceback" not in r.stderr
+    # The damaged one is kept aside and epoch 2 is saved again: a good checkpoint, not the old one.
+    assert f"the damaged checkpoint is kept as {w / 'checkpoints' / '10.damaged'}" in r.stderr
+    assert (w / "checkpoints" / "10.damaged").is_dir()
+    r = cli("export", "--to", "hf", "--workdir", w, "--epoch", "2", "--output", tmp_path / "hf")
+    assert r.exit_code == 0, r.output
+
+
+def test_a_damaged_checkpoint_prints_no_thread_noise(run, tmp_path):
+    """Orbax's reads still in flight after a failed restore print 'Event loop is closed'
+    tracebacks from other threads, outside click: only a real process shows them."""
+    root, _, _ = run
+    w = shutil.copytree(root / "w", tmp_path / "w")
+    _damage(w, 10, "truncated")
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text(json.dumps({"id": 1, "text": "Once upon a time"}) + "\n")
+    proc = subprocess.run(
+        [sys.executable, "-c", "from limajax.cli import main; main()", "score", "--workdir", w,
+         "--epoch", "2", "--input", texts, "--output", tmp_path / "s.jsonl"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "damaged checkpoint" in proc.stderr
+    assert "Traceback" not in proc.stderr and "Event loop" not in proc.stderr, proc.stderr
 
 
 def test_score_checks_its_output_first_and_says_when_it_trims(run, cli, tmp_path):
