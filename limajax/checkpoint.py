@@ -44,7 +44,7 @@ from limajax.tokenizer import (
     tokenizer_file,
     write_tokens_json,
 )
-from limajax.workdir import read_config, restore_epoch_params, saved_tokenizer
+from limajax.workdir import damaged_is_one_line, read_config, restore_epoch_params, saved_tokenizer
 
 PARAMS_DIR = "params"
 MODEL_FILE = "model.json"
@@ -95,7 +95,8 @@ def restore_params(path: str | Path, abstract):
     with ocp.StandardCheckpointer() as ckptr:
         stored = ckptr.metadata(path).item_metadata.tree
         _check_stored(stored, abstract, path)
-        return ckptr.restore(path, abstract)
+        with damaged_is_one_line(f"{path}: damaged parameters"):
+            return ckptr.restore(path, abstract)
 
 
 def _check_stored(stored, expected, path: Path) -> None:

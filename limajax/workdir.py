@@ -18,6 +18,7 @@ the next start).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -298,14 +299,23 @@ def _restore(manager: ocp.CheckpointManager, step: int, args, required=_REQUIRED
     absl = logging.getLogger("absl")
     level = absl.level
     absl.setLevel(logging.CRITICAL)  # Orbax logs each failed read as an error before raising
-    _ignore_closed_event_loop()
     try:
-        return manager.restore(step, args=args)
-    except Exception as e:  # Orbax and TensorStore raise many types for a damaged file
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise UserError(f"{where}: damaged checkpoint ({reason})") from None
+        with damaged_is_one_line(f"{where}: damaged checkpoint"):
+            return manager.restore(step, args=args)
     finally:
         absl.setLevel(level)
+
+
+@contextlib.contextmanager
+def damaged_is_one_line(what: str):
+    """Any failure of the Orbax restore inside becomes `UserError("what (first line of the
+    reason)")`: Orbax and TensorStore raise many types for a missing or truncated file."""
+    _ignore_closed_event_loop()
+    try:
+        yield
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"{what} ({reason})") from None
 
 
 def _ignore_closed_event_loop() -> None:

@@ -136,6 +136,18 @@ def test_resume_passes_over_a_damaged_checkpoint(run, cli, tmp_path):
     assert r.exit_code == 0, r.output
 
 
+def test_a_damaged_model_directory_is_one_line(run, cli, tmp_path):
+    root, _, _ = run
+    model = shutil.copytree(root / "base", tmp_path / "model")
+    for data in (model / "params").rglob("*"):  # truncated array chunks, not the metadata
+        if data.parent != model / "params" and not data.name.startswith((".", "_")):
+            data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text(json.dumps({"id": 1, "text": "Once upon a time"}) + "\n")
+    r = cli("score", "--model", model, "--input", texts, "--output", tmp_path / "s.jsonl")
+    assert r.exit_code == 2 and f"{model / 'params'}: damaged parameters (" in r.output, r.output
+
+
 def test_a_damaged_checkpoint_prints_no_thread_noise(run, tmp_path):
     """Orbax's reads still in flight after a failed restore print 'Event loop is closed'
     tracebacks from other threads, outside click: only a real process shows them."""
