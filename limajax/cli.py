@@ -557,19 +557,9 @@ def _judge(judge_url, judge_model, api_key_env, concurrency, timeout, judge_max_
                  max_retries=max_retries, concurrency=concurrency, max_tokens=judge_max_tokens)
 
 
-def interruptible(fn):
-    """Ctrl-C: what is written stays (every judgment is appended as it arrives), exit 130."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except KeyboardInterrupt:
-            click.echo("interrupted: finished judgments are saved; rerun the same command to "
-                       "continue", err=True)
-            sys.exit(130)
-
-    return wrapper
+# Judgments are appended as they arrive, so an interrupted compare / rate / select keeps them.
+JUDGING_INTERRUPTED = ("interrupted: finished judgments are saved; rerun the same command to "
+                       "continue")
 
 
 @main.command()
@@ -586,8 +576,7 @@ def interruptible(fn):
               type=click.Path(dir_okay=False, path_type=str),
               help="Instead of a judge: the labels exported from `limajax annotate`'s sheet.")
 @judge_options(required=False)
-@user_errors
-@interruptible
+@user_errors(interrupted=JUDGING_INTERRUPTED)
 def compare(a_path, b_path, output, judge_url, judge_model, api_key_env, orders, concurrency,
             timeout, judge_max_tokens, max_retries, template_path, labels_path, progress):
     """Ask a judge LIMA §4.1's question for every prompt both sample files answered: is A
@@ -658,8 +647,7 @@ def annotate(a_path, b_path, output, seed):
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False, path_type=str),
               help="Also write the summary as JSON.")
 @judge_options()
-@user_errors
-@interruptible
+@user_errors(interrupted=JUDGING_INTERRUPTED)
 def rate(samples_path, rubric, output, json_path, judge_url, judge_model, api_key_env,
          concurrency, timeout, judge_max_tokens, max_retries, template_path, progress):
     """Rate each answer on its own: Fail / Pass / Excellent, or helpfulness 1-6 with the mean
@@ -705,8 +693,7 @@ def rate(samples_path, rubric, output, json_path, judge_url, judge_model, api_ke
               help="Where samples, judgments and selection.json go (default: WORKDIR/selection).")
 @sampling_options
 @judge_options()
-@user_errors
-@interruptible
+@user_errors(interrupted=JUDGING_INTERRUPTED)
 def select(workdir, epochs_spec, prompts, method, perplexity, output_dir, temperature, top_p,
            repetition_penalty, max_new_tokens, greedy, seed, mesh, judge_url, judge_model,
            api_key_env, concurrency, timeout, judge_max_tokens, max_retries, template_path,
