@@ -86,6 +86,21 @@ def append_jsonl(path: str | Path, row: dict) -> None:
         f.write(json_line(row))
 
 
+def drop_torn_last_line(path: str | Path) -> bool:
+    """A process killed while appending can leave a last line without its newline: cut it off
+    (it was never a finished row). True if something was cut."""
+    p = Path(path)
+    if not p.is_file() or p.stat().st_size == 0:
+        return False
+    with p.open("rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return False
+        data = p.read_bytes()
+        f.truncate(data.rfind(b"\n") + 1)
+    return True
+
+
 @contextlib.contextmanager
 def staged_file(path: str | Path) -> Iterator[IO[str]]:
     """A text file opened beside `path`, renamed onto it on success and removed on failure."""

@@ -34,7 +34,7 @@ from limajax import sharding
 from limajax.checkpoint import load_for_inference
 from limajax.data import bucket_length, buckets_for
 from limajax.errors import UserError
-from limajax.files import append_jsonl, read_jsonl, staged_file
+from limajax.files import append_jsonl, drop_torn_last_line, read_jsonl, staged_file
 from limajax.model import KVCache, Llama, constrain
 from limajax.tokenizer import MAX_LEN, Tokenizer
 
@@ -379,19 +379,15 @@ def prompt_ids(tokenizer: Tokenizer, conversations: Sequence[str], raw: bool) ->
 
 def answered(path: Path) -> set[tuple[str, int]]:
     """(id, sample) of the rows an earlier run wrote; a last line cut short is dropped."""
+    drop_torn_last_line(path)  # interrupted mid-line: keep the complete rows
     if not path.exists():
         return set()
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):  # interrupted mid-line: keep the complete rows
-        data = data[:data.rfind(b"\n") + 1]
-        path.write_bytes(data)
     done = set()
-    for n, line in enumerate(data.decode("utf-8").splitlines(), 1):
+    for where, _, row in read_jsonl(path):
         try:
-            row = json.loads(line)
             done.add((str(row["id"]), int(row["sample"])))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            raise UserError(f"{path}:{n}: not a row of an earlier `limajax sample` run (expected "
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{where}: not a row of an earlier `limajax sample` run (expected "
                             'JSON with "id" and "sample"); move the file away') from None
     return done
 

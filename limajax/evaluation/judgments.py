@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 from pathlib import Path
 
 from limajax.errors import UserError
-from limajax.files import append_jsonl, read_jsonl
+from limajax.files import append_jsonl, drop_torn_last_line, read_jsonl
 
 ORDERS = ("AB", "BA")  # "AB": file A's answer shown first; "BA": shown second
 VERDICTS = ("A", "B", "tie", "unparsed")  # always naming the files, never the position
@@ -86,21 +85,6 @@ def pair_samples(a: dict, b: dict, a_path: str, b_path: str) -> list[tuple[Sampl
         if sa.conversations != sb.conversations:
             raise UserError(f"{sb.where}: id {sa.id!r} has another prompt than {sa.where}")
     return pairs
-
-
-def drop_torn_last_line(path: str) -> bool:
-    """A process killed while appending can leave a last line without its newline: cut it off
-    (it was never a finished judgment). True if something was cut."""
-    p = Path(path)
-    if not p.is_file() or p.stat().st_size == 0:
-        return False
-    with p.open("rb+") as f:
-        f.seek(-1, os.SEEK_END)
-        if f.read(1) == b"\n":
-            return False
-        data = p.read_bytes()
-        f.truncate(data.rfind(b"\n") + 1)
-    return True
 
 
 class JudgmentFile:
