@@ -32,3 +32,42 @@ def progress(items: Iterable[T], *, total: int, desc: str, unit: str) -> Iterato
         if done in marks:
             print(f"{desc}: {done}/{total} {units}, {time.perf_counter() - start:.1f} s",
                   file=sys.stderr, flush=True)
+
+
+class _Lines:
+    """A bar's `update` / `set_postfix_str` as a line at every quarter of the work."""
+
+    def __init__(self, total: int, initial: int, desc: str, unit: str):
+        self.total, self.n, self.desc, self.unit = total, initial, desc, unit
+        self.postfix, self.start = "", time.perf_counter()
+        self.marks = {total * q // 4 for q in (1, 2, 3, 4)} - {0}
+
+    def update(self, n: int = 1) -> None:
+        before, self.n = self.n, self.n + n
+        if any(before < m <= self.n for m in self.marks):
+            extra = f", {self.postfix}" if self.postfix else ""
+            print(f"{self.desc}: {self.n}/{self.total} {self.unit}s, "
+                  f"{time.perf_counter() - self.start:.1f} s{extra}", file=sys.stderr, flush=True)
+
+    def set_postfix_str(self, text: str, refresh: bool = True) -> None:
+        self.postfix = text
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def bar(*, total: int, desc: str, unit: str, initial: int = 0, enabled: bool = True):
+    """A counter for work that finishes out of order (answers, judgments): a tqdm bar on a
+    terminal, quarter lines elsewhere, nothing when not `enabled`."""
+    from tqdm import tqdm
+
+    if not enabled or sys.stderr.isatty():
+        return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not enabled,
+                    dynamic_ncols=True)
+    return _Lines(total, initial, desc, unit)

@@ -26,7 +26,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tqdm
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -36,6 +35,7 @@ from limajax.data import bucket_length, buckets_for
 from limajax.errors import UserError
 from limajax.files import append_jsonl, drop_torn_last_line, read_jsonl, staged_file
 from limajax.model import KVCache, Llama, constrain
+from limajax.progress import bar as progress_bar
 from limajax.tokenizer import MAX_LEN, Tokenizer
 
 FINISH_REASONS = ("", "eot", "eos", "length")  # a row's finish code indexes this; 0 = running
@@ -416,7 +416,7 @@ def sample_file(source: str, prompts_path: str, output_path: str, settings: Sett
     meta = {"settings": {**settings.to_dict(), "raw": raw},
             "checkpoint": {"path": str(source), "epoch": epoch}}
     generated, start = 0, time.perf_counter()
-    bar = tqdm.tqdm(total=len(todo), unit="answer", disable=not progress)
+    bar = progress_bar(total=len(todo), desc="sample", unit="answer", enabled=progress)
     output.parent.mkdir(parents=True, exist_ok=True)
     with bar:
         for finished in generate(model, mesh, [r for _, r in todo], batch_size,
@@ -428,8 +428,8 @@ def sample_file(source: str, prompts_path: str, output_path: str, settings: Sett
                     "sample": request.sample, **meta, "prompt_tokens": len(request.ids),
                     "completion_tokens": len(c.tokens), "finish_reason": c.finish})
                 generated += len(c.tokens)
-            bar.update(len(finished))
             bar.set_postfix_str(f"{generated / (time.perf_counter() - start):.1f} tokens/s")
+            bar.update(len(finished))
     _in_input_order(output, rows)
     return {"answers": len(todo), "skipped": len(rows) * num_samples - len(todo),
             "tokens": generated, "seconds": time.perf_counter() - start}

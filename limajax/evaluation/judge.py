@@ -20,6 +20,7 @@ from importlib import resources
 
 from limajax.errors import UserError
 from limajax.evaluation.judgments import JudgmentFile, sha256
+from limajax.progress import bar as progress_bar
 
 REASKS = 2  # an answer without a verdict is asked again at most this often, then `unparsed`
 REASK = ("Please give your final choice now, with no explanation, as exactly one of these "
@@ -164,12 +165,11 @@ def run(jobs: list[Job], judge: Judge, template: Template, out: JudgmentFile, *,
     after all retries stops the run with one line (what is done stays done); Ctrl-C loses only
     the judgments in flight."""
     import openai  # here, not at the top: its import takes seconds, and `report` needs none
-    from tqdm import tqdm
 
     key = judge.api_key()
     tally = Tally()
-    bar = tqdm(total=len(out.done) + len(jobs), initial=len(out.done), unit="judgment",
-               disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=len(out.done) + len(jobs), initial=len(out.done), desc="judge",
+                       unit="judgment", enabled=progress)
 
     async def main():
         client = openai.AsyncOpenAI(base_url=judge.url, api_key=key, timeout=judge.timeout,
@@ -188,10 +188,10 @@ def run(jobs: list[Job], judge: Judge, template: Template, out: JudgmentFile, *,
                     return
                 out.append(row)
                 tally.done += 1
-                bar.update(1)
                 bar.set_postfix_str((on_row(row) + ", " if on_row else "") +
                                     f"retries {tally.retries}, unparsed {tally.unparsed}",
                                     refresh=False)
+                bar.update(1)
 
         try:
             await asyncio.gather(*(worker() for _ in range(max(1, judge.concurrency))))
