@@ -9,15 +9,14 @@ import queue
 import sys
 from collections.abc import Callable, Sequence
 
-import jax
 from jax.sharding import Mesh
 
 from limajax import sharding
 from limajax.checkpoint import load_for_inference
 from limajax.errors import UserError
 from limajax.model import Llama
-from limajax.sampling import Request, Settings, TextStream, prompt_ids
-from limajax.serving import Engine, Job
+from limajax.sampling import Engine, Job, Request, Settings, TextStream
+from limajax.sampling.sampler import check_prompt
 from limajax.tokenizer import Tokenizer
 
 HELP = ("/reset forgets the conversation, /settings shows the sampling settings and "
@@ -31,11 +30,10 @@ def fit(tokenizer: Tokenizer, turns: Sequence[str], limit: int, room: int
     `limit`: the oldest exchanges (a user turn and its answer) are dropped until it fits.
     Returns (prompt ids, turns dropped); a last message too long on its own is a UserError."""
     for dropped in range(0, len(turns), 2):
-        ids = prompt_ids(tokenizer, turns[dropped:], raw=False)
-        if len(ids) + room <= limit:
+        ids = tokenizer.encode_prompt(turns[dropped:])
+        if len(ids) + room <= limit or dropped + 2 >= len(turns):
+            check_prompt(ids, limit, "that message", room)  # the last message alone
             return ids, dropped
-    raise UserError(f"that message is {len(ids)} tokens; with room for an answer the context "
-                    f"holds {limit - room}")
 
 
 def change(settings: Settings, words: Sequence[str]) -> Settings:
@@ -135,7 +133,7 @@ def stream_answer(engine: Engine, tokenizer: Tokenizer, request: Request,
 def chat(source: str, settings: Settings, *, epoch: int | None = None, mesh_spec: str = "1x1",
          read: Callable[[str], str] = input, write: Callable[[str], None] | None = None) -> None:
     """`limajax chat`: load the model and talk."""
-    mesh = sharding.make_mesh(mesh_spec, jax.devices()[:sharding.mesh_devices(mesh_spec)])
+    mesh = sharding.inference_mesh(mesh_spec)
     model, tokenizer = load_for_inference(source, mesh, epoch=epoch)
     if tokenizer.eot_id is None:
         raise UserError(f"{source}: the model has no EOT token, so it cannot hold LIMA's "

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
+import sys
 from pathlib import Path
 
 import jax
@@ -33,7 +34,7 @@ from limajax.config import ModelConfig, TrainConfig
 from limajax.errors import UserError
 from limajax.files import read_json, staged_dir, write_json
 from limajax.model import Llama
-from limajax.sharding import abstract_params, model_from_params
+from limajax.sharding import abstract_params, model_from_params, replication_notices
 from limajax.tokenizer import (
     TOKENIZER_FILES,
     TOKENS_FILE,
@@ -206,12 +207,14 @@ def load_model(source: str | Path, shardings=None, *, epoch: int | None = None):
 def load_for_inference(source: str | Path, mesh: jax.sharding.Mesh, *,
                        epoch: int | None = None) -> tuple[Llama, Tokenizer]:
     """A model directory (or a workdir's `epoch`) as a model placed on `mesh` by the sharding
-    table, restored straight into its shards, with its tokenizer: what score, sample and serve
-    run."""
+    table, restored straight into its shards, with its tokenizer: what score, sample, chat and
+    serve run. Each parameter dimension the mesh does not divide is named on stderr."""
     params, config, tokens, tokenizer_file = load_model(source, mesh, epoch=epoch)
     if tokenizer_file is None:
         raise UserError(f"{source}: no tokenizer ({' or '.join(TOKENIZER_FILES)}) to turn text "
                         "into ids")
+    for line in replication_notices(config, mesh):  # never silent (review R3)
+        print(line, file=sys.stderr)
     return model_from_params(config, params, mesh), Tokenizer.from_path(tokenizer_file, tokens)
 
 

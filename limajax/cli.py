@@ -269,10 +269,11 @@ def score(model_dir, workdir, epoch, input_path, output_path, mesh, batch_size, 
 def sampling_options(fn):
     """The knobs of LIMA §4.1's sampler, shared by sample and chat."""
     for decorator in reversed([
-        click.option("--temperature", type=float, default=0.7, show_default=True,
-                     help="Softmax temperature (LIMA §4.1: 0.7); 0 means greedy."),
-        click.option("--top-p", type=float, default=0.9, show_default=True,
-                     help="Nucleus sampling: keep the most probable tokens up to this mass."),
+        click.option("--temperature", type=float, default=None,
+                     help="Softmax temperature; 0 means greedy. Default: LIMA §4.1's 0.7."),
+        click.option("--top-p", type=float, default=None,
+                     help="Nucleus sampling: keep the most probable tokens up to this mass. "
+                     "Default: LIMA §4.1's 0.9."),
         click.option("--repetition-penalty", type=float, default=None,
                      help="CTRL's penalty on every token already in the context, prompt "
                      "included (LIMA §4.1: 1.2). Default: 1.2, or 1.0 with --greedy."),
@@ -290,7 +291,7 @@ def sampling_options(fn):
 
 
 def sampling_settings(temperature, top_p, repetition_penalty, max_new_tokens, greedy, seed):
-    from limajax.sampling import Settings
+    from limajax.sampling import Settings  # resolves None to LIMA §4.1's values
 
     return Settings(temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty,
                     max_new_tokens=max_new_tokens, greedy=greedy, seed=seed)

@@ -34,7 +34,8 @@ from limajax.evaluation.judge import Judge
 from limajax.evaluation.report import report
 from limajax.files import check_replaceable, mark_output, staged_dir
 from limajax.model import Llama
-from limajax.serving import Engine, running
+from limajax.sampling import Engine
+from limajax.serving import running
 from limajax.tokenizer import TokenSpec
 
 # The tiny recipe ships in the package, so the demo runs from an installed limajax; a checkout's

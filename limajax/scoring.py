@@ -8,7 +8,6 @@ it has seen the like of, and the same numbers as the reference implementation).
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -82,10 +81,8 @@ def score_file(model_dir: str, input_path: str, output_path: str, mesh_spec: str
                         if not output.is_dir() else f"{output}: is a directory (--output)")
     output.parent.mkdir(parents=True, exist_ok=True)
     rows = read_texts(input_path)
-    mesh = sharding.make_mesh(mesh_spec, jax.devices()[:sharding.mesh_devices(mesh_spec)])
+    mesh = sharding.inference_mesh(mesh_spec)
     model, tokenizer = load_for_inference(model_dir, mesh, epoch=epoch)
-    for line in sharding.replication_notices(model.config, mesh):
-        print(line, file=sys.stderr)
     total_nll, total_tokens, trimmed = 0.0, 0, 0
     with staged_file(output_path) as f:
         for row in score(model, tokenizer, rows, mesh, batch_size):

@@ -112,6 +112,12 @@ def make_mesh(spec: str | tuple[int, int], devices=None) -> Mesh:
     return Mesh(grid, ("data", "model"), axis_types=(AxisType.Auto, AxisType.Auto))
 
 
+def inference_mesh(spec: str) -> Mesh:
+    """The mesh of score, sample, chat and serve: the first devices that `spec` ('DxM') needs
+    (a host may have more than one command uses)."""
+    return make_mesh(spec, jax.devices()[:mesh_devices(spec)])
+
+
 def single_device_mesh() -> Mesh:
     return make_mesh((1, 1), jax.devices()[:1])
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -201,6 +203,13 @@ def check_fits(pieces: SentencePieceFile | HFTokenizerFile, base_vocab: int, ten
                         f"only {base_vocab} rows (wrong tokenizer for these weights?)")
 
 
+def prompt_turns(conversations: Sequence[str]) -> Sequence[str]:
+    """The turns a prompt is made of: a GAIR row alternates user, assistant, ...; an even count
+    ends in an assistant turn (a training or dev row's reference answer), which is left out so
+    that the assistant answers next (the model's prompt and the judge's question alike)."""
+    return conversations[:len(conversations) - 1 + len(conversations) % 2]
+
+
 class Encoded(NamedTuple):
     """A dialogue as the model sees it: ids (BOS first), a 0/1 loss mask, and whether it was cut."""
 
@@ -276,6 +285,15 @@ class Tokenizer:
         drop = (self.bos_id, self.eot_id)
         return self.pieces.decode([int(i) for i in ids if 0 <= i < self.pieces.size
                                    and i not in drop])
+
+    def encode_prompt(self, conversations: Sequence[str], raw: bool = False) -> list[int]:
+        """The ids an answer continues. Dialogue format (LIMA §3): BOS, every utterance + EOT,
+        and the assistant answers next; a trailing assistant turn is left out (prompt_turns).
+        `raw`: BOS + the first entry as plain text, for a base model."""
+        if raw:
+            return [self.bos_id] + self.encode(conversations[0])
+        return self.encode_dialogue(prompt_turns(conversations), max_len=sys.maxsize
+                                    ).ids.tolist()
 
     def encode_dialogue(
         self, conversations, max_len: int = MAX_LEN, train_on_prompts: bool = False

@@ -82,7 +82,8 @@ def stories_server(stories):
     judge client's test against a real, noisy judge); yields the OpenAI base URL (.../v1)."""
     from limajax import sharding
     from limajax.checkpoint import load_for_inference
-    from limajax.serving import Engine, running
+    from limajax.sampling import Engine
+    from limajax.serving import running
 
     mesh = sharding.single_device_mesh()
     model, tokenizer = load_for_inference(stories / "model", mesh)

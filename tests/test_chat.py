@@ -7,7 +7,7 @@ from click.testing import CliRunner
 from limajax.chat import change, fit
 from limajax.cli import main
 from limajax.errors import UserError
-from limajax.sampling import Settings, prompt_ids
+from limajax.sampling import Settings
 from limajax.tokenizer import Tokenizer
 
 
@@ -32,12 +32,12 @@ def test_the_oldest_turns_are_dropped_when_the_history_outgrows_the_context(stor
     tok = Tokenizer.from_path(stories / "model")
     turns = ["Hello there.", "Hi! How can I help?", "Tell me about cats.", "Cats purr.",
              "And dogs?"]
-    whole = prompt_ids(tok, turns, raw=False)
+    whole = tok.encode_prompt(turns)
     assert fit(tok, turns, len(whole) + 10, 10) == (whole, 0)
     ids, dropped = fit(tok, turns, len(whole) + 9, 10)  # one token short: the first exchange goes
-    assert dropped == 2 and ids == prompt_ids(tok, turns[2:], raw=False)
-    assert fit(tok, turns, len(prompt_ids(tok, turns[4:], raw=False)) + 10, 10)[1] == 4
-    with pytest.raises(UserError, match="that message is"):
+    assert dropped == 2 and ids == tok.encode_prompt(turns[2:])
+    assert fit(tok, turns, len(tok.encode_prompt(turns[4:])) + 10, 10)[1] == 4
+    with pytest.raises(UserError, match="that message: this model's maximum context"):
         fit(tok, turns, 12, 10)
 
 

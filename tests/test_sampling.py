@@ -19,7 +19,7 @@ from limajax.checkpoint import load_model, save_model_dir
 from limajax.cli import main
 from limajax.config import ModelConfig, load_recipe
 from limajax.errors import UserError
-from limajax.sampling import Request, Settings
+from limajax.sampling import Request, Settings, sampler
 from limajax.tokenizer import Tokenizer, TokenSpec
 
 # GQA (2 query heads per K/V head), padded vocabulary (300 -> 384); K/V heads divide a model axis
@@ -132,7 +132,7 @@ def test_repetition_penalty_equals_transformers():
         logits, context, seen = random_case(seed)
         ref = RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor(context),
                                                         torch.tensor(logits))
-        ours = sampling.apply_repetition_penalty(logits, seen, np.full(len(logits), penalty))
+        ours = sampler.apply_repetition_penalty(logits, seen, np.full(len(logits), penalty))
         np.testing.assert_allclose(np.asarray(ours), ref.numpy(), rtol=1e-6)
 
 
@@ -142,7 +142,7 @@ def test_top_p_keeps_the_set_transformers_keeps():
     for seed, p in [(3, 0.9), (4, 0.5), (5, 0.95), (6, 0.1)]:
         logits, _, _ = random_case(seed)
         ref = TopPLogitsWarper(p)(None, torch.tensor(logits)).numpy()
-        ours = np.asarray(sampling.apply_top_p(logits, np.full(len(logits), p, np.float32)))
+        ours = np.asarray(sampler.apply_top_p(logits, np.full(len(logits), p, np.float32)))
         np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(ref))
         np.testing.assert_array_equal(ours[np.isfinite(ours)], logits[np.isfinite(ours)])
 
@@ -163,9 +163,9 @@ def test_draws_follow_the_tempered_truncated_distribution():
     assert 2 < len(keep) < len(logits)
 
     n = 20000
-    knobs = sampling.Knobs.of([Settings(temperature=t, top_p=p, repetition_penalty=penalty)] * n)
+    knobs = sampler.Knobs.of([Settings(temperature=t, top_p=p, repetition_penalty=penalty)] * n)
     keys = jax.random.split(jax.random.PRNGKey(0), n)
-    draws = np.asarray(jax.jit(sampling.choose)(np.tile(logits, (n, 1)), np.tile(seen, (n, 1)),
+    draws = np.asarray(jax.jit(sampler.choose)(np.tile(logits, (n, 1)), np.tile(seen, (n, 1)),
                                                  knobs, keys))
     counts = np.bincount(draws, minlength=len(logits))
     assert counts[expected == 0].sum() == 0  # nothing outside the nucleus, ever
@@ -233,7 +233,8 @@ def test_sample_file_resumes_without_duplicates_in_input_order(stories, lima_row
     assert row["conversations"] == rows[0]["conversations"] and row["source"]
     assert row["finish_reason"] in ("eot", "eos", "length") and row["completion_tokens"] <= 24
     assert row["settings"] == {"temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.2,
-                               "max_new_tokens": 24, "greedy": False, "seed": 0, "raw": False}
+                               "max_new_tokens": 24, "greedy": False, "seed": 0,
+                               "penalty_scope": "context", "raw": False}
     # An interrupted run: three rows and half a line. The rerun adds exactly the missing rows,
     # and they are the same answers (draws depend on seed, prompt id and sample only).
     out.write_text("\n".join([complete[4], complete[0], complete[3]]) + "\n" + complete[1][:30])
@@ -257,7 +258,7 @@ def test_sample_mistakes_are_one_line_and_exit_2(stories, model_dir, tmp_path):
     model = ["--model", stories / "model"]
     cases = [
         (model + ["--prompts", bad, "--output", tmp_path / "o1"], f"{bad}:2"),
-        (model + ["--prompts", long, "--output", tmp_path / "o2"], "the context holds 2048"),
+        (model + ["--prompts", long, "--output", tmp_path / "o2"], "context length is 2048"),
         (["--workdir", workdir, "--epoch", 3, "--prompt", "Hi"], "no checkpoint for epoch 3"),
         (["--model", model_dir, "--prompt", "Hi"], "no tokenizer"),
         (model + ["--prompt", "Hi", "--top-p", 0], "top-p must be in (0, 1]"),

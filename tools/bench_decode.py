@@ -86,7 +86,8 @@ def served(model_dir, prompt_ids, new, clients) -> tuple[float, int]:
 
     from limajax import sharding
     from limajax.checkpoint import load_for_inference
-    from limajax.serving import Engine, make_app
+    from limajax.sampling import Engine
+    from limajax.serving import make_app
 
     mesh = sharding.single_device_mesh()
     model, tokenizer = load_for_inference(model_dir, mesh)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from limajax.errors import UserError
 from limajax.files import append_jsonl, drop_torn_last_line, read_jsonl
+from limajax.tokenizer import prompt_turns
 
 ORDERS = ("AB", "BA")  # "AB": file A's answer shown first; "BA": shown second
 VERDICTS = ("A", "B", "tie", "unparsed")  # always naming the files, never the position
@@ -39,7 +40,7 @@ class Sample:
         """The prompt as the judge sees it: the question, or the dialogue so far (multi-turn).
         A trailing assistant turn (a dev row's reference answer) is left out, as `sample`
         leaves it out of the model's prompt."""
-        turns = self.conversations[:len(self.conversations) - 1 + len(self.conversations) % 2]
+        turns = prompt_turns(self.conversations)
         if len(turns) == 1:
             return turns[0]
         speakers = ("User", "Assistant")

@@ -5,7 +5,7 @@ forward pass. Then `lax.while_loop` advances one `State`: each step chooses a to
 logits (repetition penalty -> temperature -> top-p -> categorical draw, or the argmax), writes it
 and runs the model on it. Nothing returns to Python until every row has stopped (EOT, EOS or its
 length limit), so a batch is one compiled call; `decode` can also stop after a few steps, which
-is how serving streams tokens and admits new requests between steps.
+is how the engine (engine.py) streams tokens and admits new requests between steps.
 
 Shapes compile once per (batch, prompt length, cache length) bucket. A row's random draws come
 from (seed, prompt id, sample index, position) alone, never from the rows that share its batch,
@@ -15,12 +15,8 @@ so a resumed or re-batched run gives the same answers.
 from __future__ import annotations
 
 import dataclasses
-import json
-import sys
-import time
 import zlib
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import NamedTuple
 
 import jax
@@ -30,32 +26,42 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from limajax import sharding
-from limajax.checkpoint import load_for_inference
 from limajax.data import bucket_length, buckets_for
 from limajax.errors import UserError
-from limajax.files import append_jsonl, drop_torn_last_line, read_jsonl, staged_file
 from limajax.model import KVCache, Llama, constrain
-from limajax.progress import bar as progress_bar
 from limajax.tokenizer import MAX_LEN, Tokenizer
 
 FINISH_REASONS = ("", "eot", "eos", "length")  # a row's finish code indexes this; 0 = running
 RUNNING, EOT, EOS, LENGTH = range(4)
 
 
+PENALTY_SCOPES = ("context", "generated")  # which ids the repetition penalty counts
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """How tokens are chosen; LIMA §4.1's values by default. Temperature 0 means greedy. The
-    repetition penalty defaults to LIMA's 1.2 when sampling and to none (1.0) when greedy, so a
-    greedy answer is the model's argmax, as transformers' greedy generate gives it."""
+    """How tokens are chosen. None means LIMA §4.1's value, resolved here and nowhere else
+    (the CLI and the HTTP API pass None through): temperature 0.7, top-p 0.9, and a repetition
+    penalty of 1.2 when sampling or none (1.0) when greedy, so a greedy answer is the model's
+    argmax, as transformers' greedy generate gives it. Temperature 0 means greedy.
 
-    temperature: float = 0.7
-    top_p: float = 0.9
+    `penalty_scope`: "context" counts every id of the prompt and the answer so far (as
+    transformers' processor does, and limajax always has); "generated" only the answer's ids,
+    LIMA §4.1's wording ("previously generated tokens")."""
+
+    temperature: float | None = None
+    top_p: float | None = None
     repetition_penalty: float | None = None
     max_new_tokens: int = MAX_LEN
     greedy: bool = False
     seed: int = 0
+    penalty_scope: str = "context"
 
     def __post_init__(self):
+        resolved = {"temperature": 0.7, "top_p": 0.9}  # LIMA §4.1
+        for name, value in resolved.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
         if not self.temperature >= 0:  # also refuses NaN
             raise UserError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -64,6 +70,9 @@ class Settings:
             raise UserError(f"repetition penalty must be > 0, got {self.repetition_penalty}")
         if self.max_new_tokens < 1:
             raise UserError(f"max new tokens must be >= 1, got {self.max_new_tokens}")
+        if self.penalty_scope not in PENALTY_SCOPES:
+            raise UserError(f"repetition penalty scope must be one of {', '.join(PENALTY_SCOPES)}"
+                            f", got {self.penalty_scope!r}")
         if self.temperature == 0:
             object.__setattr__(self, "greedy", True)
         if self.repetition_penalty is None:
@@ -77,9 +86,10 @@ class Settings:
 
 
 def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: jax.Array):
-    """CTRL's penalty as transformers fixed it: for every id already in the context (prompt
-    included, once however often it occurs), a positive logit is divided by the penalty and a
-    negative one multiplied, so the penalty always makes the id less likely."""
+    """CTRL's penalty as transformers fixed it: for every id in `seen` (the context, or only
+    the answer so far: Settings.penalty_scope; once however often it occurs), a positive logit
+    is divided by the penalty and a negative one multiplied, so the penalty always makes the
+    id less likely."""
     p = penalty[:, None]
     return jnp.where(seen, jnp.where(logits < 0, logits * p, logits / p), logits)
 
@@ -106,13 +116,15 @@ class Knobs(NamedTuple):
     top_p: jax.Array
     penalty: jax.Array
     greedy: jax.Array
+    prompt_seen: jax.Array  # the penalty counts the prompt's ids (penalty_scope "context")
 
     @classmethod
     def of(cls, settings: Sequence[Settings]) -> Knobs:
         return cls(np.asarray([s.temperature for s in settings], np.float32),
                    np.asarray([s.top_p for s in settings], np.float32),
                    np.asarray([s.repetition_penalty for s in settings], np.float32),
-                   np.asarray([s.greedy for s in settings], bool))
+                   np.asarray([s.greedy for s in settings], bool),
+                   np.asarray([s.penalty_scope == "context" for s in settings], bool))
 
 
 def choose(logits: jax.Array, seen: jax.Array, knobs: Knobs, keys: jax.Array) -> jax.Array:
@@ -141,7 +153,7 @@ class State(NamedTuple):
     length: jax.Array  # [B] tokens so far: the next one goes here
     limit: jax.Array  # [B] the row stops when its length reaches this
     finish: jax.Array  # [B] RUNNING, EOT, EOS or LENGTH
-    seen: jax.Array  # [B, V] ids in the context, for the repetition penalty
+    seen: jax.Array  # [B, V] ids the repetition penalty counts
     logits: jax.Array  # [B, V] the next token's logits
     keys: jax.Array  # [B, 2] the row's key: (seed, prompt id, sample index)
     knobs: Knobs
@@ -181,7 +193,8 @@ def prefill(model: Llama, prompts, lengths, limits, knobs: Knobs, keys, *, cache
     cache = constrain_cache(KVCache.empty(model.config, b, cache_length))
     positions = jnp.broadcast_to(jnp.arange(p), (b, p))
     logits, cache = model(prompts, positions, cache=cache, last=lengths - 1)
-    real = jnp.where(positions < lengths[:, None], prompts, v)  # v: out of range, dropped
+    counted = (positions < lengths[:, None]) & knobs.prompt_seen[:, None]
+    real = jnp.where(counted, prompts, v)  # v: out of range, dropped
     seen = jnp.zeros((b, v), bool).at[jnp.arange(b)[:, None], real].set(True, mode="drop")
     tokens = jnp.zeros((b, cache_length), jnp.int32).at[:, :p].set(prompts)
     finish = jnp.where(lengths >= limits, LENGTH, RUNNING).astype(jnp.int32)
@@ -243,8 +256,12 @@ class Completion(NamedTuple):
     finish: str  # "eot", "eos" or "length"
 
     def text_tokens(self) -> list[int]:
-        """The answer without the token that stopped it."""
-        return self.tokens[:-1] if self.finish in ("eot", "eos") else self.tokens
+        return answer_tokens(self.tokens, self.finish)
+
+
+def answer_tokens(tokens: list[int], finish: str) -> list[int]:
+    """The answer without the token that stopped it (EOT or EOS), which is not text."""
+    return tokens[:-1] if finish in ("eot", "eos") else tokens
 
 
 def context_length(model: Llama) -> int:
@@ -259,10 +276,13 @@ def stop_ids(tokenizer: Tokenizer) -> np.ndarray:
     return np.asarray([eot, tokenizer.eos_id], np.int32)
 
 
-def check_prompt(ids: Sequence[int], limit: int, where: str) -> None:
-    if len(ids) >= limit:
-        raise UserError(f"{where}: the prompt is {len(ids)} tokens; the context holds {limit} "
-                        "with the answer, so it must be shorter")
+def check_prompt(ids: Sequence[int], limit: int, where: str, room: int = 1) -> None:
+    """The one prompt-too-long rule: a prompt and `room` answer tokens must fit in `limit`."""
+    if len(ids) + room > limit:
+        answer = ("leaving no room for an answer" if room == 1 else
+                  f"and {room} are asked for the answer")
+        raise UserError(f"{where}: this model's maximum context length is {limit} tokens; the "
+                        f"prompt is {len(ids)} tokens, {answer}")
 
 
 def batch_arrays(requests: Sequence[Request], batch: int, limit: int):
@@ -317,144 +337,3 @@ def generate(model: Llama, mesh: Mesh, requests: Sequence[Request], batch_size: 
         chunk = order[start:start + batch]
         done = run_batch(model, mesh, [requests[i] for i in chunk], batch, stops)
         yield list(zip(chunk, done, strict=True))
-
-
-class TextStream:
-    """A growing answer as text deltas, for streaming. Text that may still change is held back:
-    a character whose bytes are not all decoded yet, and an ending that may begin a stop
-    string. The answer ends at the first stop string, which is not part of it."""
-
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()):
-        self.tokenizer, self.stop, self.text = tokenizer, [s for s in stop if s], ""
-        self.stopped = False
-
-    def update(self, ids: Sequence[int], final: bool = False) -> str:
-        """The new text after `ids` (the whole answer so far); sets `stopped` at a stop string."""
-        text = self.tokenizer.decode(ids)
-        cuts = [text.find(s) for s in self.stop if s in text]
-        if cuts:
-            text, self.stopped, final = text[:min(cuts)], True, True
-        if not final:
-            text = text.rstrip("\ufffd")  # the replacement for a partial UTF-8 character
-            hold = max((n for s in self.stop for n in range(1, len(s))
-                        if text.endswith(s[:n])), default=0)
-            text = text[:len(text) - hold]
-        if not text.startswith(self.text):  # decoding re-spaced earlier text: send nothing new
-            return ""
-        delta, self.text = text[len(self.text):], text
-        return delta
-
-
-# --- `limajax sample`: GAIR prompt files in, answer files out (DESIGN §3) ------------------------
-
-
-def read_prompts(path: str | Path) -> list[dict]:
-    """GAIR rows {"id", "conversations": [...]}; a row without an id gets its line number."""
-    rows, lines = [], {}
-    for where, n, row in read_jsonl(path):
-        conv = row.get("conversations") if isinstance(row, dict) else None
-        if not (isinstance(conv, list) and conv and all(isinstance(t, str) for t in conv)):
-            raise UserError(f'{where}: expected an object with "conversations", a non-empty '
-                            "list of strings")
-        row = {"id": n, **row}
-        if str(row["id"]) in lines:
-            raise UserError(f"{where}: id {row['id']!r} was already used on line "
-                            f"{lines[str(row['id'])]}")
-        lines[str(row["id"])] = n
-        rows.append(row)
-    if not rows:
-        raise UserError(f"{path}: no prompts")
-    return rows
-
-
-def prompt_ids(tokenizer: Tokenizer, conversations: Sequence[str], raw: bool) -> list[int]:
-    """The ids the answer continues. Dialogue format (LIMA §3): BOS, every utterance + EOT, and
-    the assistant answers next; a trailing assistant turn (a training row's reference answer)
-    is left out. `raw`: BOS + the first entry as plain text, for a base model."""
-    if raw:
-        return [tokenizer.bos_id] + tokenizer.encode(conversations[0])
-    turns = conversations[:-1] if len(conversations) % 2 == 0 else conversations
-    return tokenizer.encode_dialogue(turns, max_len=sys.maxsize).ids.tolist()
-
-
-def answered(path: Path) -> set[tuple[str, int]]:
-    """(id, sample) of the rows an earlier run wrote; a last line cut short is dropped."""
-    drop_torn_last_line(path)  # interrupted mid-line: keep the complete rows
-    if not path.exists():
-        return set()
-    done = set()
-    for where, _, row in read_jsonl(path):
-        try:
-            done.add((str(row["id"]), int(row["sample"])))
-        except (KeyError, TypeError, ValueError):
-            raise UserError(f"{where}: not a row of an earlier `limajax sample` run (expected "
-                            'JSON with "id" and "sample"); move the file away') from None
-    return done
-
-
-def sample_file(source: str, prompts_path: str, output_path: str, settings: Settings, *,
-                epoch: int | None = None, num_samples: int = 1, batch_size: int = 16,
-                mesh_spec: str = "1x1", raw: bool = False, progress: bool = True) -> dict:
-    """`limajax sample --prompts`: answer every prompt `num_samples` times into a JSONL file.
-
-    Rows are appended as batches finish, so an interrupted run keeps what it finished; rerun,
-    rows already in the output are skipped. When all are there the file is rewritten in the
-    input's order. Returns a summary.
-    """
-    rows = read_prompts(prompts_path)
-    output = Path(output_path)
-    done = answered(output)
-    mesh = sharding.make_mesh(mesh_spec, jax.devices()[:sharding.mesh_devices(mesh_spec)])
-    model, tokenizer = load_for_inference(source, mesh, epoch=epoch)
-    limit = context_length(model)
-    todo = []
-    for row in rows:
-        ids = prompt_ids(tokenizer, row["conversations"], raw)
-        check_prompt(ids, limit, f"{prompts_path}: prompt {row['id']!r}")
-        todo += [(row, Request(ids, settings, row["id"], k)) for k in range(num_samples)
-                 if (str(row["id"]), k) not in done]
-    meta = {"settings": {**settings.to_dict(), "raw": raw},
-            "checkpoint": {"path": str(source), "epoch": epoch}}
-    generated, start = 0, time.perf_counter()
-    bar = progress_bar(total=len(todo), desc="sample", unit="answer", enabled=progress)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with bar:
-        for finished in generate(model, mesh, [r for _, r in todo], batch_size,
-                                 stop_ids(tokenizer)):
-            for i, c in finished:
-                row, request = todo[i]
-                append_jsonl(output, {
-                    **row, "response": tokenizer.decode(c.text_tokens()),
-                    "sample": request.sample, **meta, "prompt_tokens": len(request.ids),
-                    "completion_tokens": len(c.tokens), "finish_reason": c.finish})
-                generated += len(c.tokens)
-            bar.set_postfix_str(f"{generated / (time.perf_counter() - start):.1f} tokens/s")
-            bar.update(len(finished))
-    _in_input_order(output, rows)
-    return {"answers": len(todo), "skipped": len(rows) * num_samples - len(todo),
-            "tokens": generated, "seconds": time.perf_counter() - start}
-
-
-def _in_input_order(output: Path, rows: list[dict]) -> None:
-    """Rewrite the finished output atomically with its rows in the prompts' order."""
-    place = {str(row["id"]): n for n, row in enumerate(rows)}
-    lines = output.read_text(encoding="utf-8").splitlines(keepends=True)
-    keyed = [(json.loads(line), line) for line in lines]
-    keyed.sort(key=lambda x: (place.get(str(x[0]["id"]), len(place)), x[0]["sample"]))
-    with staged_file(output) as f:
-        f.write("".join(line for _, line in keyed))
-
-
-def sample_text(source: str, text: str, settings: Settings, *, epoch: int | None = None,
-                num_samples: int = 1, mesh_spec: str = "1x1", raw: bool = False) -> list[str]:
-    """`limajax sample --prompt TEXT`: the answers to one prompt."""
-    mesh = sharding.make_mesh(mesh_spec, jax.devices()[:sharding.mesh_devices(mesh_spec)])
-    model, tokenizer = load_for_inference(source, mesh, epoch=epoch)
-    ids = prompt_ids(tokenizer, [text], raw)
-    check_prompt(ids, context_length(model), "--prompt")
-    requests = [Request(ids, settings, "prompt", k) for k in range(num_samples)]
-    answers = [""] * num_samples
-    for finished in generate(model, mesh, requests, num_samples, stop_ids(tokenizer)):
-        for i, c in finished:
-            answers[i] = tokenizer.decode(c.text_tokens())
-    return answers

@@ -1,0 +1,128 @@
+"""`limajax sample`: GAIR prompt files in, answer files out (DESIGN §3), over the sampler.
+
+Answers are appended as batches finish, so an interrupted run keeps what it finished and the
+same command continues from there; when all are there the file is rewritten in the input's
+order.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from limajax import sharding
+from limajax.checkpoint import load_for_inference
+from limajax.errors import UserError
+from limajax.files import append_jsonl, drop_torn_last_line, read_jsonl, staged_file
+from limajax.progress import bar as progress_bar
+from limajax.sampling.sampler import (
+    Request,
+    Settings,
+    check_prompt,
+    context_length,
+    generate,
+    stop_ids,
+)
+
+
+def read_prompts(path: str | Path) -> list[dict]:
+    """GAIR rows {"id", "conversations": [...]}; a row without an id gets its line number."""
+    rows, lines = [], {}
+    for where, n, row in read_jsonl(path):
+        conv = row.get("conversations") if isinstance(row, dict) else None
+        if not (isinstance(conv, list) and conv and all(isinstance(t, str) for t in conv)):
+            raise UserError(f'{where}: expected an object with "conversations", a non-empty '
+                            "list of strings")
+        row = {"id": n, **row}
+        if str(row["id"]) in lines:
+            raise UserError(f"{where}: id {row['id']!r} was already used on line "
+                            f"{lines[str(row['id'])]}")
+        lines[str(row["id"])] = n
+        rows.append(row)
+    if not rows:
+        raise UserError(f"{path}: no prompts")
+    return rows
+
+
+def answered(path: Path) -> set[tuple[str, int]]:
+    """(id, sample) of the rows an earlier run wrote; a last line cut short is dropped."""
+    drop_torn_last_line(path)  # interrupted mid-line: keep the complete rows
+    if not path.exists():
+        return set()
+    done = set()
+    for where, _, row in read_jsonl(path):
+        try:
+            done.add((str(row["id"]), int(row["sample"])))
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{where}: not a row of an earlier `limajax sample` run (expected "
+                            'JSON with "id" and "sample"); move the file away') from None
+    return done
+
+
+def sample_file(source: str, prompts_path: str, output_path: str, settings: Settings, *,
+                epoch: int | None = None, num_samples: int = 1, batch_size: int = 16,
+                mesh_spec: str = "1x1", raw: bool = False, progress: bool = True) -> dict:
+    """`limajax sample --prompts`: answer every prompt `num_samples` times into a JSONL file.
+
+    Rows are appended as batches finish, so an interrupted run keeps what it finished; rerun,
+    rows already in the output are skipped. When all are there the file is rewritten in the
+    input's order. Returns a summary.
+    """
+    rows = read_prompts(prompts_path)
+    output = Path(output_path)
+    done = answered(output)
+    mesh = sharding.inference_mesh(mesh_spec)
+    model, tokenizer = load_for_inference(source, mesh, epoch=epoch)
+    limit = context_length(model)
+    todo = []
+    for row in rows:
+        ids = tokenizer.encode_prompt(row["conversations"], raw)
+        check_prompt(ids, limit, f"{prompts_path}: prompt {row['id']!r}")
+        todo += [(row, Request(ids, settings, row["id"], k)) for k in range(num_samples)
+                 if (str(row["id"]), k) not in done]
+    meta = {"settings": {**settings.to_dict(), "raw": raw},
+            "checkpoint": {"path": str(source), "epoch": epoch}}
+    generated, start = 0, time.perf_counter()
+    bar = progress_bar(total=len(todo), desc="sample", unit="answer", enabled=progress)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with bar:
+        for finished in generate(model, mesh, [r for _, r in todo], batch_size,
+                                 stop_ids(tokenizer)):
+            for i, c in finished:
+                row, request = todo[i]
+                append_jsonl(output, {
+                    **row, "response": tokenizer.decode(c.text_tokens()),
+                    "sample": request.sample, **meta, "prompt_tokens": len(request.ids),
+                    "completion_tokens": len(c.tokens), "finish_reason": c.finish})
+                generated += len(c.tokens)
+            bar.set_postfix_str(f"{generated / (time.perf_counter() - start):.1f} tokens/s")
+            bar.update(len(finished))
+    _in_input_order(output, rows)
+    return {"answers": len(todo), "skipped": len(rows) * num_samples - len(todo),
+            "tokens": generated, "seconds": time.perf_counter() - start}
+
+
+def _in_input_order(output: Path, rows: list[dict]) -> None:
+    """Rewrite the finished output atomically with its rows in the prompts' order."""
+    place = {str(row["id"]): n for n, row in enumerate(rows)}
+    lines = output.read_text(encoding="utf-8").splitlines(keepends=True)
+    keyed = [(json.loads(line), line) for line in lines]
+    keyed.sort(key=lambda x: (place.get(str(x[0]["id"]), len(place)), x[0]["sample"]))
+    with staged_file(output) as f:
+        f.write("".join(line for _, line in keyed))
+
+
+def sample_text(source: str, text: str, settings: Settings, *, epoch: int | None = None,
+                num_samples: int = 1, mesh_spec: str = "1x1", raw: bool = False) -> list[str]:
+    """`limajax sample --prompt TEXT`: the answers to one prompt."""
+    mesh = sharding.inference_mesh(mesh_spec)
+    model, tokenizer = load_for_inference(source, mesh, epoch=epoch)
+    ids = tokenizer.encode_prompt([text], raw)
+    check_prompt(ids, context_length(model), "--prompt")
+    requests = [Request(ids, settings, "prompt", k) for k in range(num_samples)]
+    answers = [""] * num_samples
+    for finished in generate(model, mesh, requests, num_samples, stop_ids(tokenizer)):
+        for i, c in finished:
+            answers[i] = tokenizer.decode(c.text_tokens())
+    return answers
