@@ -32,15 +32,14 @@ class Endpoint:
     concurrency: int = 8
 
     role: ClassVar[str] = "endpoint"  # how messages name it ("judge" for a judge)
-    key_option: ClassVar[str] = "--api-key-env"
 
     def api_key(self) -> str:
         if self.api_key_env is None:
             return "none"  # local servers take any key; the client needs one to send
         key = os.environ.get(self.api_key_env)
         if not key:
-            raise UserError(f"{self.key_option} {self.api_key_env}: that environment variable "
-                            f"is not set (it must hold the {self.role}'s API key)")
+            raise UserError(f"--api-key-env {self.api_key_env}: that environment variable is "
+                            f"not set (it must hold the {self.role}'s API key)")
         return key
 
     def redact(self, text: str) -> str:
@@ -56,7 +55,7 @@ def failure(e: Exception, endpoint: Endpoint, doing: str) -> str:
     if isinstance(e, openai.AuthenticationError | openai.PermissionDeniedError):
         what = (f"refused the API key from ${endpoint.api_key_env} ({e.status_code})"
                 if endpoint.api_key_env else
-                f"wants an API key ({e.status_code}; pass {endpoint.key_option} VAR)")
+                f"wants an API key ({e.status_code}; pass --api-key-env VAR)")
     elif isinstance(e, openai.NotFoundError):
         what = (f"404 for model {endpoint.model!r} (is the model name right, and the URL an "
                 "OpenAI-compatible base URL ending in /v1?)")

@@ -4,6 +4,7 @@ names, refusals as failed rows, SIGKILL and rerun, the key kept secret, bad inpu
 `compare` over the result counting exactly what the stand-in was set to produce."""
 
 import collections
+import json
 import os
 import signal
 import subprocess
@@ -30,7 +31,9 @@ def sample_args(url, model, prompts, out, *extra):
 
 
 def echo(model):
-    return lambda text: f"{model} answers: {text.split(':')[0]}"
+    """The model's answer names it and the prompt; U+2028 (a line break to str.splitlines,
+    not to JSONL) must not split its row."""
+    return lambda text: f"{model} answers:\u2028{text.split(':')[0]}"
 
 
 def test_faults_refusals_and_retry_failed(tmp_path, cli):
@@ -52,13 +55,13 @@ def test_faults_refusals_and_retry_failed(tmp_path, cli):
             if ident in ("p5", "p6"):
                 assert "response" not in row and row["failed"], row
             else:
-                assert row["response"] == f"base-1 answers: Question {ident}", row
+                assert row["response"] == f"base-1 answers:\u2028Question {ident}", row
                 assert row["finish_reason"] == "stop" and row["usage"]["completion_tokens"] == 4
                 assert row["conversations"] == [f"Question {ident}: say hi. "
                                                 f"{markers[int(ident[1:]) - 1]}".strip()]
         assert "HTTP 400" in by["p5", 0]["failed"] and "usage policy" in by["p5", 0]["failed"]
-        assert by["p6", 0]["failed"] == "finish_reason content_filter: base-1 answers: " \
-                                        "Question p6"
+        assert by["p6", 0]["failed"] == "finish_reason content_filter: base-1 answers:" \
+                                        "\u2028Question p6"
         # the endpoint, the name it reported, the settings actually sent
         assert by["p1", 0]["endpoint"] == {"url": srv.url, "api": "/chat/completions",
                                            "model": "base-1", "reported_model": "base-1-0613"}
@@ -105,6 +108,9 @@ def test_faults_refusals_and_retry_failed(tmp_path, cli):
         rows = lines(out)
         assert [(x["id"], x["sample"]) for x in rows] == [(f"p{i}", 0) for i in range(1, 9)]
         assert not any("failed" in x for x in rows)
+        # one file holds one model's answers: another model's go to another --output
+        r = cli(*sample_args(srv.url, "other", prompts, out))
+        assert r.exit_code == 2 and "holds answers of 'base-1' at" in r.output, r.output
 
 
 def test_sigkill_and_rerun_answer_every_prompt_exactly_once(tmp_path):
@@ -119,13 +125,14 @@ def test_sigkill_and_rerun_answer_every_prompt_exactly_once(tmp_path):
         proc = subprocess.Popen(cmd + args, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE)
         deadline = time.monotonic() + 120
-        while (not out.exists() or len(out.read_text().splitlines()) < 6) and \
+        while (not out.exists() or out.read_bytes().count(b"\n") < 6) and \
                 time.monotonic() < deadline:
             time.sleep(0.02)
         os.kill(proc.pid, signal.SIGKILL)
         killed = proc.communicate()
         time.sleep(0.2)  # what the killed process had sent reaches the server's log
-        before = [(x["id"], x["sample"]) for x in lines(out)]
+        finished = [json.loads(x) for x in out.read_bytes().split(b"\n")[:-1]]  # not a torn one
+        before = [(x["id"], x["sample"]) for x in finished]
         assert 6 <= len(before) < 24 and len(set(before)) == len(before)
         asked_before = collections.Counter(e.key for e in srv.log)
         with open(out, "a") as f:  # as if the kill had cut a line short while it was written
@@ -136,7 +143,7 @@ def test_sigkill_and_rerun_answer_every_prompt_exactly_once(tmp_path):
         assert [(x["id"], x["sample"]) for x in rows] == [
             (f"p{i}", k) for i in range(1, 13) for k in (0, 1)]
         for row in rows:
-            assert row["response"] == f"base-1 answers: Question {row['id']}"
+            assert row["response"] == f"base-1 answers:\u2028Question {row['id']}"
             assert row["endpoint"]["api"] == "/completions"
         # the rerun asked only for what was missing: at most one request per row overall,
         # plus the requests the kill cut off in flight (at most --concurrency)

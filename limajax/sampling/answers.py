@@ -107,7 +107,9 @@ def sample_file(source: str, prompts_path: str, output_path: str, settings: Sett
 def in_input_order(output: Path, rows: list[dict]) -> None:
     """Rewrite the finished output atomically with its rows in the prompts' order."""
     place = {str(row["id"]): n for n, row in enumerate(rows)}
-    lines = output.read_text(encoding="utf-8").splitlines(keepends=True)
+    # split at "\n" only, as read_jsonl does: an answer may hold U+2028, which splitlines cuts
+    lines = [line + "\n" for line in output.read_text(encoding="utf-8").split("\n")
+             if line.strip()]
     keyed = [(json.loads(line), line) for line in lines]
     keyed.sort(key=lambda x: (place.get(str(x[0]["id"]), len(place)), x[0]["sample"]))
     with staged_file(output) as f:

@@ -53,11 +53,11 @@ def messages(conversations: list[str]) -> list[dict]:
 
 def without(output: Path, keys: set[tuple[str, int]]) -> None:
     """Rewrite `output` atomically without the rows of `keys` (failed rows to ask again)."""
-    lines = output.read_text(encoding="utf-8").splitlines(keepends=True)
-    kept = [line for (_, _, row), line in zip(read_jsonl(output), lines, strict=True)
-            if (str(row["id"]), int(row["sample"])) not in keys]
+    drop = {n for _, n, row in read_jsonl(output) if (str(row["id"]), int(row["sample"])) in keys}
+    lines = output.read_text(encoding="utf-8").split("\n")  # read_jsonl's lines, numbered alike
     with staged_file(output) as f:
-        f.write("".join(kept))
+        f.write("".join(line + "\n" for n, line in enumerate(lines, 1)
+                        if n not in drop and line.strip()))
 
 
 def answer_file(ep: client_lib.Endpoint, prompts_path: str, output_path: str, sent: dict, *,
@@ -68,6 +68,15 @@ def answer_file(ep: client_lib.Endpoint, prompts_path: str, output_path: str, se
     rows = read_prompts(prompts_path)
     output = Path(output_path)
     done = answered(output)
+    where = {"url": ep.url, "api": "/completions" if raw else "/chat/completions",
+             "model": ep.model}
+    for row in done.values():  # one file holds one model's answers, asked one way
+        theirs = row.get("endpoint") or {}
+        if {k: theirs.get(k) for k in where} != where:
+            by = (f"{theirs.get('model')!r} at {theirs.get('url')} ({theirs.get('api')})"
+                  if theirs else "a local model")
+            raise UserError(f"{output}: holds answers of {by}, not of {ep.model!r} at {ep.url} "
+                            f"({where['api']}); write these to another --output")
     failed = {key for key, row in done.items() if "failed" in row}
     if retry_failed and failed:
         without(output, failed)
@@ -75,8 +84,6 @@ def answer_file(ep: client_lib.Endpoint, prompts_path: str, output_path: str, se
     todo = [(row, k) for row in rows for k in range(num_samples)
             if (str(row["id"]), k) not in done]
     ep.api_key()  # a missing key variable is reported before anything is sent
-    where = {"url": ep.url, "api": "/completions" if raw else "/chat/completions",
-             "model": ep.model}
     extra = {"repetition_penalty": sent["repetition_penalty"]} if "repetition_penalty" in sent \
         else None
     fields = {k: v for k, v in sent.items() if k != "repetition_penalty"}
