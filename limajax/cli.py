@@ -277,6 +277,12 @@ def sampling_options(fn):
         click.option("--repetition-penalty", type=float, default=None,
                      help="CTRL's penalty on every token already in the context, prompt "
                      "included (LIMA §4.1: 1.2). Default: 1.2, or 1.0 with --greedy."),
+        click.option("--repetition-penalty-scope", type=click.Choice(["context", "generated"]),
+                     default="context", show_default=True, expose_value=False,
+                     callback=lambda ctx, _, v: ctx.meta.__setitem__("penalty_scope", v),
+                     help="Which ids the penalty counts: the whole context, prompt included "
+                     "(transformers' processor; limajax's default), or only the answer's "
+                     "(LIMA §4.1's wording: 'previously generated tokens')."),
         click.option("--max-new-tokens", type=click.IntRange(min=1), default=2048,
                      show_default=True,
                      help="Stop an answer after this many tokens (never past 2048 in all)."),
@@ -294,7 +300,8 @@ def sampling_settings(temperature, top_p, repetition_penalty, max_new_tokens, gr
     from limajax.sampling import Settings  # resolves None to LIMA §4.1's values
 
     return Settings(temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty,
-                    max_new_tokens=max_new_tokens, greedy=greedy, seed=seed)
+                    max_new_tokens=max_new_tokens, greedy=greedy, seed=seed,
+                    penalty_scope=click.get_current_context().meta["penalty_scope"])
 
 
 @main.command()
@@ -400,8 +407,14 @@ def chat(model_dir, workdir, epoch, temperature, top_p, repetition_penalty, max_
               "the model's context if shorter).")
 @click.option("--mesh", default="1x1", show_default=True, help="DATAxMODEL device mesh.")
 @click.option("--name", default=None, help="The model id in /v1/models (default: the path).")
+@click.option("--api-key-env", default=None, metavar="VAR",
+              help="Require 'Authorization: Bearer KEY' with KEY read from the environment "
+              "variable VAR (never from the command line; never logged).")
+@click.option("--no-auth", is_flag=True,
+              help="Serve a non-loopback --host without a key (refused otherwise).")
 @user_errors
-def serve(model_dir, workdir, epoch, host, port, max_batch, context, mesh, name):
+def serve(model_dir, workdir, epoch, host, port, max_batch, context, mesh, name, api_key_env,
+          no_auth):
     """Serve the model over an OpenAI-compatible HTTP API: /v1/chat/completions (LIMA's
     dialogue format), /v1/completions (plain continuation), /v1/models, /health; streaming,
     n, stop, seed and a `repetition_penalty` extension; omitted settings are LIMA §4.1's.
@@ -414,9 +427,8 @@ def serve(model_dir, workdir, epoch, host, port, max_batch, context, mesh, name)
     sharding.start(mesh)  # before anything touches the devices
     from limajax.serving import serve as serve_lib
 
-    click.echo(f"serving {source} on http://{host}:{port}/v1 (Ctrl-C stops)", err=True)
     serve_lib(source, epoch=epoch, host=host, port=port, max_batch=max_batch, mesh_spec=mesh,
-              context=context, name=name)
+              context=context, name=name, api_key_env=api_key_env, no_auth=no_auth)
 
 
 # --- train / plan: LIMA's fine-tuning recipe on a mesh (limajax.train) --------------------------

@@ -77,22 +77,27 @@ STORIES_CONTEXT = 512  # tokens per decode slot of the stories260K server (its c
 
 
 @pytest.fixture(scope="session")
-def stories_server(stories):
-    """limajax's own `serve` of stories260K on a free loopback port (the serving tests, and the
-    judge client's test against a real, noisy judge); yields the OpenAI base URL (.../v1)."""
+def stories_engine(stories):
+    """The continuous-batching engine over stories260K, 8 slots of its 512-token context."""
     from limajax import sharding
     from limajax.checkpoint import load_for_inference
     from limajax.sampling import Engine
-    from limajax.serving import running
 
     mesh = sharding.single_device_mesh()
     model, tokenizer = load_for_inference(stories / "model", mesh)
     engine = Engine(model, tokenizer, mesh, max_batch=8, cache_length=STORIES_CONTEXT)
-    try:
-        with running(engine, "stories") as url:
-            yield url
-    finally:
-        engine.close()
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="session")
+def stories_server(stories_engine):
+    """limajax's own `serve` of stories260K on a free loopback port (the serving tests, and the
+    judge client's test against a real, noisy judge); yields the OpenAI base URL (.../v1)."""
+    from limajax.serving import running
+
+    with running(stories_engine, "stories") as url:
+        yield url
 
 
 # AutoTokenizer in a Python where sentencepiece and protobuf cannot be imported, as in a fresh

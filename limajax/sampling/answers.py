@@ -17,13 +17,16 @@ from limajax.errors import UserError
 from limajax.files import append_jsonl, drop_torn_last_line, read_jsonl, staged_file
 from limajax.progress import bar as progress_bar
 from limajax.sampling.sampler import (
+    Completion,
     Request,
     Settings,
     check_prompt,
     context_length,
+    decode_after,
     generate,
     stop_ids,
 )
+from limajax.tokenizer import Tokenizer
 
 
 def read_prompts(path: str | Path) -> list[dict]:
@@ -43,6 +46,12 @@ def read_prompts(path: str | Path) -> list[dict]:
     if not rows:
         raise UserError(f"{path}: no prompts")
     return rows
+
+
+def answer_text(tokenizer: Tokenizer, ids: list[int], completion: Completion, raw: bool) -> str:
+    """An answer's text: a raw continuation decoded after its prompt, so it keeps its leading
+    space; a dialogue answer is its own utterance."""
+    return decode_after(tokenizer, ids if raw else [], completion.text_tokens())
 
 
 def answered(path: Path) -> set[tuple[str, int]]:
@@ -92,7 +101,7 @@ def sample_file(source: str, prompts_path: str, output_path: str, settings: Sett
             for i, c in finished:
                 row, request = todo[i]
                 append_jsonl(output, {
-                    **row, "response": tokenizer.decode(c.text_tokens()),
+                    **row, "response": answer_text(tokenizer, request.ids, c, raw),
                     "sample": request.sample, **meta, "prompt_tokens": len(request.ids),
                     "completion_tokens": len(c.tokens), "finish_reason": c.finish})
                 generated += len(c.tokens)
@@ -124,5 +133,5 @@ def sample_text(source: str, text: str, settings: Settings, *, epoch: int | None
     answers = [""] * num_samples
     for finished in generate(model, mesh, requests, num_samples, stop_ids(tokenizer)):
         for i, c in finished:
-            answers[i] = tokenizer.decode(c.text_tokens())
+            answers[i] = answer_text(tokenizer, ids, c, raw)
     return answers

@@ -10,6 +10,7 @@ and vLLM call continuous batching) instead of waiting for the batch to drain. It
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import queue
 import threading
@@ -23,6 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from limajax import sharding
+from limajax.data import bucket_length, buckets_for
 from limajax.model import Llama
 from limajax.sampling.sampler import (
     FINISH_REASONS,
@@ -36,24 +38,40 @@ from limajax.sampling.sampler import (
     check_prompt,
     context_length,
     decode,
+    decode_after,
     prefill,
+    prompt_logprobs,
     stop_ids,
 )
 from limajax.tokenizer import Tokenizer
+
+PROMPT_TOKENS_PER_CALL = 8192  # rows x width of one prompt_logprobs call: [.., V] logits each
+
+
+CONTEXT_TOKENS = 8  # prompt ids decoded before an answer: enough for its first piece's space
 
 
 class TextStream:
     """A growing answer as text deltas, for streaming. Text that may still change is held back:
     a character whose bytes are not all decoded yet, and an ending that may begin a stop
-    string. The answer ends at the first stop string, which is not part of it."""
+    string. The answer ends at the first stop string, which is not part of it.
 
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()):
+    `context`: the ids the answer continues, when it continues them as one text (a plain
+    completion): the answer is decoded after them, so it keeps the spaces it has in context
+    (SentencePiece drops a first piece's space when decoding it alone), as vLLM's incremental
+    detokenizer does. A chat answer is its own utterance (encoded alone in training) and
+    takes no context."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = (),
+                 context: Sequence[int] = ()):
         self.tokenizer, self.stop, self.text = tokenizer, [s for s in stop if s], ""
+        self.context = list(context)[-CONTEXT_TOKENS:]
+        self.prefix = decode_after(tokenizer, [], self.context)
         self.stopped = False
 
     def update(self, ids: Sequence[int], final: bool = False) -> str:
         """The new text after `ids` (the whole answer so far); sets `stopped` at a stop string."""
-        text = self.tokenizer.decode(ids)
+        text = decode_after(self.tokenizer, self.context, ids, self.prefix)
         cuts = [text.find(s) for s in self.stop if s in text]
         if cuts:
             text, self.stopped, final = text[:min(cuts)], True, True
@@ -70,30 +88,46 @@ class TextStream:
 
 @dataclasses.dataclass
 class Job:
-    """One answer being generated: its request, where its events go, and how far it got."""
+    """One answer being generated: its request, where its events go, and how far it got.
+
+    Events: {"text": delta, "ids": new ids, and with Settings.logprobs "logprobs": [...],
+    "top": [(ids, logprobs), ...]} as tokens come, then {"finish", "prompt_tokens",
+    "completion_tokens"}, or {"error"} if the engine fails."""
 
     request: Request
     deliver: Callable[[dict], None]  # called on the engine's thread with each event
     stream: TextStream
     slot: int = -1
     cancelled: bool = False
+    sent: int = 0  # answer ids already delivered
 
 
 @nnx.jit(donate_argnames=("state",))
-def insert(state: State, row: State, slot) -> State:
-    """Put a prefilled one-row state into slot `slot` of the running batch."""
+def insert(state: State, rows: State, slots) -> State:
+    """Put prefilled rows into the running batch: row i into slot slots[i] (a slot past the
+    batch drops the row: the padding rows of a prefill)."""
     def put(big, small):
-        return big.at[slot].set(small[0])
+        return big.at[slots].set(small, mode="drop")
 
-    fields = {name: jax.tree.map(put, getattr(state, name), getattr(row, name))
+    fields = {name: jax.tree.map(put, getattr(state, name), getattr(rows, name))
               for name in State._fields if name != "cache"}
-    cache = jax.tree.map(lambda big, small: big.at[:, slot].set(small[:, 0]), state.cache,
-                         row.cache)
+    cache = jax.tree.map(lambda big, small: big.at[:, slots].set(small, mode="drop"),
+                         state.cache, rows.cache)
     return State(**fields, cache=cache)
 
 
+def row_bucket(n: int, data: int) -> int:
+    """Rows of a prefill: the next power of two (few shapes to compile), whole over `data`."""
+    return data * -(-(1 << (n - 1).bit_length()) // data)
+
+
 class Engine:
-    """Continuous batching over `max_batch` decode slots of `cache_length` tokens each."""
+    """Continuous batching over `max_batch` decode slots of `cache_length` tokens each.
+
+    Each engine step admits every waiting request that finds a free slot in one prefill
+    (rows padded to a power of two, width to the length bucket, as `sample` batches), then
+    runs `steps_per_call` decode steps for all slots. `call(fn)` runs other device work (the
+    log-probabilities of prompts) on the engine's thread between steps."""
 
     def __init__(self, model: Llama, tokenizer: Tokenizer, mesh: Mesh, max_batch: int = 16,
                  cache_length: int | None = None, steps_per_call: int = 8):
@@ -102,7 +136,7 @@ class Engine:
         self.cache_length = min(cache_length or context_length(model), context_length(model))
         self.steps_per_call = steps_per_call
         self.stops = stop_ids(tokenizer)
-        self.waiting: queue.Queue[Job] = queue.Queue()
+        self.waiting: queue.Queue[Job | concurrent.futures.Future | None] = queue.Queue()
         self.slots: list[Job | None] = [None] * self.max_batch
         idle = [Request([tokenizer.bos_id], Settings(max_new_tokens=1))] * self.max_batch
         self.state = self._prefill(idle, finished=True)
@@ -116,38 +150,101 @@ class Engine:
         check_prompt(job.request.ids, self.cache_length, "the prompt")
         self.waiting.put(job)
 
+    def call(self, fn: Callable[[], object]) -> concurrent.futures.Future:
+        """Run `fn` on the engine's thread before its next step; its result comes back in the
+        future."""
+        if self.failure is not None:
+            raise RuntimeError(self.failure)
+        future = concurrent.futures.Future()
+        future.fn = fn
+        self.waiting.put(future)
+        return future
+
+    def busy(self) -> int:
+        return sum(job is not None for job in self.slots)
+
+    def queued(self) -> int:
+        return self.waiting.qsize()
+
     def close(self) -> None:
         self.running = False
         self.waiting.put(None)  # wake the loop
         self.thread.join()
 
+    def prompt_logprobs(self, prompts: Sequence[Sequence[int]]) -> list[tuple]:
+        """(log p of each token after the first [n-1], top ids [n-1, K], their log-probs) of
+        each prompt, batched by length; call it through `call`."""
+        out = [None] * len(prompts)
+        buckets = buckets_for(self.cache_length)
+        widths = [bucket_length(len(p), buckets) for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: widths[i])
+        start = 0
+        while start < len(order):
+            width = widths[order[start]]
+            n = max(1, PROMPT_TOKENS_PER_CALL // width)
+            chunk = [i for i in order[start:start + n] if widths[i] == width]
+            tokens = np.zeros((row_bucket(len(chunk), 1), width), np.int32)
+            for r, i in enumerate(chunk):
+                tokens[r, :len(prompts[i])] = prompts[i]
+            with sharding.activate(self.mesh):
+                chosen, ids, lps = jax.device_get(prompt_logprobs(self.model,
+                                                                  jnp.asarray(tokens)))
+            for r, i in enumerate(chunk):
+                n_i = len(prompts[i]) - 1
+                out[i] = (chosen[r, :n_i], ids[r, :n_i], lps[r, :n_i])
+            start += len(chunk)
+        return out
+
     def _prefill(self, requests: Sequence[Request], finished: bool = False) -> State:
-        prompts, lengths, limits, knobs, keys, _ = batch_arrays(requests, len(requests),
+        rows = min(row_bucket(len(requests), self.mesh.shape["data"]), self.max_batch)
+        prompts, lengths, limits, knobs, keys, _ = batch_arrays(requests, rows,
                                                                 self.cache_length)
         if finished:
             limits = lengths
-        rows = sharding.batch_sharding(self.mesh) if len(requests) == self.max_batch else None
+        sharded = sharding.batch_sharding(self.mesh)
         with sharding.activate(self.mesh):
-            put = (lambda x: jax.device_put(x, rows)) if rows is not None else jnp.asarray
+            def put(x):
+                return jax.device_put(x, sharded)
+
             return prefill(self.model, put(prompts), put(lengths), put(limits),
                            Knobs(*(put(k) for k in knobs)), put(keys),
                            cache_length=self.cache_length)
 
     def _admit(self, block: bool) -> None:
-        """Prefill waiting jobs into free slots (wait for one if nothing is running)."""
-        while None in self.slots:
+        """Prefill the waiting jobs that find a free slot, together (wait for one if nothing
+        is running); run waiting calls."""
+        jobs = []
+        free = self.slots.count(None)
+        while len(jobs) < free:
             try:
-                job = self.waiting.get(block=block)
+                item = self.waiting.get(block=block and not jobs)
             except queue.Empty:
-                return
-            block = False
-            if job is None or job.cancelled:
+                break
+            if isinstance(item, concurrent.futures.Future):
+                self._run(item)
+                block = False
                 continue
-            job.slot = self.slots.index(None)
-            self.slots[job.slot] = job
-            row = self._prefill([job.request])
-            with sharding.activate(self.mesh):
-                self.state = insert(self.state, row, jnp.int32(job.slot))
+            if item is None:
+                break
+            if not item.cancelled:
+                jobs.append(item)
+        if not jobs:
+            return
+        slots = [i for i, job in enumerate(self.slots) if job is None][:len(jobs)]
+        for job, slot in zip(jobs, slots, strict=True):
+            job.slot, self.slots[slot] = slot, job
+        rows = self._prefill([job.request for job in jobs])
+        padded = slots + [self.max_batch] * (rows.tokens.shape[0] - len(slots))  # dropped
+        with sharding.activate(self.mesh):
+            self.state = insert(self.state, rows, jnp.asarray(padded, jnp.int32))
+
+    @staticmethod
+    def _run(future: concurrent.futures.Future) -> None:
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(future.fn())
+            except Exception as e:  # the caller's request failed, not the engine
+                future.set_exception(e)
 
     def _loop(self) -> None:
         try:
@@ -170,20 +267,31 @@ class Engine:
             with sharding.activate(self.mesh):
                 self.state = decode(self.model, self.state, self.stops,
                                     jnp.int32(self.steps_per_call))
-            tokens, length, finish = jax.device_get(
-                (self.state.tokens, self.state.length, self.state.finish))
+            fields = ["tokens", "length", "finish"]
+            if any(job is not None and job.request.settings.logprobs for job in self.slots):
+                fields += ["logprob", "top_ids", "top_logprobs"]
+            got = dict(zip(fields, jax.device_get([getattr(self.state, f) for f in fields]),
+                           strict=True))
             for slot, job in enumerate(self.slots):
                 if job is not None:
-                    self._harvest(job, tokens[slot], int(length[slot]), int(finish[slot]))
+                    self._harvest(job, {f: v[slot] for f, v in got.items()})
 
-    def _harvest(self, job: Job, tokens: np.ndarray, length: int, finish: int) -> None:
+    def _harvest(self, job: Job, row: dict) -> None:
         """Send a job its new text; free its slot when it has finished, stopped or gone."""
-        start = len(job.request.ids)
-        generated = tokens[start:length].tolist()
+        start, length, finish = len(job.request.ids), int(row["length"]), int(row["finish"])
+        generated = row["tokens"][start:length].tolist()
         reason = FINISH_REASONS[finish]
-        delta = job.stream.update(answer_tokens(generated, reason), final=bool(finish))
-        if delta:
-            job.deliver({"text": delta})
+        answer = answer_tokens(generated, reason)
+        delta = job.stream.update(answer, final=bool(finish))
+        new = slice(start + job.sent, start + len(answer))
+        if delta or new.start < new.stop:
+            event = {"text": delta, "ids": answer[job.sent:]}
+            if job.request.settings.logprobs:
+                event["logprobs"] = row["logprob"][new].tolist()
+                event["top"] = list(zip(row["top_ids"][new].tolist(),
+                                        row["top_logprobs"][new].tolist(), strict=True))
+            job.sent = len(answer)
+            job.deliver(event)
         if finish or job.stream.stopped or job.cancelled:
             self.slots[job.slot] = None
             job.deliver({"finish": "length" if reason == "length" and not job.stream.stopped

@@ -36,6 +36,10 @@ RUNNING, EOT, EOS, LENGTH = range(4)
 
 
 PENALTY_SCOPES = ("context", "generated")  # which ids the repetition penalty counts
+# Log-probabilities reported per token: at most this many alternatives (OpenAI's chat limit, and
+# vLLM's default max_logprobs). They are the model's own distribution (log-softmax of its
+# logits), before the repetition penalty, temperature and top-p, as OpenAI and vLLM report them.
+TOP_LOGPROBS = 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +60,7 @@ class Settings:
     greedy: bool = False
     seed: int = 0
     penalty_scope: str = "context"
+    logprobs: bool = False  # record log-probabilities (TOP_LOGPROBS alternatives) per token
 
     def __post_init__(self):
         resolved = {"temperature": 0.7, "top_p": 0.9}  # LIMA §4.1
@@ -79,7 +84,8 @@ class Settings:
             object.__setattr__(self, "repetition_penalty", 1.0 if self.greedy else 1.2)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """How answers were chosen (what answer files record); `logprobs` changes no answer."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "logprobs"}
 
 
 # --- logit processors: small pure functions, applied in this order (LIMA §4.1) -----------------
@@ -117,6 +123,7 @@ class Knobs(NamedTuple):
     penalty: jax.Array
     greedy: jax.Array
     prompt_seen: jax.Array  # the penalty counts the prompt's ids (penalty_scope "context")
+    logprobs: jax.Array  # record each chosen token's log-probability and the top alternatives
 
     @classmethod
     def of(cls, settings: Sequence[Settings]) -> Knobs:
@@ -124,7 +131,8 @@ class Knobs(NamedTuple):
                    np.asarray([s.top_p for s in settings], np.float32),
                    np.asarray([s.repetition_penalty for s in settings], np.float32),
                    np.asarray([s.greedy for s in settings], bool),
-                   np.asarray([s.penalty_scope == "context" for s in settings], bool))
+                   np.asarray([s.penalty_scope == "context" for s in settings], bool),
+                   np.asarray([s.logprobs for s in settings], bool))
 
 
 def choose(logits: jax.Array, seen: jax.Array, knobs: Knobs, keys: jax.Array) -> jax.Array:
@@ -155,6 +163,9 @@ class State(NamedTuple):
     finish: jax.Array  # [B] RUNNING, EOT, EOS or LENGTH
     seen: jax.Array  # [B, V] ids the repetition penalty counts
     logits: jax.Array  # [B, V] the next token's logits
+    logprob: jax.Array  # [B, S] log p(token) under the model, where knobs.logprobs
+    top_ids: jax.Array  # [B, S, TOP_LOGPROBS] the most probable ids at each position
+    top_logprobs: jax.Array  # [B, S, TOP_LOGPROBS] and their log-probabilities
     keys: jax.Array  # [B, 2] the row's key: (seed, prompt id, sample index)
     knobs: Knobs
     cache: KVCache  # [L, B, S, K, H]
@@ -198,8 +209,19 @@ def prefill(model: Llama, prompts, lengths, limits, knobs: Knobs, keys, *, cache
     seen = jnp.zeros((b, v), bool).at[jnp.arange(b)[:, None], real].set(True, mode="drop")
     tokens = jnp.zeros((b, cache_length), jnp.int32).at[:, :p].set(prompts)
     finish = jnp.where(lengths >= limits, LENGTH, RUNNING).astype(jnp.int32)
-    return State(tokens, lengths, limits, finish, seen, logits[:, 0], keys, knobs,
-                 constrain_cache(cache))
+    logprob = jnp.zeros((b, cache_length), jnp.float32)
+    top = jnp.zeros((b, cache_length, TOP_LOGPROBS), jnp.int32)
+    return State(tokens, lengths, limits, finish, seen, logits[:, 0], logprob, top,
+                 top.astype(jnp.float32), keys, knobs, constrain_cache(cache))
+
+
+def top_logprobs(logits: jax.Array, ids: jax.Array):
+    """log p(ids) under log-softmax(logits) [..., V], and the TOP_LOGPROBS most probable ids
+    with theirs. Padded vocabulary entries are -inf (model.py), so they never appear."""
+    lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(lp, ids[..., None], axis=-1)[..., 0]
+    best, best_ids = jax.lax.top_k(lp, TOP_LOGPROBS)
+    return chosen, best_ids.astype(jnp.int32), best
 
 
 def step(model: Llama, state: State, stop_ids: jax.Array) -> State:
@@ -214,6 +236,17 @@ def step(model: Llama, state: State, stop_ids: jax.Array) -> State:
     seen = state.seen.at[rows, jnp.where(running, token, state.seen.shape[1])].set(
         True, mode="drop")
     length = position + running
+
+    def record(state):
+        chosen, ids, lps = top_logprobs(state.logits, token)
+        at = (rows, jnp.where(running & state.knobs.logprobs, position, s))
+        return (state.logprob.at[at].set(chosen, mode="drop"),
+                state.top_ids.at[at].set(ids, mode="drop"),
+                state.top_logprobs.at[at].set(lps, mode="drop"))
+
+    logprob, top_ids, top_lps = jax.lax.cond(  # the top-k costs nothing when no row asks
+        jnp.any(state.knobs.logprobs & running), record,
+        lambda state: (state.logprob, state.top_ids, state.top_logprobs), state)
     finish = jnp.select(
         [~running, token == stop_ids[0], token == stop_ids[1], length >= state.limit],
         [state.finish, EOT, EOS, LENGTH], RUNNING).astype(jnp.int32)
@@ -221,7 +254,16 @@ def step(model: Llama, state: State, stop_ids: jax.Array) -> State:
     logits, cache = model(token[:, None], jnp.minimum(position, s - 1)[:, None],
                           cache=state.cache)
     return state._replace(tokens=tokens, length=length, finish=finish, seen=seen,
-                          logits=logits[:, 0], cache=constrain_cache(cache))
+                          logits=logits[:, 0], logprob=logprob, top_ids=top_ids,
+                          top_logprobs=top_lps, cache=constrain_cache(cache))
+
+
+@nnx.jit
+def prompt_logprobs(model: Llama, tokens: jax.Array):
+    """For right-padded prompts [B, P]: log p(tokens[t] | tokens[:t]) for t >= 1 [B, P-1], and
+    the top alternatives at each of those positions (what `echo` with `logprobs` reports)."""
+    logits = model(tokens)
+    return top_logprobs(logits[:, :-1], tokens[:, 1:])
 
 
 @nnx.jit(donate_argnames=("state",))
@@ -337,3 +379,16 @@ def generate(model: Llama, mesh: Mesh, requests: Sequence[Request], batch_size: 
         chunk = order[start:start + batch]
         done = run_batch(model, mesh, [requests[i] for i in chunk], batch, stops)
         yield list(zip(chunk, done, strict=True))
+
+
+def decode_after(tokenizer: Tokenizer, context: Sequence[int], ids: Sequence[int],
+                 prefix: str | None = None) -> str:
+    """The text `ids` add after `context`: decode(context + ids) minus decode(context)
+    (`prefix`, if already known). A partial character at the end of the context is completed
+    by the ids and counted as theirs."""
+    if not context:
+        return tokenizer.decode(ids)
+    prefix = tokenizer.decode(context) if prefix is None else prefix
+    prefix = prefix.rstrip("\ufffd")
+    whole = tokenizer.decode([*context, *ids])
+    return whole[len(prefix):] if whole.startswith(prefix) else tokenizer.decode(ids)
