@@ -207,6 +207,11 @@ def test_bad_input_is_one_line_before_any_prompt(tmp_path, cli, monkeypatch):
               "give no --model", srv)
         fails(["sample", "--endpoint", srv.url, "--prompts", prompts, "--output", out],
               "give --endpoint URL and --endpoint-model NAME together", srv)
+    with AnswerServer({"base-1": echo("base-1")}, key="the-right-one") as srv:
+        fails(sample_args(srv.url, "base-1", prompts, out, "--api-key-env", "WRONG_KEY"),
+              "refused the API key from $WRONG_KEY (401)", srv)
+        fails(sample_args(srv.url, "base-1", prompts, out), "wants an API key (401; pass "
+              "--api-key-env VAR)", srv)
     with HTMLServer() as html:
         fails(sample_args(html.url, "base-1", prompts, out, "--api-key-env", "WRONG_KEY"),
               "not an OpenAI-compatible API")
