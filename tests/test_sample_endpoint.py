@@ -207,6 +207,11 @@ def test_bad_input_is_one_line_before_any_prompt(tmp_path, cli, monkeypatch):
               "give no --model", srv)
         fails(["sample", "--endpoint", srv.url, "--prompts", prompts, "--output", out],
               "give --endpoint URL and --endpoint-model NAME together", srv)
+    with AnswerServer({"base-1": echo("base-1")}, key="the-right-one") as srv:
+        fails(sample_args(srv.url, "base-1", prompts, out, "--api-key-env", "WRONG_KEY"),
+              "refused the API key from $WRONG_KEY (401)", srv)
+        fails(sample_args(srv.url, "base-1", prompts, out), "wants an API key (401; pass "
+              "--api-key-env VAR)", srv)
     with HTMLServer() as html:
         fails(sample_args(html.url, "base-1", prompts, out, "--api-key-env", "WRONG_KEY"),
               "not an OpenAI-compatible API")
@@ -240,6 +245,12 @@ def test_compare_counts_what_the_stand_in_produced(tmp_path, cli, stories_server
     assert len(answers) == 6 and all(answers.values())
     assert all(x["endpoint"]["reported_model"] == "stories" for x in lines(own))
     assert lines(own)[0]["usage"]["completion_tokens"] <= 24
+    raw = tmp_path / "raw.jsonl"  # a base model's way: /completions, the prompt as plain text
+    r = cli(*sample_args(stories_server, "stories", prompts, raw, "--max-new-tokens", 8,
+                         "--timeout", 60, "--raw", "--greedy"))
+    assert r.exit_code == 0, r.output
+    assert [(x["endpoint"]["api"], x["settings"], x["completion_tokens"]) for x in lines(raw)] \
+        == [("/completions", {"temperature": 0.0, "max_tokens": 8}, 8)] * 6
     # p1, p2 shorter (limajax wins), p3 as long (a tie), p4, p5 longer (the baseline wins)
     plan = {"p1": -1, "p2": -5, "p3": 0, "p4": 3, "p5": 40, "p6": 0}
 
