@@ -4,16 +4,13 @@
     Batches(load(DATA_DIR), tokenizer)   packed global batches, epoch after epoch, resumable
 
 gair.py reads and checks GAIR's files; dataset.py is the TFDS builder; batches.py turns
-dialogues into packed, bucketed batches (and holds the one bucketing rule); stats.py reports.
+dialogues into packed, bucketed batches (bucketed by config.buckets_for); stats.py reports.
 """
 
 from limajax.data.batches import (
     BATCH_KEYS,
-    BUCKETS,
     Batches,
     batches_for,
-    bucket_length,
-    buckets_for,
     dev_batches_for,
     steps_per_epoch,
     training_source,
@@ -39,9 +36,8 @@ from limajax.data.gair import (
 )
 from limajax.data.stats import SplitStats, format_stats, inspect, plot_lengths
 
-__all__ = ["BATCH_KEYS", "BUCKETS", "SAMPLE_DATA", "SAMPLE_TOKENIZER", "SPLITS", "Batches",
-           "Lima", "PrepareOptions", "Row", "SplitStats", "batches_for", "bucket_length",
-           "buckets_for", "conversations",
+__all__ = ["BATCH_KEYS", "SAMPLE_DATA", "SAMPLE_TOKENIZER", "SPLITS", "Batches",
+           "Lima", "PrepareOptions", "Row", "SplitStats", "batches_for", "conversations",
            "dataset_dir", "dev_batches_for", "format_stats", "inspect", "load", "plot_lengths",
            "prepare",
            "read_gair_dir", "read_gair_file", "read_metadata", "select", "split_names",
