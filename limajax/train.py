@@ -305,11 +305,8 @@ def train(config: TrainConfig, workdir: str | Path, loader: Loader, *, mesh: Mes
     follows DESIGN §3 (limajax/workdir.py).
     """
     mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
-    sharding.check(config, mesh)
-    log(attention.describe(config.model.attention))  # once, before anything is built
     config, workdir = resolved_paths(config), Path(workdir)
     is_lead = jax.process_index() == 0
-    check_config(workdir, config)
     setup = build(config, mesh, loader.steps_per_epoch)
     if is_lead:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -480,12 +477,17 @@ def train_recipe(config: TrainConfig, workdir: str | Path, *, peak: float | None
     """`limajax train`: settle the recipe's model, tokenizer and data, then train (or resume)
     in `workdir`."""
     mesh = sharding.make_mesh(config.mesh)  # the one parse of --mesh (start counted devices)
+    # The setup checks, once and before anything loads (train() trusts its caller).
+    sharding.check(config, mesh)
+    kernel = attention.describe(config.model.attention)  # a kernel this platform lacks: fail here
     if config.init is None and config.tokenizer is None and config.data.path is None:
         log(f"notice: a random model on the sample data: its tokenizer, {data.SAMPLE_TOKENIZER}")
         config = dataclasses.replace(config, tokenizer=str(data.SAMPLE_TOKENIZER))
     config, tokenizer, init_params = resolve_init(config)  # the parameters load in train()
+    check_config(workdir, config)
     data_axis = mesh.shape["data"]
     loader = data.batches_for(config, tokenizer, data_axis)
+    log(kernel)
     for line in sharding.replication_notices(config.model, mesh):
         log(line)
     log(f"{config.model.n_params / 1e6:,.2f}M parameters, {loader.steps_per_epoch} steps per "
