@@ -238,6 +238,15 @@ class Engine:
         with sharding.activate(self.mesh):
             self.state = insert(self.state, rows, jnp.asarray(padded, jnp.int32))
 
+    def _span(self) -> int | None:
+        """Cache slots the next decode call can reach: the busy slots' furthest position after
+        `steps_per_call` more tokens, rounded up to a length bucket (a few shapes to compile);
+        None when that is the whole cache."""
+        furthest = max(len(job.request.ids) + job.sent for job in self.slots if job is not None)
+        span = bucket_length(min(furthest + self.steps_per_call + 1, self.cache_length),
+                             buckets_for(self.cache_length))
+        return None if span >= self.cache_length else span
+
     @staticmethod
     def _run(future: concurrent.futures.Future) -> None:
         if future.set_running_or_notify_cancel():
@@ -266,7 +275,7 @@ class Engine:
                 continue
             with sharding.activate(self.mesh):
                 self.state = decode(self.model, self.state, self.stops,
-                                    jnp.int32(self.steps_per_call))
+                                    jnp.int32(self.steps_per_call), span=self._span())
             fields = ["tokens", "length", "finish"]
             if any(job is not None and job.request.settings.logprobs for job in self.slots):
                 fields += ["logprob", "top_ids", "top_logprobs"]
