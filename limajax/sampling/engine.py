@@ -210,9 +210,9 @@ class Engine:
                            Knobs(*(put(k) for k in knobs)), put(keys),
                            cache_length=self.cache_length)
 
-    def _admit(self, block: bool) -> None:
+    def _admit(self, block: bool) -> int:
         """Prefill the waiting jobs that find a free slot, together (wait for one if nothing
-        is running); run waiting calls."""
+        is running); run waiting calls. Returns how many jobs were admitted."""
         jobs = []
         free = self.slots.count(None)
         while len(jobs) < free:
@@ -229,7 +229,7 @@ class Engine:
             if not item.cancelled:
                 jobs.append(item)
         if not jobs:
-            return
+            return 0
         slots = [i for i, job in enumerate(self.slots) if job is None][:len(jobs)]
         for job, slot in zip(jobs, slots, strict=True):
             job.slot, self.slots[slot] = slot, job
@@ -237,6 +237,7 @@ class Engine:
         padded = slots + [self.max_batch] * (rows.tokens.shape[0] - len(slots))  # dropped
         with sharding.activate(self.mesh):
             self.state = insert(self.state, rows, jnp.asarray(padded, jnp.int32))
+        return len(jobs)
 
     def _span(self) -> int | None:
         """Cache slots the next decode call can reach: the busy slots' furthest position after
@@ -270,12 +271,14 @@ class Engine:
 
     def _serve(self) -> None:
         while self.running:
-            self._admit(block=not any(self.slots))
+            admitted = self._admit(block=not any(self.slots))
             if not any(self.slots):
                 continue
+            # Just-admitted answers get their first token after one step, not a full call.
+            steps = 1 if admitted else self.steps_per_call
             with sharding.activate(self.mesh):
-                self.state = decode(self.model, self.state, self.stops,
-                                    jnp.int32(self.steps_per_call), span=self._span())
+                self.state = decode(self.model, self.state, self.stops, jnp.int32(steps),
+                                    span=self._span())
             fields = ["tokens", "length", "finish"]
             if any(job is not None and job.request.settings.logprobs for job in self.slots):
                 fields += ["logprob", "top_ids", "top_logprobs"]
