@@ -136,7 +136,8 @@ class Engine:
         self.cache_length = min(cache_length or context_length(model), context_length(model))
         self.steps_per_call = steps_per_call
         self.stops = stop_ids(tokenizer)
-        self.waiting: queue.Queue[Job | concurrent.futures.Future | None] = queue.Queue()
+        self.waiting: queue.Queue[Job | None] = queue.Queue()  # None wakes the loop
+        self.calls: queue.Queue[concurrent.futures.Future] = queue.Queue()
         self.slots: list[Job | None] = [None] * self.max_batch
         idle = [Request([tokenizer.bos_id], Settings(max_new_tokens=1))] * self.max_batch
         self.state = self._prefill(idle, finished=True)
@@ -157,7 +158,8 @@ class Engine:
             raise RuntimeError(self.failure)
         future = concurrent.futures.Future()
         future.fn = fn
-        self.waiting.put(future)
+        self.calls.put(future)
+        self.waiting.put(None)  # wake the loop if it waits for a request
         return future
 
     def busy(self) -> int:
@@ -213,21 +215,19 @@ class Engine:
     def _admit(self, block: bool) -> int:
         """Prefill the waiting jobs that find a free slot, together (wait for one if nothing
         is running); run waiting calls. Returns how many jobs were admitted."""
+        self._run_calls()
         jobs = []
         free = self.slots.count(None)
         while len(jobs) < free:
             try:
-                item = self.waiting.get(block=block and not jobs)
+                job = self.waiting.get(block=block and not jobs)
             except queue.Empty:
                 break
-            if isinstance(item, concurrent.futures.Future):
-                self._run(item)
-                block = False
-                continue
-            if item is None:
+            if job is None:  # woken: a call came, or close()
                 break
-            if not item.cancelled:
-                jobs.append(item)
+            if not job.cancelled:
+                jobs.append(job)
+        self._run_calls()
         if not jobs:
             return 0
         slots = [i for i, job in enumerate(self.slots) if job is None][:len(jobs)]
@@ -248,13 +248,14 @@ class Engine:
                              buckets_for(self.cache_length))
         return None if span >= self.cache_length else span
 
-    @staticmethod
-    def _run(future: concurrent.futures.Future) -> None:
-        if future.set_running_or_notify_cancel():
-            try:
-                future.set_result(future.fn())
-            except Exception as e:  # the caller's request failed, not the engine
-                future.set_exception(e)
+    def _run_calls(self) -> None:
+        while not self.calls.empty():
+            future = self.calls.get()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(future.fn())
+                except Exception as e:  # the caller's request failed, not the engine
+                    future.set_exception(e)
 
     def _loop(self) -> None:
         try:
@@ -268,6 +269,8 @@ class Engine:
             for job in [*self.slots, *waiting]:
                 if job is not None:
                     job.deliver({"error": self.failure})
+            while not self.calls.empty():
+                self.calls.get().set_exception(RuntimeError(self.failure))
 
     def _serve(self) -> None:
         while self.running:
