@@ -26,6 +26,7 @@ from typing import NamedTuple
 import numpy as np
 import sentencepiece as spm
 import tokenizers
+from sentencepiece import sentencepiece_model_pb2 as sp_model_pb2
 
 from limajax.config import pad_vocab
 from limajax.errors import UserError
@@ -119,6 +120,63 @@ class SentencePieceFile:
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(ids)
+
+    def fast(self) -> tokenizers.Tokenizer:
+        """The same tokenizer as a Hugging Face `tokenizer.json` (what transformers, vLLM and TGI
+        load without sentencepiece or protobuf), built from the model's own pieces, scores and
+        normalizer spec, as transformers' LlamaConverter does. The dummy-prefix space goes before
+        every text between special tokens, as SentencePiece puts it before each utterance
+        limajax encodes on its own (LIMA §3's format), so a chat template adds no spaces."""
+        proto = sp_model_pb2.ModelProto()
+        proto.ParseFromString(self.path.read_bytes())
+        trainer, norm = proto.trainer_spec, proto.normalizer_spec
+        unk = proto.pieces[trainer.unk_id].piece
+        if trainer.model_type == trainer.BPE:
+            vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+            model = tokenizers.models.BPE(vocab, _merges(proto, vocab), unk_token=unk,
+                                          fuse_unk=True, byte_fallback=trainer.byte_fallback)
+        elif trainer.model_type == trainer.UNIGRAM:
+            model = tokenizers.models.Unigram([(p.piece, p.score) for p in proto.pieces],
+                                              trainer.unk_id, byte_fallback=trainer.byte_fallback)
+        else:
+            raise UserError(f"{self.path}: a SentencePiece model of type "
+                            f"{trainer.ModelType.Name(trainer.model_type)}; only BPE and unigram "
+                            "models can be written as tokenizer.json")
+        tok = tokenizers.Tokenizer(model)
+        n = tokenizers.normalizers
+        steps = [n.Precompiled(norm.precompiled_charsmap)] if norm.precompiled_charsmap else []
+        if norm.remove_extra_whitespaces:  # SentencePiece strips spaces only, not newlines;
+            # \A and \z: in tokenizers' regexes (Oniguruma) ^ and $ match at every line end
+            steps += [n.Replace(tokenizers.Regex(r"\A +| +\z"), ""),
+                      n.Replace(tokenizers.Regex(" {2,}"), " ")]
+        # The dummy prefix as a normalizer, not Metaspace: Metaspace skips a text that already
+        # starts with a space, SentencePiece does not.
+        steps += [n.Prepend("\u2581")] if norm.add_dummy_prefix else []
+        tok.normalizer = n.Sequence(steps + [n.Replace(" ", "\u2581")])
+        tok.decoder = tokenizers.decoders.Sequence([
+            tokenizers.decoders.Replace("\u2581", " "), tokenizers.decoders.ByteFallback(),
+            tokenizers.decoders.Fuse()] + ([tokenizers.decoders.Strip(" ", 1, 0)]
+                                           if norm.add_dummy_prefix else []))
+        specials = [p.piece for p in proto.pieces if p.type in (p.CONTROL, p.UNKNOWN)]
+        tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
+                                for t in specials])
+        bos = self.piece(self.bos_id) if self.bos_id >= 0 else None
+        if bos:  # BOS first, as LlamaTokenizer's add_bos_token
+            tok.post_processor = tokenizers.processors.TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, self.bos_id)])
+        return tok
+
+
+def _merges(proto, vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """A SentencePiece BPE model's merges in the order it applies them: every split of a piece
+    into two pieces, ranked by the merged piece's score (transformers' SentencePieceExtractor)."""
+    scored = []
+    for p in proto.pieces:
+        splits = [(p.piece[:k], p.piece[k:]) for k in range(1, len(p.piece))
+                  if p.piece[:k] in vocab and p.piece[k:] in vocab]
+        scored += [(p.score, vocab[a], vocab[b], a, b) for a, b in splits]
+    scored.sort(key=lambda m: (-m[0], m[1], m[2]))
+    return [(a, b) for *_, a, b in scored]
 
 
 class HFTokenizerFile:

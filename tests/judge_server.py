@@ -43,9 +43,10 @@ class Logged:
 
 class JudgeServer:
     def __init__(self, *, hang_s: float = 0.0, delay_s: float = 0.0, retry_after: str = "1",
-                 models: tuple[str, ...] = ("judge-1", "bench")):
+                 models: tuple[str, ...] = ("judge-1", "bench"), key: str | None = None):
         self.hang_s, self.delay_s, self.retry_after = hang_s, delay_s, retry_after
         self.models = models  # what GET /v1/models lists
+        self.key = key  # if set, GET /v1/models wants it (401 otherwise)
         self.log: list[Logged] = []
         self.faulted: dict[str, int] = {}
         self.lock = threading.Lock()
@@ -59,6 +60,8 @@ class JudgeServer:
                 pass
 
             def do_GET(self):
+                if server.key and self.headers.get("Authorization") != f"Bearer {server.key}":
+                    return server.send(self, 401, b'{"error": {"message": "invalid key"}}')
                 if self.path.rstrip("/") != "/v1/models":
                     return server.send(self, 404, b'{"error": {"message": "not found"}}')
                 server.send(self, 200, json.dumps({"object": "list", "data": [
