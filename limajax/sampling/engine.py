@@ -46,6 +46,7 @@ from limajax.sampling.sampler import (
 from limajax.tokenizer import Tokenizer
 
 PROMPT_TOKENS_PER_CALL = 8192  # rows x width of one prompt_logprobs call: [.., V] logits each
+SCORING_WIDTHS = (16, 32, 64, 128, 256, 512, 1024)  # prompt_logprobs' widths, then the context
 
 
 CONTEXT_TOKENS = 8  # prompt ids decoded before an answer: enough for its first piece's space
@@ -177,7 +178,9 @@ class Engine:
         """(log p of each token after the first [n-1], top ids [n-1, K], their log-probs) of
         each prompt, batched by length; call it through `call`."""
         out = [None] * len(prompts)
-        buckets = buckets_for(self.cache_length)
+        # Finer than sample's buckets (which start at 256): scoring requests are short (an
+        # lm-eval context and choice), and every padded position costs a [V] log-softmax.
+        buckets = [w for w in SCORING_WIDTHS if w < self.cache_length] + [self.cache_length]
         widths = [bucket_length(len(p), buckets) for p in prompts]
         order = sorted(range(len(prompts)), key=lambda i: widths[i])
         start = 0
