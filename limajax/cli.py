@@ -357,7 +357,8 @@ def endpoint_options(fn):
               "utterance ending in EOT (with --endpoint: /chat/completions, turns as messages).")
 @endpoint_options
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
-@user_errors
+@user_errors(interrupted="interrupted: the answers finished so far are in --output; the same "
+             "command continues from there")
 def sample(model_dir, workdir, epoch, prompts_path, output_path, text, temperature, top_p,
            repetition_penalty, max_new_tokens, greedy, seed, mesh, num_samples, batch_size,
            raw, endpoint_url, endpoint_model, api_key_env, concurrency, timeout, max_retries,
@@ -399,14 +400,9 @@ def sample(model_dir, workdir, epoch, prompts_path, output_path, text, temperatu
                 click.echo(f"--- sample {k}")
             click.echo(answer)
         return
-    try:
-        summary = sampling.sample_file(source, prompts_path, output_path, settings, epoch=epoch,
-                                       num_samples=num_samples, batch_size=batch_size,
-                                       mesh_spec=mesh, raw=raw, progress=progress)
-    except KeyboardInterrupt:
-        click.echo(f"interrupted: the answers finished so far are in {output_path}; the same "
-                   "command continues from there", err=True)
-        sys.exit(130)
+    summary = sampling.sample_file(source, prompts_path, output_path, settings, epoch=epoch,
+                                   num_samples=num_samples, batch_size=batch_size,
+                                   mesh_spec=mesh, raw=raw, progress=progress)
     click.echo(f"wrote {summary['answers']} answers ({summary['tokens']} tokens, "
                f"{summary['tokens'] / max(summary['seconds'], 1e-9):.1f} tokens/s) to "
                f"{output_path}; {summary['skipped']} were already there")
@@ -431,14 +427,9 @@ def sample_endpoint(model_dir, workdir, prompts_path, output_path, text, tempera
                                  seed)
     ep = Endpoint(endpoint_url, endpoint_model, api_key_env=api_key_env, timeout=timeout,
                   max_retries=max_retries, concurrency=concurrency)
-    try:
-        s = answer_file(ep, prompts_path, output_path, sent_settings(settings, repetition_penalty),
-                        num_samples=num_samples, raw=raw, retry_failed=retry_failed,
-                        progress=progress)
-    except KeyboardInterrupt:
-        click.echo(f"interrupted: the answers finished so far are in {output_path}; the same "
-                   "command continues from there", err=True)
-        sys.exit(130)
+    s = answer_file(ep, prompts_path, output_path, sent_settings(settings, repetition_penalty),
+                    num_samples=num_samples, raw=raw, retry_failed=retry_failed,
+                    progress=progress)
     click.echo(f"wrote {s['answers']} answers from {endpoint_model} ({s['tokens']} tokens, "
                f"{s['retries']} retries) to {output_path}; {s['skipped']} were already there; "
                f"{s['failed']} refused now, {s['failed_total']} failed rows in the file")

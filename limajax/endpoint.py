@@ -71,12 +71,15 @@ def failure(e: Exception, endpoint: Endpoint, doing: str) -> str:
     return endpoint.redact(f"{endpoint.role} {endpoint.url}: {what} ({doing})")
 
 
+REFUSALS = (400, 413, 422)  # statuses about the request itself: too long, a content policy
+
+
 def refusal(e: Exception) -> str | None:
-    """Why the endpoint refused this one prompt (a 400 or 422: too long, a content policy),
-    or None if the error is not about the prompt (it stops the run instead)."""
+    """Why the endpoint refused this one prompt (REFUSALS; the client does not retry them), or
+    None if the error is not about the prompt (it stops the run instead)."""
     import openai
 
-    if isinstance(e, openai.BadRequestError | openai.UnprocessableEntityError):
+    if isinstance(e, openai.APIStatusError) and e.status_code in REFUSALS:
         body = e.body if isinstance(e.body, dict) else {}
         message = body.get("message") or (body.get("error") or {}).get("message") or str(e)
         return f"HTTP {e.status_code}: {str(message)[:500]}"

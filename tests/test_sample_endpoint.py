@@ -113,7 +113,7 @@ def test_faults_refusals_and_retry_failed(tmp_path, cli):
         assert r.exit_code == 2 and "holds answers of 'base-1' at" in r.output, r.output
 
 
-def test_sigkill_and_rerun_answer_every_prompt_exactly_once(tmp_path):
+def test_sigkill_and_rerun_answer_every_prompt_exactly_once(tmp_path, cli, monkeypatch):
     prompts = prompts_file(tmp_path / "p.jsonl", [""] * 12)
     out = tmp_path / "a.jsonl"
     env = {**os.environ, "ANSWER_KEY": KEY}
@@ -122,23 +122,38 @@ def test_sigkill_and_rerun_answer_every_prompt_exactly_once(tmp_path):
         args = sample_args(srv.url, "base-1", prompts, out, "--num-samples", 2, "--concurrency",
                            2, "--api-key-env", "ANSWER_KEY", "--raw")
         args = [str(a) for a in args]
-        proc = subprocess.Popen(cmd + args, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 120
-        while (not out.exists() or out.read_bytes().count(b"\n") < 6) and \
-                time.monotonic() < deadline:
-            time.sleep(0.02)
+
+        def start_and_wait_for(rows):
+            proc = subprocess.Popen(cmd + args, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE)
+            deadline = time.monotonic() + 120
+            while (not out.exists() or out.read_bytes().count(b"\n") < rows) and \
+                    time.monotonic() < deadline:
+                time.sleep(0.02)
+            return proc
+
+        # Ctrl-C: one line, exit 130, what arrived is kept
+        proc = start_and_wait_for(3)
+        os.kill(proc.pid, signal.SIGINT)
+        interrupted = proc.communicate(timeout=60)
+        assert proc.returncode == 130, interrupted
+        said = interrupted[1].decode().strip().splitlines()
+        assert said[-1].startswith("interrupted: the answers finished so far are in --output")
+        assert b"Traceback" not in interrupted[1]
+        # SIGKILL of the rerun
+        proc = start_and_wait_for(out.read_bytes().count(b"\n") + 4)
         os.kill(proc.pid, signal.SIGKILL)
         killed = proc.communicate()
         time.sleep(0.2)  # what the killed process had sent reaches the server's log
         finished = [json.loads(x) for x in out.read_bytes().split(b"\n")[:-1]]  # not a torn one
         before = [(x["id"], x["sample"]) for x in finished]
-        assert 6 <= len(before) < 24 and len(set(before)) == len(before)
+        assert 7 <= len(before) < 24 and len(set(before)) == len(before)
         asked_before = collections.Counter(e.key for e in srv.log)
         with open(out, "a") as f:  # as if the kill had cut a line short while it was written
             f.write('{"id": "p12", "sample": 1, "respo')
-        done = subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stderr
+        monkeypatch.setenv("ANSWER_KEY", KEY)
+        done = cli(*args)  # the rerun, in this process (a process start is seconds of imports)
+        assert done.exit_code == 0, done.output
         rows = lines(out)
         assert [(x["id"], x["sample"]) for x in rows] == [
             (f"p{i}", k) for i in range(1, 13) for k in (0, 1)]
@@ -146,9 +161,9 @@ def test_sigkill_and_rerun_answer_every_prompt_exactly_once(tmp_path):
             assert row["response"] == f"base-1 answers:\u2028Question {row['id']}"
             assert row["endpoint"]["api"] == "/completions"
         # the rerun asked only for what was missing: at most one request per row overall,
-        # plus the requests the kill cut off in flight (at most --concurrency)
+        # plus the requests Ctrl-C and the kill cut off in flight (at most --concurrency each)
         asked = collections.Counter(e.key for e in srv.log)
-        assert sum(asked.values()) <= 24 + 2
+        assert sum(asked.values()) <= 24 + 2 * 2
         again = collections.Counter(e.key for e in srv.log[sum(asked_before.values()):])
         assert sum(again.values()) == 24 - len(before)
         assert {e.authorization for e in srv.log} == {f"Bearer {KEY}"}
@@ -157,8 +172,8 @@ def test_sigkill_and_rerun_answer_every_prompt_exactly_once(tmp_path):
     # the key went to the server, and nowhere else
     for f in tmp_path.iterdir():
         assert b"5ecret" not in f.read_bytes(), f
-    assert "5ecret" not in done.stdout + done.stderr
-    assert b"5ecret" not in killed[0] + killed[1]
+    assert "5ecret" not in done.output
+    assert b"5ecret" not in killed[0] + killed[1] + interrupted[0] + interrupted[1]
 
 
 def test_bad_input_is_one_line_before_any_prompt(tmp_path, cli, monkeypatch):

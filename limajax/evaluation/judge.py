@@ -13,6 +13,7 @@ import dataclasses
 import re
 from collections.abc import Callable
 from importlib import resources
+from typing import ClassVar
 
 from limajax import endpoint
 from limajax.errors import UserError
@@ -28,7 +29,7 @@ REASK = ("Please give your final choice now, with no explanation, as exactly one
 class Judge(endpoint.Endpoint):
     max_tokens: int = 1024
 
-    role = "judge"
+    role: ClassVar[str] = "judge"
 
 
 @dataclasses.dataclass(frozen=True)

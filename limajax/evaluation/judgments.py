@@ -63,7 +63,7 @@ def read_samples(path: str, *, several_per_id: bool = False) -> Samples:
     for where, _, row in read_jsonl(path):
         if not isinstance(row, dict):
             raise UserError(f"{where}: expected a JSON object")
-        if "failed" in row and "response" not in row:
+        if "failed" in row:
             samples.failed += 1
             continue
         for field, kind in (("id", (str, int)), ("conversations", list), ("response", str)):

@@ -9,7 +9,7 @@ first entry as a plain prompt (/completions). Requests go through limajax's one 
 (limajax/endpoint.py: retries, the check before anything is sent, the key kept secret).
 
 Rows are appended as they arrive, so a killed run keeps them and a rerun asks only for what is
-missing. A prompt the endpoint refuses (a 400 or 422, a content filter) is a failed row with
+missing. A prompt the endpoint refuses (a 400, 413 or 422, a content filter) is a failed row with
 the reason and no "response": counted, never judged as an answer (evaluation/judgments.py skips
 it), and asked again only with `retry_failed`.
 """
@@ -90,7 +90,8 @@ def answer_file(ep: client_lib.Endpoint, prompts_path: str, output_path: str, se
 
     async def ask(client, job) -> dict:
         row, k = job
-        common = {**row, "sample": k, "endpoint": where, "settings": sent}
+        common = {**{f: v for f, v in row.items() if f != "response"}, "sample": k,
+                  "endpoint": where, "settings": sent}
         try:
             if raw:
                 reply = await client.completions.with_raw_response.create(
