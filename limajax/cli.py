@@ -165,8 +165,16 @@ def data():
 
 @data.command("prepare")
 @click.option("--input", "input_dir", type=click.Path(path_type=str), default=None,
-              help="Directory with GAIR's train.jsonl (+ optional test.jsonl, dev.jsonl). "
-              "Default: the sample dialogues shipped with limajax.")
+              help="Directory with train.jsonl (+ optional test.jsonl, dev.jsonl; .json too), "
+              "or one training file (e.g. alpaca_data.json). Default: the sample dialogues "
+              "shipped with limajax.")
+@click.option("--format", "fmt", type=click.Choice(["gair", "alpaca", "sharegpt", "openai"]),
+              default=None,
+              help="Insist on this input format; default: detected (each file keeps to one).")
+@click.option("--template", type=click.Choice(["lima", "alpaca"]), default="lima",
+              show_default=True,
+              help="User turns as they are (LIMA's dialogue format) or in Stanford Alpaca's "
+              "prompt; sample the model with the same --template.")
 @click.option("--output", "output_dir", required=True, type=click.Path(path_type=str),
               help="New directory for the dataset (written whole or not at all).")
 @click.option("--dev-from-train", type=int, default=0, show_default=True,
@@ -177,25 +185,32 @@ def data():
               help="Keep a seeded sample of N training dialogues (LIMA §5 quantity ablation).")
 @click.option("--sources", default=None,
               help="Comma-separated sources to train on, e.g. stackexchange,wikihow "
-              "(LIMA §5 diversity ablation).")
+              "(LIMA §5 diversity ablation); -NAME leaves NAME out: --sources=-multi_turn "
+              "trains without LIMA §6's 30 multi-turn dialogues.")
 @user_errors
-def data_prepare(input_dir, output_dir, dev_from_train, seed, sample, sources):
-    """Check GAIR's files and write them as a versioned ArrayRecord dataset."""
+def data_prepare(input_dir, fmt, template, output_dir, dev_from_train, seed, sample, sources):
+    """Check the input files (GAIR, Alpaca, ShareGPT or OpenAI messages) and write them as a
+    versioned ArrayRecord dataset of GAIR rows."""
     from limajax import data as data_lib
 
     options = data_lib.PrepareOptions(
         dev_from_train=dev_from_train, seed=seed, sample=sample,
         sources=tuple(s.strip() for s in sources.split(",") if s.strip()) if sources else None,
+        format=fmt, template=template,
     )
     metadata = data_lib.prepare(input_dir or data_lib.SAMPLE_DATA, output_dir, options)
     click.echo(f"prepared {data_lib.dataset_dir(output_dir)}")
     click.echo("  " + ", ".join(f"{k}: {v:,}" for k, v in metadata["examples"].items()))
     for name, info in metadata["inputs"].items():
-        click.echo(f"  {name}: {info['rows']:,} rows, sha256 {info['sha256']}")
-    train = metadata["inputs"]["train.jsonl"]
+        click.echo(f"  {name}: {info['rows']:,} {info['format']} rows, sha256 {info['sha256']}")
+    [train] = [i for i in metadata["inputs"].values() if i["split"] == "train"]
     if train["trailing_user_turns_dropped"] or train["rows_without_answer"]:
         click.echo(f"  dropped {train['trailing_user_turns_dropped']:,} unanswered last user "
                    f"turns; skipped {train['rows_without_answer']:,} rows left without a turn")
+    if train["multi_turn_sources_inferred"]:
+        click.echo(f"  {train['multi_turn_sources_inferred']:,} dialogues of more than one "
+                   f"exchange without a source: source {data_lib.MULTI_TURN!r} (GAIR's name for "
+                   "LIMA §6's dialogues)")
 
 
 @data.command("inspect")
