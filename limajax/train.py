@@ -28,6 +28,7 @@ from tqdm import tqdm
 from limajax import attention, data, optim, sharding
 from limajax.checkpoint import resolve_init
 from limajax.config import ModelConfig, TrainConfig
+from limajax.errors import UserError
 from limajax.workdir import (
     CHECKPOINTS_DIR,
     check_config,
@@ -107,6 +108,9 @@ class Setup:
 
 def build(config: TrainConfig, mesh: Mesh, steps_per_epoch: int) -> Setup:
     """Everything about a run that does not need memory: shapes, shardings, the optimiser."""
+    if config.model.remat == "auto":
+        raise UserError("model.remat auto is chosen by a plan (limajax plan, or limajax train, "
+                        "which plans first); resolve it with plan.resolve_remat")
     graphdef, abstract = sharding.abstract_model(config.model, mesh)
     total = config.epochs * steps_per_epoch
     tx = optim.optimizer(config.optim, total, optim.decay_mask(abstract))
@@ -313,7 +317,8 @@ def train(config: TrainConfig, workdir: str | Path, loader: Loader, *, mesh: Mes
     """
     mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
     sharding.check(config, mesh)
-    log(attention.describe(config.model.attention))  # once, before anything is built
+    m = config.model
+    log(attention.describe(m.attention, heads=(m.n_heads, m.n_kv_heads, mesh.shape["model"])))
     config, workdir = resolved_paths(config), Path(workdir)
     is_lead = jax.process_index() == 0
     check_config(workdir, config)
