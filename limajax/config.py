@@ -210,6 +210,9 @@ class OptimConfig:
     clip_norm: float | None = 1.0  # global-norm clipping; None turns it off
     warmup_steps: int = 0  # LIMA §3: no warm-up
     moments_dtype: str = "float32"  # AdamW's mu and nu between steps; bfloat16 halves them
+    # AdamW's moments in host memory (memory_kind pinned_host) between steps, brought to the
+    # devices for the update only (MaxText's optimizer_memory_host_offload)
+    host_offload: bool = False
 
     def __post_init__(self):
         check_types(self, "optim")
