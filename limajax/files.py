@@ -3,7 +3,8 @@
 Every command reads JSON and JSONL through `read_json` / `read_jsonl` (a bad line is reported
 as `file:line`), and writes through `write_json`, `staged_file` or `staged_dir`: the output is
 built beside its destination and renamed into place when complete, so an interrupted run never
-leaves something that looks finished (DESIGN §2, "errors are for people").
+leaves something that looks finished (DESIGN §2, "errors are for people"). A damaged
+checkpoint read back is one line too (`damaged_is_one_line`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -219,3 +221,41 @@ def staged_dir(final: str | Path, *, command: str, overwrite: bool = False) -> I
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# --- damaged checkpoints ---------------------------------------------------------------------
+# One rule for every Orbax restore, a model directory's parameters or a workdir's TrainState.
+
+
+@contextlib.contextmanager
+def damaged_is_one_line(what: str):
+    """Any failure of the Orbax restore inside becomes `UserError("what (first line of the
+    reason)")`: Orbax and TensorStore raise many types for a missing or truncated file."""
+    _ignore_closed_event_loop()
+    try:
+        yield
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"{what} ({reason})") from None
+
+
+def _ignore_closed_event_loop() -> None:
+    """A failed restore leaves TensorStore reads in flight whose completions later reach Orbax's
+    closed asyncio loop: each prints an unraisable `RuntimeError: Event loop is closed` traceback
+    (hundreds of lines for one damaged file) after the one-line error. Drop exactly those; any
+    other unraisable exception goes to the hook that was there before."""
+    global _hook_installed
+    if _hook_installed:
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    _hook_installed = True
+
+
+_hook_installed = False

@@ -18,13 +18,10 @@ the next start).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
 import math
-import shutil
-import sys
 from pathlib import Path
 
 import orbax.checkpoint as ocp
@@ -34,20 +31,12 @@ from limajax.config import TrainConfig
 from limajax.errors import UserError
 from limajax.files import (
     append_jsonl,
+    damaged_is_one_line,
     json_line,
     read_json,
     read_jsonl,
     staged_file,
     write_json,
-)
-from limajax.tokenizer import (
-    TOKENS_FILE,
-    Tokenizer,
-    TokenSpec,
-    read_tokens_json,
-    stored_name,
-    tokenizer_file,
-    write_tokens_json,
 )
 
 CONFIG_FILE = "config.json"
@@ -126,27 +115,6 @@ def _flat(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
-
-
-# --- the tokenizer ------------------------------------------------------------------------------
-
-
-def save_tokenizer(workdir: str | Path, tokenizer: Tokenizer) -> None:
-    """Copy the run's tokenizer file and its ids (tokens.json) into the workdir."""
-    workdir = Path(workdir)
-    name = stored_name(tokenizer.path)
-    if not (workdir / name).exists() or (workdir / name).read_bytes() != \
-            Path(tokenizer.path).read_bytes():
-        shutil.copyfile(tokenizer.path, workdir / name)
-    write_tokens_json(workdir / TOKENS_FILE, tokenizer.spec)
-
-
-def saved_tokenizer(workdir: str | Path) -> tuple[TokenSpec, Path] | None:
-    """(ids, tokenizer file) copied into the workdir, or None (a workdir from before R6)."""
-    file = tokenizer_file(workdir)
-    if file is None or not (Path(workdir) / TOKENS_FILE).is_file():
-        return None
-    return read_tokens_json(Path(workdir) / TOKENS_FILE), file
 
 
 # --- metrics.jsonl and TensorBoard ----------------------------------------------------------------
@@ -304,40 +272,6 @@ def _restore(manager: ocp.CheckpointManager, step: int, args, required=_REQUIRED
             return manager.restore(step, args=args)
     finally:
         absl.setLevel(level)
-
-
-@contextlib.contextmanager
-def damaged_is_one_line(what: str):
-    """Any failure of the Orbax restore inside becomes `UserError("what (first line of the
-    reason)")`: Orbax and TensorStore raise many types for a missing or truncated file."""
-    _ignore_closed_event_loop()
-    try:
-        yield
-    except Exception as e:
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise UserError(f"{what} ({reason})") from None
-
-
-def _ignore_closed_event_loop() -> None:
-    """A failed restore leaves TensorStore reads in flight whose completions later reach Orbax's
-    closed asyncio loop: each prints an unraisable `RuntimeError: Event loop is closed` traceback
-    (hundreds of lines for one damaged file) after the one-line error. Drop exactly those; any
-    other unraisable exception goes to the hook that was there before."""
-    global _hook_installed
-    if _hook_installed:
-        return
-    previous = sys.unraisablehook
-
-    def hook(unraisable):
-        error = unraisable.exc_value
-        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
-            previous(unraisable)
-
-    sys.unraisablehook = hook
-    _hook_installed = True
-
-
-_hook_installed = False
 
 
 def checkpoints(workdir: str | Path) -> list[dict]:

@@ -54,7 +54,8 @@ def compare(a_path: str, b_path: str, judge: judge_lib.Judge, output: str, *,
     """Judge every shared prompt of A and B; returns the outcome counts and the run's figures."""
     template = judge_lib.load_template("pairwise", template_path)
     judge.api_key()  # a missing key variable is a mistake to report before anything else
-    pairs = pair_samples(read_samples(a_path), read_samples(b_path), a_path, b_path)
+    a, b = read_samples(a_path), read_samples(b_path)
+    pairs = pair_samples(a, b, a_path, b_path)
     out = JudgmentFile(output, PAIR_KEY, PAIR_FINGERPRINT)
     wanted = ORDERS if orders == "both" else ORDERS[:1]
     jobs, cached = [], []
@@ -79,7 +80,8 @@ def compare(a_path: str, b_path: str, judge: judge_lib.Judge, output: str, *,
     result = judge_lib.run(jobs, judge, template, out, progress=progress, on_row=running.add)
     return {"prompts": len(pairs), "judged": result.done, "cached": len(cached),
             "retries": result.retries, "unparsed": result.unparsed, "seconds": result.seconds,
-            "outcomes": running.counts, "torn_line_dropped": out.torn}
+            "outcomes": running.counts, "torn_line_dropped": out.torn,
+            "failed": {a_path: a.failed, b_path: b.failed}}
 
 
 def _recorder(id_, order, fingerprint, a_path, b_path, len_a, len_b):

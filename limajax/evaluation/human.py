@@ -23,7 +23,8 @@ def left_side(seed: int, ident: str) -> str:
 
 
 def _items(a_path, b_path, seed):
-    pairs = pair_samples(read_samples(a_path), read_samples(b_path), a_path, b_path)
+    a, b = read_samples(a_path), read_samples(b_path)
+    pairs = pair_samples(a, b, a_path, b_path)
     items = []
     for sa, sb in pairs:
         left = left_side(seed, sa.id)
@@ -32,16 +33,17 @@ def _items(a_path, b_path, seed):
                       "left_text": shown[0].response, "right_text": shown[1].response,
                       "prompt_sha": sha256(sa.prompt), "a_sha": sha256(sa.response),
                       "b_sha": sha256(sb.response)})
-    return items
+    return items, {a_path: a.failed, b_path: b.failed}
 
 
 def sheet_template() -> str:
     return resources.files("limajax.evaluation").joinpath("templates/sheet.html").read_text()
 
 
-def annotate(a_path: str, b_path: str, output: str, *, seed: int = 0) -> int:
-    """Write the sheet for every prompt both files answered; returns the number of items."""
-    items = _items(a_path, b_path, seed)
+def annotate(a_path: str, b_path: str, output: str, *, seed: int = 0) -> tuple[int, dict]:
+    """Write the sheet for every prompt both files answered; returns the number of items and
+    the failed rows left out of each file (read_samples)."""
+    items, failed = _items(a_path, b_path, seed)
     page = sheet_template()
     data = {"a": a_path, "b": b_path, "seed": seed, "items": items}
     # The sheet's identity: its items and its wording; the browser keeps work under it.
@@ -50,7 +52,7 @@ def annotate(a_path: str, b_path: str, output: str, *, seed: int = 0) -> int:
     blob = json.dumps(data, ensure_ascii=False).replace("</", "<\\/")
     with staged_file(output) as f:
         f.write(page.replace("/*SHEET*/", blob, 1))
-    return len(items)
+    return len(items), failed
 
 
 def labels_to_judgments(labels_path: str, a_path: str, b_path: str, output: str) -> int:
@@ -60,7 +62,7 @@ def labels_to_judgments(labels_path: str, a_path: str, b_path: str, output: str)
     for field in ("sheet", "seed", "labels"):
         if field not in labels:
             raise UserError(f"{labels_path}: no {field!r}; expected the JSON the sheet exports")
-    items = {it["id"]: it for it in _items(a_path, b_path, labels["seed"])}
+    items = {it["id"]: it for it in _items(a_path, b_path, labels["seed"])[0]}
     template = sha256(sheet_template())
     out = JudgmentFile(output, PAIR_KEY, PAIR_FINGERPRINT)
     new = 0
