@@ -36,13 +36,17 @@ def test_recipes_resolve_to_lima_settings():
     root = Path(__file__).resolve().parents[1] / "configs"
     c7 = runpy.run_path(str(root / "lima_7b.py"))["config"]
     c65 = runpy.run_path(str(root / "lima_65b.py"))["config"]
-    for c in (c7, c65):
+    node = runpy.run_path(str(root / "lima_65b_h200.py"))["config"]  # one 8x H200 node
+    for c in (c7, c65, node):
         assert (c.epochs, c.optim.lr, c.optim.end_lr, c.optim.b1, c.optim.b2) == (
             15, 1e-5, 1e-6, 0.9, 0.95)
         assert c.optim.weight_decay == 0.1 and c.optim.warmup_steps == 0
         assert c.data.max_len == 2048
     assert (c7.data.batch_size, c7.dropout) == (64, 0.2)
     assert (c65.data.batch_size, c65.dropout, c65.mesh) == (32, 0.3, "8x8")
+    assert (node.data.batch_size, node.dropout, node.mesh) == (32, 0.3, "1x8")
+    # LIMA's update: float32 master weights (an update of 1e-5 must not round away)
+    assert node.model.param_dtype == "float32" and node.model == c65.model
 
 
 def test_weight_decay_touches_matrices_only():
