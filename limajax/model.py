@@ -253,7 +253,9 @@ class Llama(nnx.Module):
         def layer(x, block, layer_cache, rate, key):
             return block(x, positions, segment_ids, inv_freq, layer_cache, rate, key, span)
 
-        if config.remat != "none":  # recompute activations in the backward pass
+        # Recompute activations in the backward pass ("auto" is resolved before training, by
+        # limajax/plan.py; a model that only runs forward has nothing to recompute).
+        if config.remat not in ("none", "auto"):
             layer = nnx.remat(layer, policy=CHECKPOINT_POLICIES[config.remat])
         run_layers = nnx.scan(layer, in_axes=(nnx.Carry, 0, 0, 0, 0), out_axes=(nnx.Carry, 0),
                               transform_metadata={nnx.PARTITION_NAME: "layers"})
