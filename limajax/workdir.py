@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import math
+import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -234,9 +237,84 @@ def _state_tree(state) -> dict:
 
 def save_state(manager: ocp.CheckpointManager, state, meta: dict) -> None:
     """Start an asynchronous save of a TrainState with `meta` (step, data position, epoch,
-    config)."""
-    manager.save(meta["step"], args=ocp.args.Composite(
-        state=ocp.args.StandardSave(_state_tree(state)), meta=ocp.args.JsonSave(meta)))
+    config). A failure of the save before it (Orbax reports it here) is `SaveFailed`."""
+    with save_failure_is_one_line(manager):
+        manager.save(meta["step"], args=ocp.args.Composite(
+            state=ocp.args.StandardSave(_state_tree(state)), meta=ocp.args.JsonSave(meta)))
+
+
+def check_saves(manager: ocp.CheckpointManager) -> None:
+    """`SaveFailed` if an asynchronous save has failed since the last check (a full disk, any
+    I/O error): cheap, and it never waits for a save still running. The loop calls it whenever
+    metrics reach the host, so a failed save stops training at once, not an epoch later."""
+    if not manager.is_saving_in_progress():
+        finish_saves(manager)
+
+
+def finish_saves(manager: ocp.CheckpointManager) -> None:
+    """Wait for the saves in flight; a failed one is `SaveFailed`."""
+    with save_failure_is_one_line(manager):
+        manager.wait_until_finished()
+
+
+class SaveFailed(UserError):
+    """A checkpoint could not be written; the half-written one is removed, the ones before are
+    intact, and rerunning (after making space) resumes from the last of them."""
+
+
+@contextlib.contextmanager
+def save_failure_is_one_line(manager: ocp.CheckpointManager):
+    """Orbax and TensorStore raise ValueError, OSError or their own types (one per array that
+    failed, from background threads) when a save fails: one `SaveFailed` naming the
+    checkpoint, the reason (and for a full disk how much a checkpoint takes and how much is
+    free), and the checkpoint a rerun resumes from."""
+    quiet_orbax()
+    try:
+        yield
+    except SaveFailed:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure of the save is reported the same way
+        directory = Path(manager.directory)
+        partial = sorted(directory.glob(f"*{_TMP_SUFFIX}*"))
+        for path in partial:  # Orbax would remove them on the next start; nothing half-written
+            shutil.rmtree(path, ignore_errors=True)  # is left now
+        manager.reload()
+        good = manager.latest_step()
+        where = partial[0].name.split(_TMP_SUFFIX)[0] if partial else "a new checkpoint"
+        raise SaveFailed(
+            f"{directory / where}: the checkpoint could not be saved ({_save_reason(e)}"
+            + (f"; a checkpoint takes about {_megabytes(_size(directory / str(good)))}, "
+               f"{_megabytes(shutil.disk_usage(directory).free)} is free there"
+               if good is not None and _NO_SPACE in str(e) else "")
+            + "); training stopped; " + (
+                "no checkpoint was saved before it" if good is None else
+                f"the last good checkpoint is step {good}")
+            + "; rerun the same command (after making space) to "
+            + ("start again" if good is None else "resume from it")) from None
+
+
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"
+_NO_SPACE = os.strerror(errno.ENOSPC)
+
+
+def _save_reason(error: BaseException) -> str:
+    """The OS's words for an I/O error (TensorStore puts the errno in its message), else the
+    first line of the message."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = str(error)
+    code = re.search(r"\[os_error_code='(\d+)'\]", text)
+    if code:
+        return os.strerror(int(code.group(1)))
+    return text.strip().splitlines()[0][:200] if text.strip() else type(error).__name__
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
 
 
 def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state):
@@ -310,7 +388,7 @@ def _restore(manager: ocp.CheckpointManager, step: int, args, required=_REQUIRED
 def damaged_is_one_line(what: str):
     """Any failure of the Orbax restore inside becomes `UserError("what (first line of the
     reason)")`: Orbax and TensorStore raise many types for a missing or truncated file."""
-    _ignore_closed_event_loop()
+    quiet_orbax()
     try:
         yield
     except Exception as e:
@@ -318,26 +396,52 @@ def damaged_is_one_line(what: str):
         raise UserError(f"{what} ({reason})") from None
 
 
-def _ignore_closed_event_loop() -> None:
-    """A failed restore leaves TensorStore reads in flight whose completions later reach Orbax's
-    closed asyncio loop: each prints an unraisable `RuntimeError: Event loop is closed` traceback
-    (hundreds of lines for one damaged file) after the one-line error. Drop exactly those; any
-    other unraisable exception goes to the hook that was there before."""
-    global _hook_installed
-    if _hook_installed:
+def quiet_orbax() -> None:
+    """After a failed restore or save, limajax says what happened in one line; Orbax's own
+    aftermath is dropped (installed once, for the process):
+
+    - TensorStore reads and writes still in flight complete on Orbax's closed asyncio loop and
+      each prints `RuntimeError: Event loop is closed` (hundreds of tracebacks for one damaged
+      file or one full disk), through sys.unraisablehook or, from TensorStore's callbacks,
+      through sys.excepthook; at interpreter exit the same threads print `ImportError:
+      sys.meta_path is None`;
+    - Orbax logs every failed array as an ERROR with its traceback (absl's logger).
+
+    Any other exception goes to the hook that was there before, and Orbax's other records to
+    the logger."""
+    global _quiet
+    if _quiet:
         return
-    previous = sys.unraisablehook
+    _quiet = True
+    previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
 
-    def hook(unraisable):
-        error = unraisable.exc_value
-        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
-            previous(unraisable)
+    def unraisable(u):
+        if not _aftermath(u.exc_value):
+            previous_unraisable(u)
 
-    sys.unraisablehook = hook
-    _hook_installed = True
+    def excepthook(kind, value, traceback):
+        if not _aftermath(value):
+            previous_except(kind, value, traceback)
+
+    sys.unraisablehook, sys.excepthook = unraisable, excepthook
+    logging.getLogger("absl").addFilter(_OrbaxErrors())
 
 
-_hook_installed = False
+def _aftermath(error: BaseException | None) -> bool:
+    return (isinstance(error, RuntimeError) and str(error) == "Event loop is closed") or (
+        isinstance(error, ImportError) and str(error).startswith("sys.meta_path is None"))
+
+
+class _OrbaxErrors(logging.Filter):
+    """Drops Orbax's ERROR records: each failure they log reaches limajax as an exception,
+    which it reports in one line (damaged_is_one_line, save_failure_is_one_line)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in
+                    record.pathname)
+
+
+_quiet = False
 
 
 def checkpoints(workdir: str | Path) -> list[dict]:
