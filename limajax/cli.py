@@ -704,11 +704,14 @@ def rate(samples_path, rubric, output, json_path, judge_url, judge_model, api_ke
               help="Also each epoch's perplexity on the dev dialogues (LIMA App. B).")
 @click.option("--output-dir", default=None, type=click.Path(file_okay=False, path_type=str),
               help="Where samples, judgments and selection.json go (default: WORKDIR/selection).")
+@click.option("--fallback", type=click.Choice(["perplexity"]), default=None,
+              help="If no epoch gets a readable verdict, choose the lowest dev perplexity (and "
+              "say so) instead of choosing nothing and exiting 2.")
 @sampling_options
 @judge_options()
 @user_errors(interrupted=JUDGING_INTERRUPTED)
-def select(workdir, epochs_spec, prompts, method, perplexity, output_dir, temperature, top_p,
-           repetition_penalty, max_new_tokens, greedy, seed, mesh, judge_url, judge_model,
+def select(workdir, epochs_spec, prompts, method, perplexity, output_dir, fallback, temperature,
+           top_p, repetition_penalty, max_new_tokens, greedy, seed, mesh, judge_url, judge_model,
            api_key_env, concurrency, timeout, judge_max_tokens, max_retries, template_path,
            progress):
     """Choose a checkpoint by the quality of its dev-set answers, as LIMA did by hand (App. B):
@@ -732,12 +735,13 @@ def select(workdir, epochs_spec, prompts, method, perplexity, output_dir, temper
                    output_dir=output_dir, mesh=mesh, template_path=template_path,
                    settings=sampling_settings(temperature, top_p, repetition_penalty,
                                               max_new_tokens, greedy, seed),
-                   progress=progress)
+                   progress=progress, fallback=fallback)
     for r in s["ranking"]:
-        score = "-" if r["score"] is None else f"{r['score']:.3f}"
+        score = f"{r['score']:.3f}" if r["judged"] else "not judged"
         ppl = f", perplexity {r['perplexity']:.2f}" if "perplexity" in r else ""
         click.echo(f"epoch {r['epoch']}: {score}{ppl}")
-    click.echo(f"best: epoch {s['best']} ({s['score']}) -> {s['selection_json']}")
+    by = s["score"] if s["chosen_by"] == "score" else s["chosen_by"]
+    click.echo(f"best: epoch {s['best']} ({by}) -> {s['selection_json']}")
 
 
 @main.command()
