@@ -200,6 +200,9 @@ def staged_dir(final: str | Path, *, command: str, overwrite: bool = False) -> I
     """
     final = Path(final)
     check_replaceable(final, overwrite=overwrite, command=command)
+    # Parents made here go again if the output fails (a convert refused for its inputs left an
+    # empty models/ behind): innermost first.
+    made = [d for d in final.absolute().parents if not d.exists()]
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{_OWNER}.", suffix=".partial",
@@ -218,4 +221,7 @@ def staged_dir(final: str | Path, *, command: str, overwrite: bool = False) -> I
             tmp.rename(final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for directory in made:
+            with contextlib.suppress(OSError):  # not empty: something else is in it now
+                directory.rmdir()
         raise

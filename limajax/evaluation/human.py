@@ -22,8 +22,10 @@ def left_side(seed: int, ident: str) -> str:
     return random.Random(f"{seed}:{ident}").choice(SIDES)
 
 
-def _items(a_path, b_path, seed):
-    pairs = pair_samples(read_samples(a_path), read_samples(b_path), a_path, b_path)
+def _items(a_path, b_path, seed, common):
+    """(the sheet's items, pair_samples' note on the ids only one file has)."""
+    pairs, left_out = pair_samples(read_samples(a_path), read_samples(b_path), a_path, b_path,
+                                   common=common)
     items = []
     for sa, sb in pairs:
         left = left_side(seed, sa.id)
@@ -32,16 +34,18 @@ def _items(a_path, b_path, seed):
                       "left_text": shown[0].response, "right_text": shown[1].response,
                       "prompt_sha": sha256(sa.prompt), "a_sha": sha256(sa.response),
                       "b_sha": sha256(sb.response)})
-    return items
+    return items, left_out
 
 
 def sheet_template() -> str:
     return resources.files("limajax.evaluation").joinpath("templates/sheet.html").read_text()
 
 
-def annotate(a_path: str, b_path: str, output: str, *, seed: int = 0) -> int:
-    """Write the sheet for every prompt both files answered; returns the number of items."""
-    items = _items(a_path, b_path, seed)
+def annotate(a_path: str, b_path: str, output: str, *, seed: int = 0, common: bool = False
+             ) -> tuple[int, str | None]:
+    """Write the sheet for every prompt both files answered; returns the number of items and
+    the note on the ids only one file has (refused unless `common`)."""
+    items, left_out = _items(a_path, b_path, seed, common)
     page = sheet_template()
     data = {"a": a_path, "b": b_path, "seed": seed, "items": items}
     # The sheet's identity: its items and its wording; the browser keeps work under it.
@@ -50,17 +54,20 @@ def annotate(a_path: str, b_path: str, output: str, *, seed: int = 0) -> int:
     blob = json.dumps(data, ensure_ascii=False).replace("</", "<\\/")
     with staged_file(output) as f:
         f.write(page.replace("/*SHEET*/", blob, 1))
-    return len(items)
+    return len(items), left_out
 
 
-def labels_to_judgments(labels_path: str, a_path: str, b_path: str, output: str) -> int:
+def labels_to_judgments(labels_path: str, a_path: str, b_path: str, output: str, *,
+                        common: bool = False) -> tuple[int, str | None]:
     """Append one judgment per labelled item (order "AB" when A's answer was on the left),
-    checking the labels belong to these sample files; returns how many were new."""
+    checking the labels belong to these sample files; returns how many were new and the note
+    on the ids only one file has (refused unless `common`)."""
     labels = read_json(labels_path)
     for field in ("sheet", "seed", "labels"):
         if field not in labels:
             raise UserError(f"{labels_path}: no {field!r}; expected the JSON the sheet exports")
-    items = {it["id"]: it for it in _items(a_path, b_path, labels["seed"])}
+    items, left_out = _items(a_path, b_path, labels["seed"], common)
+    items = {it["id"]: it for it in items}
     template = sha256(sheet_template())
     out = JudgmentFile(output, PAIR_KEY, PAIR_FINGERPRINT)
     new = 0
@@ -91,4 +98,4 @@ def labels_to_judgments(labels_path: str, a_path: str, b_path: str, output: str)
                     "len_b": len(item["right_text" if left == "A" else "left_text"]),
                     "retries": 0, "sheet": labels["sheet"], "time": time.time()})
         new += 1
-    return new
+    return new, left_out
