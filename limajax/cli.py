@@ -313,6 +313,41 @@ def sampling_settings(temperature, top_p, repetition_penalty, max_new_tokens, gr
                     penalty_scope=click.get_current_context().meta["penalty_scope"])
 
 
+def client_options(role: str):
+    """The options of limajax's one endpoint client (limajax/endpoint.py), for judges and
+    for `sample --endpoint` alike."""
+    return [
+        click.option("--api-key-env", default=None, metavar="VAR",
+                     help=f"Environment variable holding the {role}'s API key (read from there "
+                     "only; never written anywhere). Default: send no key."),
+        click.option("--concurrency", default=8, show_default=True, type=click.IntRange(min=1),
+                     help="Requests in flight at once."),
+        click.option("--timeout", default=60.0, show_default=True, type=click.FloatRange(min=0.1),
+                     help="Seconds to wait for one answer before retrying."),
+        click.option("--max-retries", default=6, show_default=True, type=click.IntRange(min=0),
+                     help="Retries per request on 429 (honouring Retry-After), 5xx, dropped "
+                     "connections and time-outs, with exponential backoff."),
+    ]
+
+
+def endpoint_options(fn):
+    """`sample --endpoint`: answers from a model behind an OpenAI-compatible API."""
+    for decorator in reversed([
+        click.option("--endpoint", "endpoint_url", default=None, metavar="URL",
+                     help="Answer through an OpenAI-compatible API instead of a local model "
+                     "(its base URL, e.g. https://api.openai.com/v1 or a vLLM or limajax "
+                     "serve at http://127.0.0.1:8000/v1); with --prompts and --output."),
+        click.option("--endpoint-model", default=None, metavar="NAME",
+                     help="With --endpoint: the model to ask, as its /models lists it."),
+        *client_options("endpoint"),
+        click.option("--retry-failed", is_flag=True,
+                     help="With --endpoint: ask again the prompts an earlier run recorded as "
+                     "refused (failed rows); by default a rerun asks only for missing rows."),
+    ]):
+        fn = decorator(fn)
+    return fn
+
+
 @main.command()
 @model_source_options
 @click.option("--prompts", "prompts_path", type=click.Path(path_type=str), default=None,
@@ -326,23 +361,38 @@ def sampling_settings(temperature, top_p, repetition_penalty, max_new_tokens, gr
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
               help="Answers generated together (prompts of similar length are batched).")
 @click.option("--raw", is_flag=True,
-              help="Continue the first conversation entry as plain text after BOS (base models); "
-              "default: LIMA's dialogue format, every utterance ending in EOT.")
+              help="Continue the first conversation entry as plain text after BOS (base models; "
+              "with --endpoint: /completions); default: LIMA's dialogue format, every "
+              "utterance ending in EOT (with --endpoint: /chat/completions, turns as messages).")
+@endpoint_options
 @progress_option
-@user_errors
+@user_errors(interrupted="interrupted: the answers finished so far are in --output; the same "
+             "command continues from there")
 def sample(model_dir, workdir, epoch, prompts_path, output_path, text, temperature, top_p,
            repetition_penalty, max_new_tokens, greedy, seed, mesh, num_samples, batch_size,
-           raw, progress):
+           raw, endpoint_url, endpoint_model, api_key_env, concurrency, timeout, max_retries,
+           retry_failed, progress):
     """Answer prompts with LIMA's sampler (LIMA §4.1: nucleus 0.9, temperature 0.7,
-    repetition penalty 1.2, up to 2048 tokens, stop at EOT), batched and KV-cached.
+    repetition penalty 1.2, up to 2048 tokens, stop at EOT), batched and KV-cached; or, with
+    --endpoint, ask a model behind an OpenAI-compatible API (a baseline of LIMA's Figure 1).
 
     Examples: limajax sample --workdir runs/lima-65b --epoch 7 --prompts test.jsonl
-    --output answers.jsonl;  limajax sample --model models/x --prompt "Tell me a joke."
+    --output answers.jsonl;  limajax sample --model models/x --prompt "Tell me a joke.";
+    limajax sample --endpoint https://api.openai.com/v1 --endpoint-model gpt-4
+    --api-key-env OPENAI_API_KEY --prompts test.jsonl --output gpt4.jsonl
     """
     if (prompts_path is None) == (text is None):
         raise UserError("give either --prompts FILE.jsonl --output OUT.jsonl or --prompt TEXT")
     if prompts_path is not None and output_path is None:
         raise UserError("--prompts needs --output OUT.jsonl")
+    if endpoint_url is not None or endpoint_model is not None:
+        return sample_endpoint(
+            model_dir, workdir, prompts_path, output_path, text, temperature, top_p,
+            repetition_penalty, max_new_tokens, greedy, seed, num_samples, raw, endpoint_url,
+            endpoint_model, api_key_env, concurrency, timeout, max_retries, retry_failed,
+            progress)
+    if retry_failed:
+        raise UserError("--retry-failed goes with --endpoint (local sampling never refuses)")
     settings = sampling_settings(temperature, top_p, repetition_penalty, max_new_tokens, greedy,
                                  seed)
     source, epoch = model_source(model_dir, workdir, epoch)
@@ -359,17 +409,43 @@ def sample(model_dir, workdir, epoch, prompts_path, output_path, text, temperatu
                 click.echo(f"--- sample {k}")
             click.echo(answer)
         return
-    try:
-        summary = sampling.sample_file(source, prompts_path, output_path, settings, epoch=epoch,
-                                       num_samples=num_samples, batch_size=batch_size,
-                                       mesh_spec=mesh, raw=raw, progress=progress)
-    except KeyboardInterrupt:
-        click.echo(f"interrupted: the answers finished so far are in {output_path}; the same "
-                   "command continues from there", err=True)
-        sys.exit(130)
+    summary = sampling.sample_file(source, prompts_path, output_path, settings, epoch=epoch,
+                                   num_samples=num_samples, batch_size=batch_size,
+                                   mesh_spec=mesh, raw=raw, progress=progress)
     click.echo(f"wrote {summary['answers']} answers ({summary['tokens']} tokens, "
                f"{summary['tokens'] / max(summary['seconds'], 1e-9):.1f} tokens/s) to "
                f"{output_path}; {summary['skipped']} were already there")
+
+
+def sample_endpoint(model_dir, workdir, prompts_path, output_path, text, temperature, top_p,
+                    repetition_penalty, max_new_tokens, greedy, seed, num_samples, raw,
+                    endpoint_url, endpoint_model, api_key_env, concurrency, timeout,
+                    max_retries, retry_failed, progress):
+    """`sample --endpoint URL --endpoint-model NAME --prompts ... --output ...`."""
+    if endpoint_url is None or endpoint_model is None:
+        raise UserError("give --endpoint URL and --endpoint-model NAME together")
+    if model_dir is not None or workdir is not None:
+        raise UserError("--endpoint answers instead of a local model: give no --model / "
+                        "--workdir")
+    if text is not None:
+        raise UserError("--endpoint takes --prompts FILE.jsonl --output OUT.jsonl, not --prompt")
+    from limajax.endpoint import Endpoint
+    from limajax.sampling.endpoint import answer_file, sent_settings
+
+    settings = sampling_settings(temperature, top_p, repetition_penalty, max_new_tokens, greedy,
+                                 seed)
+    ep = Endpoint(endpoint_url, endpoint_model, api_key_env=api_key_env, timeout=timeout,
+                  max_retries=max_retries, concurrency=concurrency)
+    s = answer_file(ep, prompts_path, output_path, sent_settings(settings, repetition_penalty),
+                    num_samples=num_samples, raw=raw, retry_failed=retry_failed,
+                    progress=progress)
+    click.echo(f"wrote {s['answers']} answers from {endpoint_model} ({s['tokens']} tokens, "
+               f"{s['retries']} retries) to {output_path}; {s['skipped']} were already there; "
+               f"{s['failed']} refused now, {s['failed_total']} failed rows in the file")
+    if s["failed_total"]:
+        click.echo(f"notice: {s['failed_total']} prompts were refused by the endpoint (failed "
+                   "rows with the reason; compare, annotate and rate leave them out); rerun "
+                   "with --retry-failed to ask again", err=True)
 
 
 # --- chat: a conversation in the terminal (limajax.chat) ------------------------------------------
@@ -548,18 +624,9 @@ def judge_options(required=True):
                      + needed),
         click.option("--judge-model", required=required, metavar="NAME",
                      help="The model the endpoint should judge with, e.g. gpt-4." + needed),
-        click.option("--api-key-env", default=None, metavar="VAR",
-                     help="Environment variable holding the judge's API key (read from there "
-                     "only; never written anywhere). Default: send no key."),
-        click.option("--concurrency", default=8, show_default=True, type=click.IntRange(min=1),
-                     help="Requests in flight at once."),
-        click.option("--timeout", default=60.0, show_default=True, type=click.FloatRange(min=0.1),
-                     help="Seconds to wait for one answer before retrying."),
+        *client_options("judge"),
         click.option("--judge-max-tokens", default=1024, show_default=True,
                      type=click.IntRange(min=1), help="Longest answer the judge may write."),
-        click.option("--max-retries", default=6, show_default=True, type=click.IntRange(min=0),
-                     help="Retries per request on 429 (honouring Retry-After), 5xx, dropped "
-                     "connections and time-outs, with exponential backoff."),
         click.option("--template", "template_path", default=None,
                      type=click.Path(dir_okay=False, path_type=str),
                      help="Replace the packaged prompt template (same {placeholders})."),
@@ -572,6 +639,15 @@ def judge_options(required=True):
         return fn
 
     return decorate
+
+
+def failed_notice(failed: dict[str, int]) -> None:
+    """Say how many failed rows (prompts an endpoint refused) were left out of each file."""
+    for path, n in failed.items():
+        if n:
+            click.echo(f"notice: left out {n} failed rows of {path} (prompts the endpoint "
+                       "refused: they hold no answer; `limajax sample --endpoint ... "
+                       "--retry-failed` asks again)", err=True)
 
 
 def _judge(judge_url, judge_model, api_key_env, concurrency, timeout, judge_max_tokens,
@@ -647,6 +723,7 @@ def compare(a_path, b_path, common, output, judge_url, judge_model, api_key_env,
     if r["torn_line_dropped"]:
         click.echo(f"notice: dropped the unfinished last line of {output} (a run was killed "
                    "while writing it)", err=True)
+    failed_notice(r["failed"])
     o = r["outcomes"]
     click.echo(f"{r['prompts']} prompts: A {o['A']}, tie {o['tie']}, B {o['B']}, unparsed "
                f"{o['unparsed']} ({r['judged']} judged now, {r['cached']} already in {output}, "
@@ -673,8 +750,9 @@ def annotate(a_path, b_path, common, output, seed):
     """
     from limajax.evaluation.human import annotate as annotate_lib
 
-    n, left_out = annotate_lib(a_path, b_path, output, seed=seed, common=common)
+    n, left_out, failed = annotate_lib(a_path, b_path, output, seed=seed, common=common)
     say_left_out(left_out)
+    failed_notice(failed)
     click.echo(f"wrote {output}: {n} prompts; label them in a browser, export, then "
                f"`limajax compare --human labels.json --a {a_path} --b {b_path} --output ...`")
 
@@ -708,6 +786,7 @@ def rate(samples_path, rubric, output, json_path, judge_url, judge_model, api_ke
     s = rate_lib(samples_path, rubric, _judge(judge_url, judge_model, api_key_env, concurrency,
                                               timeout, judge_max_tokens, max_retries),
                  output, template_path=template_path, progress=progress)
+    failed_notice(s["failed"])
     if rubric == "grade":
         figures = ", ".join(f"{g} {s['counts'][g]} ({s['percent'][g] or 0:.0f}%)"
                             for g in s["counts"])

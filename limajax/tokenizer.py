@@ -17,7 +17,9 @@ model that has no EOT yet (a converted base model); `Tokenizer.with_eot()` adds 
 from __future__ import annotations
 
 import dataclasses
+import filecmp
 import re
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +28,7 @@ from typing import NamedTuple
 import numpy as np
 import sentencepiece as spm
 import tokenizers
+from sentencepiece import sentencepiece_model_pb2 as sp_model_pb2
 
 from limajax.config import pad_vocab
 from limajax.errors import UserError
@@ -89,6 +92,29 @@ def write_tokens_json(path: str | Path, spec: TokenSpec) -> None:
     write_json(path, spec.to_json())
 
 
+def save_to(directory: str | Path, file: str | Path | None, spec: TokenSpec | None) -> None:
+    """The one writer of a directory's tokenizer (model directory, training workdir, Meta
+    export): the tokenizer file under its stored name and, with `spec`, tokens.json. A file
+    already there with the same bytes is left alone (a resumed run)."""
+    directory = Path(directory)
+    if file is not None:
+        dest = directory / stored_name(file)
+        if not dest.is_file() or not filecmp.cmp(file, dest, shallow=False):
+            shutil.copyfile(file, dest)
+    if spec is not None:
+        write_tokens_json(directory / TOKENS_FILE, spec)
+
+
+def load_from(directory: str | Path, required: bool = True
+              ) -> tuple[TokenSpec, Path | None] | None:
+    """The one reader: (ids, tokenizer file or None) of a directory `save_to` wrote; without
+    tokens.json a UserError, or None when not `required` (a workdir from before R6)."""
+    directory = Path(directory)
+    if not required and not (directory / TOKENS_FILE).is_file():
+        return None
+    return read_tokens_json(directory / TOKENS_FILE), tokenizer_file(directory)
+
+
 class SentencePieceFile:
     """A SentencePiece `tokenizer.model`."""
 
@@ -119,6 +145,63 @@ class SentencePieceFile:
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(ids)
+
+    def fast(self) -> tokenizers.Tokenizer:
+        """The same tokenizer as a Hugging Face `tokenizer.json` (what transformers, vLLM and TGI
+        load without sentencepiece or protobuf), built from the model's own pieces, scores and
+        normalizer spec, as transformers' LlamaConverter does. The dummy-prefix space goes before
+        every text between special tokens, as SentencePiece puts it before each utterance
+        limajax encodes on its own (LIMA §3's format), so a chat template adds no spaces."""
+        proto = sp_model_pb2.ModelProto()
+        proto.ParseFromString(self.path.read_bytes())
+        trainer, norm = proto.trainer_spec, proto.normalizer_spec
+        unk = proto.pieces[trainer.unk_id].piece
+        if trainer.model_type == trainer.BPE:
+            vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+            model = tokenizers.models.BPE(vocab, _merges(proto, vocab), unk_token=unk,
+                                          fuse_unk=True, byte_fallback=trainer.byte_fallback)
+        elif trainer.model_type == trainer.UNIGRAM:
+            model = tokenizers.models.Unigram([(p.piece, p.score) for p in proto.pieces],
+                                              trainer.unk_id, byte_fallback=trainer.byte_fallback)
+        else:
+            raise UserError(f"{self.path}: a SentencePiece model of type "
+                            f"{trainer.ModelType.Name(trainer.model_type)}; only BPE and unigram "
+                            "models can be written as tokenizer.json")
+        tok = tokenizers.Tokenizer(model)
+        n = tokenizers.normalizers
+        steps = [n.Precompiled(norm.precompiled_charsmap)] if norm.precompiled_charsmap else []
+        if norm.remove_extra_whitespaces:  # SentencePiece strips spaces only, not newlines;
+            # \A and \z: in tokenizers' regexes (Oniguruma) ^ and $ match at every line end
+            steps += [n.Replace(tokenizers.Regex(r"\A +| +\z"), ""),
+                      n.Replace(tokenizers.Regex(" {2,}"), " ")]
+        # The dummy prefix as a normalizer, not Metaspace: Metaspace skips a text that already
+        # starts with a space, SentencePiece does not.
+        steps += [n.Prepend("\u2581")] if norm.add_dummy_prefix else []
+        tok.normalizer = n.Sequence(steps + [n.Replace(" ", "\u2581")])
+        tok.decoder = tokenizers.decoders.Sequence([
+            tokenizers.decoders.Replace("\u2581", " "), tokenizers.decoders.ByteFallback(),
+            tokenizers.decoders.Fuse()] + ([tokenizers.decoders.Strip(" ", 1, 0)]
+                                           if norm.add_dummy_prefix else []))
+        specials = [p.piece for p in proto.pieces if p.type in (p.CONTROL, p.UNKNOWN)]
+        tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
+                                for t in specials])
+        bos = self.piece(self.bos_id) if self.bos_id >= 0 else None
+        if bos:  # BOS first, as LlamaTokenizer's add_bos_token
+            tok.post_processor = tokenizers.processors.TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, self.bos_id)])
+        return tok
+
+
+def _merges(proto, vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """A SentencePiece BPE model's merges in the order it applies them: every split of a piece
+    into two pieces, ranked by the merged piece's score (transformers' SentencePieceExtractor)."""
+    scored = []
+    for p in proto.pieces:
+        splits = [(p.piece[:k], p.piece[k:]) for k in range(1, len(p.piece))
+                  if p.piece[:k] in vocab and p.piece[k:] in vocab]
+        scored += [(p.score, vocab[a], vocab[b], a, b) for a, b in splits]
+    scored.sort(key=lambda m: (-m[0], m[1], m[2]))
+    return [(a, b) for *_, a, b in scored]
 
 
 class HFTokenizerFile:
@@ -188,6 +271,12 @@ def load_pieces(path: str | Path) -> SentencePieceFile | HFTokenizerFile:
         SentencePieceFile(path)
 
 
+def vocab_with_eot(base_vocab: int, eot_id: int | None) -> int:
+    """Ids a model knows: its base vocabulary, plus LIMA's EOT where that is a new id past it
+    (LIMA §3); Llama 3's own <|eot_id|> adds none."""
+    return base_vocab if eot_id is None else max(base_vocab, eot_id + 1)
+
+
 def eot_id_for(pieces: SentencePieceFile | HFTokenizerFile, base_vocab: int) -> int:
     """LIMA's EOT for a model whose tokenizer is `pieces` and whose weights have `base_vocab`
     rows: the tokenizer's own end-of-turn token (Llama 3's <|eot_id|>), else a new id past the
@@ -241,7 +330,7 @@ class Tokenizer:
             spec = read_tokens_json(path / TOKENS_FILE)
         elif spec is None:  # a bare tokenizer: with LIMA's EOT (LIMA §3)
             eot = eot_id_for(pieces, pieces.size)
-            size = max(pieces.size, eot + 1)
+            size = vocab_with_eot(pieces.size, eot)
             spec = TokenSpec(pieces.bos_id, pieces.eos_id, eot, size, pad_vocab(size))
         return cls(pieces, spec)
 
@@ -250,7 +339,7 @@ class Tokenizer:
         if self.eot_id is not None:
             return self
         eot = eot_id_for(self.pieces, self.vocab_size)
-        size = max(self.vocab_size, eot + 1)
+        size = vocab_with_eot(self.vocab_size, eot)
         spec = dataclasses.replace(self.spec, eot_id=eot, vocab_size=size,
                                    padded_vocab_size=pad_vocab(size))
         return Tokenizer(self.pieces, spec)

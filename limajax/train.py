@@ -28,6 +28,7 @@ from tqdm import tqdm
 from limajax import attention, data, optim, sharding
 from limajax.checkpoint import resolve_init
 from limajax.config import ModelConfig, TrainConfig
+from limajax.tokenizer import save_to
 from limajax.workdir import (
     CHECKPOINTS_DIR,
     check_config,
@@ -39,7 +40,6 @@ from limajax.workdir import (
     resolved_paths,
     restore_latest,
     save_state,
-    save_tokenizer,
     set_aside,
     tensorboard_writer,
     truncate_metrics,
@@ -345,7 +345,7 @@ def train(config: TrainConfig, workdir: str | Path, loader: Loader, *, mesh: Mes
         if is_lead:
             write_config(workdir, config)
             if tokenizer is not None:
-                save_tokenizer(workdir, tokenizer)
+                save_to(workdir, tokenizer.path, tokenizer.spec)
             truncate_metrics(workdir, step)  # a killed run's steps past the checkpoint
             writer = tensorboard_writer(workdir, step)
         train_step = make_train_step(setup)

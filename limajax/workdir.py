@@ -27,7 +27,6 @@ import math
 import os
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import orbax.checkpoint as ocp
@@ -37,20 +36,13 @@ from limajax.config import TrainConfig
 from limajax.errors import UserError
 from limajax.files import (
     append_jsonl,
+    damaged_is_one_line,
     json_line,
+    quiet_orbax,
     read_json,
     read_jsonl,
     staged_file,
     write_json,
-)
-from limajax.tokenizer import (
-    TOKENS_FILE,
-    Tokenizer,
-    TokenSpec,
-    read_tokens_json,
-    stored_name,
-    tokenizer_file,
-    write_tokens_json,
 )
 
 CONFIG_FILE = "config.json"
@@ -129,27 +121,6 @@ def _flat(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
-
-
-# --- the tokenizer ------------------------------------------------------------------------------
-
-
-def save_tokenizer(workdir: str | Path, tokenizer: Tokenizer) -> None:
-    """Copy the run's tokenizer file and its ids (tokens.json) into the workdir."""
-    workdir = Path(workdir)
-    name = stored_name(tokenizer.path)
-    if not (workdir / name).exists() or (workdir / name).read_bytes() != \
-            Path(tokenizer.path).read_bytes():
-        shutil.copyfile(tokenizer.path, workdir / name)
-    write_tokens_json(workdir / TOKENS_FILE, tokenizer.spec)
-
-
-def saved_tokenizer(workdir: str | Path) -> tuple[TokenSpec, Path] | None:
-    """(ids, tokenizer file) copied into the workdir, or None (a workdir from before R6)."""
-    file = tokenizer_file(workdir)
-    if file is None or not (Path(workdir) / TOKENS_FILE).is_file():
-        return None
-    return read_tokens_json(Path(workdir) / TOKENS_FILE), file
 
 
 # --- metrics.jsonl and TensorBoard ----------------------------------------------------------------
@@ -382,66 +353,6 @@ def _restore(manager: ocp.CheckpointManager, step: int, args, required=_REQUIRED
             return manager.restore(step, args=args)
     finally:
         absl.setLevel(level)
-
-
-@contextlib.contextmanager
-def damaged_is_one_line(what: str):
-    """Any failure of the Orbax restore inside becomes `UserError("what (first line of the
-    reason)")`: Orbax and TensorStore raise many types for a missing or truncated file."""
-    quiet_orbax()
-    try:
-        yield
-    except Exception as e:
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise UserError(f"{what} ({reason})") from None
-
-
-def quiet_orbax() -> None:
-    """After a failed restore or save, limajax says what happened in one line; Orbax's own
-    aftermath is dropped (installed once, for the process):
-
-    - TensorStore reads and writes still in flight complete on Orbax's closed asyncio loop and
-      each prints `RuntimeError: Event loop is closed` (hundreds of tracebacks for one damaged
-      file or one full disk), through sys.unraisablehook or, from TensorStore's callbacks,
-      through sys.excepthook; at interpreter exit the same threads print `ImportError:
-      sys.meta_path is None`;
-    - Orbax logs every failed array as an ERROR with its traceback (absl's logger).
-
-    Any other exception goes to the hook that was there before, and Orbax's other records to
-    the logger."""
-    global _quiet
-    if _quiet:
-        return
-    _quiet = True
-    previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
-
-    def unraisable(u):
-        if not _aftermath(u.exc_value):
-            previous_unraisable(u)
-
-    def excepthook(kind, value, traceback):
-        if not _aftermath(value):
-            previous_except(kind, value, traceback)
-
-    sys.unraisablehook, sys.excepthook = unraisable, excepthook
-    logging.getLogger("absl").addFilter(_OrbaxErrors())
-
-
-def _aftermath(error: BaseException | None) -> bool:
-    return (isinstance(error, RuntimeError) and str(error) == "Event loop is closed") or (
-        isinstance(error, ImportError) and str(error).startswith("sys.meta_path is None"))
-
-
-class _OrbaxErrors(logging.Filter):
-    """Drops Orbax's ERROR records: each failure they log reaches limajax as an exception,
-    which it reports in one line (damaged_is_one_line, save_failure_is_one_line)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in
-                    record.pathname)
-
-
-_quiet = False
 
 
 def checkpoints(workdir: str | Path) -> list[dict]:

@@ -98,3 +98,52 @@ def stories_server(stories_engine):
 
     with running(stories_engine, "stories") as url:
         yield url
+
+
+# AutoTokenizer in a Python where sentencepiece and protobuf cannot be imported, as in a fresh
+# `pip install transformers` (or vLLM, TGI): only tokenizer.json can load there.
+_AUTOTOKENIZER = """
+import json, sys
+from transformers import AutoTokenizer
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+rows = json.load(open(sys.argv[2]))
+roles = ("user", "assistant")
+out = [tok.apply_chat_template([{"role": roles[i % 2], "content": t} for i, t in enumerate(turns)],
+                               tokenize=True)["input_ids"] for turns in rows]
+json.dump(out, open(sys.argv[3], "w"))
+"""
+
+
+@pytest.fixture(scope="session")
+def autotokenizer_ids(tmp_path_factory):
+    """autotokenizer_ids(EXPORT_DIR, dialogues) -> the ids transformers' AutoTokenizer gives each
+    dialogue through the export's chat template, loaded where sentencepiece and google.protobuf
+    are not installed: a site-packages of links to this one's entries less those two, run with
+    `python -S` so nothing else is found."""
+    import subprocess
+    import sys
+    import sysconfig
+    from pathlib import Path
+
+    site = tmp_path_factory.mktemp("site_without_sentencepiece")
+    for entry in Path(sysconfig.get_paths()["purelib"]).iterdir():
+        name = entry.name.lower()
+        if name.startswith(("sentencepiece", "protobuf")) or entry.suffix == ".pth":
+            continue
+        if name == "google":  # a namespace package: all of it but google.protobuf
+            (site / "google").mkdir()
+            for sub in entry.iterdir():
+                if sub.name != "protobuf":
+                    (site / "google" / sub.name).symlink_to(sub)
+        else:
+            (site / entry.name).symlink_to(entry)
+
+    def run(directory, dialogues):
+        work = tmp_path_factory.mktemp("autotokenizer")
+        (work / "rows.json").write_text(json.dumps(dialogues))
+        subprocess.run([sys.executable, "-S", "-c", _AUTOTOKENIZER, str(directory),
+                        str(work / "rows.json"), str(work / "ids.json")], check=True,
+                       env={**os.environ, "PYTHONPATH": str(site)}, timeout=300)
+        return json.loads((work / "ids.json").read_text())
+
+    return run

@@ -42,8 +42,11 @@ class Logged:
 
 
 class JudgeServer:
-    def __init__(self, *, hang_s: float = 0.0, delay_s: float = 0.0, retry_after: str = "1"):
+    def __init__(self, *, hang_s: float = 0.0, delay_s: float = 0.0, retry_after: str = "1",
+                 models: tuple[str, ...] = ("judge-1", "bench"), key: str | None = None):
         self.hang_s, self.delay_s, self.retry_after = hang_s, delay_s, retry_after
+        self.models = models  # what GET /v1/models lists
+        self.key = key  # if set, GET /v1/models wants it (401 otherwise)
         self.log: list[Logged] = []
         self.faulted: dict[str, int] = {}
         self.lock = threading.Lock()
@@ -55,6 +58,15 @@ class JudgeServer:
 
             def log_message(self, *args):
                 pass
+
+            def do_GET(self):
+                if server.key and self.headers.get("Authorization") != f"Bearer {server.key}":
+                    return server.send(self, 401, b'{"error": {"message": "invalid key"}}')
+                if self.path.rstrip("/") != "/v1/models":
+                    return server.send(self, 404, b'{"error": {"message": "not found"}}')
+                server.send(self, 200, json.dumps({"object": "list", "data": [
+                    {"id": m, "object": "model", "owned_by": "test"} for m in server.models]
+                }).encode())
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -200,3 +212,66 @@ def pairwise_case(tmp_path, specs):
     write_samples(a, a_rows)
     write_samples(b, b_rows)
     return str(a), str(b), expected
+
+
+class AnswerServer(JudgeServer):
+    """A deterministic OpenAI-compatible model server on loopback, for `sample --endpoint`.
+
+    `answers` maps each model name it serves to its answer as a function of the prompt's text
+    (the last user message, or the /completions prompt), so every answer is known in advance.
+    A prompt's "fault:NAME" makes it misbehave: e500 (two 500s, then the answer), e429 (one 429
+    with Retry-After), hang (the first try outlasts the client's time-out), refuse (a 400 while
+    `refusing`), filter (finish_reason content_filter while `refusing`). Each request is logged
+    with its prompt id ("p3"), status and Authorization header; `bodies` keeps what was sent."""
+
+    def __init__(self, answers: dict, **kwargs):
+        super().__init__(models=tuple(answers), **kwargs)
+        self.answers = answers
+        self.refusing = True
+        self.bodies: list[dict] = []
+
+    def handle(self, h: BaseHTTPRequestHandler, body: dict) -> None:
+        chat = h.path.rstrip("/").endswith("/chat/completions")
+        text = body["messages"][-1]["content"] if chat else body["prompt"]
+        key = re.search(r"\b(p\d+)\b", text).group(1)
+        fault = re.search(r"fault:(\w+)", text)
+        fault = fault.group(1) if fault else None
+        with self.lock:
+            n = self.faulted.get(key, 0)
+            self.faulted[key] = n + 1
+            self.bodies.append({"path": h.path, **body})
+        status = 200
+        if fault == "e500" and n < 2:
+            status = 500
+        elif fault == "e429" and n == 0:
+            status = 429
+        elif fault == "hang" and n == 0:
+            status = -1
+        elif fault == "refuse" and self.refusing:
+            status = 400
+        with self.lock:  # logged as it arrives, before any delay
+            self.log.append(Logged(key, status, time.monotonic(), False,
+                                   h.headers.get("Authorization", "")))
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if status == -1:
+            time.sleep(self.hang_s)
+            h.close_connection = True
+            return
+        if status != 200:
+            headers = {"Retry-After": self.retry_after} if status == 429 else {}
+            message = "this prompt violates the usage policy" if status == 400 else "try later"
+            self.send(h, status, json.dumps({"error": {"message": message}}).encode(),
+                      headers=headers)
+            return
+        content = self.answers[body["model"]](text)
+        finish = "content_filter" if fault == "filter" and self.refusing else "stop"
+        choice = ({"index": 0, "finish_reason": finish,
+                   "message": {"role": "assistant", "content": content}} if chat else
+                  {"index": 0, "finish_reason": finish, "text": content, "logprobs": None})
+        reply = {"id": "x", "object": "chat.completion" if chat else "text_completion",
+                 "created": 0, "model": f"{body['model']}-0613", "choices": [choice],
+                 "usage": {"prompt_tokens": len(text.split()),
+                           "completion_tokens": len(content.split()),
+                           "total_tokens": len(text.split()) + len(content.split())}}
+        self.send(h, 200, json.dumps(reply).encode())

@@ -20,7 +20,8 @@ def llama(llama_tokenizer_file, tmp_path_factory):
     directory = tmp_path_factory.mktemp("hf_tokenizer")
     write_tokenizer(directory, llama_tokenizer_file, spec,
                     ModelConfig(dim=64, n_layers=1, n_heads=4, vocab_size=spec.vocab_size))
-    return Tokenizer.from_path(llama_tokenizer_file, spec), AutoTokenizer.from_pretrained(directory)
+    ours = Tokenizer.from_path(llama_tokenizer_file, spec)
+    return ours, AutoTokenizer.from_pretrained(directory), directory
 
 
 def messages(turns, system=None):
@@ -30,12 +31,12 @@ def messages(turns, system=None):
 
 
 def prompt_text(tok: Tokenizer, ids: list[int]) -> str:
-    """limajax's prompt as text: BOS, then each utterance (SentencePiece's dummy prefix shown as
-    the space it stands for) and EOT, read back from the ids limajax trains and samples on."""
+    """limajax's prompt as text: BOS, then each utterance and EOT, read back from the ids limajax
+    trains and samples on."""
     text, turn = "<s>", []
     for i in ids[1:]:
         if i == tok.eot_id:
-            text += " " + tok.decode(turn) + "<EOT>"
+            text += tok.decode(turn) + "<EOT>"
             turn = []
         else:
             turn.append(i)
@@ -43,24 +44,28 @@ def prompt_text(tok: Tokenizer, ids: list[int]) -> str:
 
 
 def test_transformers_renders_lima_dialogues_as_limajax_does(llama, lima_rows):
-    tok, hf = llama
-    same_pieces = 0
+    tok, hf, _ = llama
     for row in lima_rows:
         turns = row["conversations"]
         ours = tok.encode_dialogue(turns, max_len=10**9).ids.tolist()
         rendered = hf.apply_chat_template(messages(turns), tokenize=False)
         assert rendered == prompt_text(tok, ours)
-        # Ids too, wherever transformers' tokenizer cuts each utterance as SentencePiece does
-        # (it differs on some runs of spaces, template or not).
-        if all(hf(t, add_special_tokens=False)["input_ids"] == tok.encode(t) for t in turns):
-            same_pieces += 1
-            theirs = hf.apply_chat_template(messages(turns), tokenize=True)["input_ids"]
-            assert list(theirs) == ours
-    assert same_pieces > len(lima_rows) // 2  # ids compared on most dialogues
+
+
+def test_autotokenizer_without_sentencepiece_or_protobuf_gives_limajaxs_ids(
+        llama, lima_rows, autotokenizer_ids, tmp_path):
+    """The export's tokenizer.json is SentencePiece's tokenizer exactly: the same ids on all
+    1,029 LIMA dialogues (runs of spaces, newlines, byte fallback), where transformers cannot
+    read tokenizer.model at all."""
+    tok = llama[0]
+    dialogues = [row["conversations"] for row in lima_rows]
+    theirs = autotokenizer_ids(llama[2], dialogues)
+    ours = [tok.encode_dialogue(turns, max_len=10**9).ids.tolist() for turns in dialogues]
+    assert sum(a == b for a, b in zip(theirs, ours, strict=True)) == len(lima_rows)
 
 
 def test_a_system_message_goes_where_serve_puts_it(llama):
-    tok, hf = llama
+    tok, hf, _ = llama
     chat = messages(["Hi!", "Hello. How can I help?", "Name a colour."], system="Be brief.")
     turns = conversation([Message(**m) for m in chat])
     assert turns[0] == "Be brief.\n\nHi!"

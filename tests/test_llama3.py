@@ -154,10 +154,14 @@ def test_transformers_loads_the_export_with_the_same_logits(llama3, lima_rows):
                                    rtol=0)
 
 
-def test_autotokenizer_gives_limajaxs_ids_on_lima_dialogues(llama3, lima_rows):
+def test_autotokenizer_gives_limajaxs_ids_on_lima_dialogues(llama3, lima_rows, autotokenizer_ids):
     from transformers import AutoTokenizer
 
     root, _, _ = llama3
+    dialogues = [row["conversations"] for row in lima_rows]
+    ours = Tokenizer.from_path(root / "model")
+    theirs = autotokenizer_ids(root / "export", dialogues)  # no sentencepiece, no protobuf
+    assert theirs == [ours.encode_dialogue(d, max_len=10**9).ids.tolist() for d in dialogues]
     ours = Tokenizer.from_path(root / "model")  # the tokenizer the run trained with
     auto = AutoTokenizer.from_pretrained(root / "export")
     assert auto.convert_tokens_to_ids("<|eot_id|>") == ours.eot_id

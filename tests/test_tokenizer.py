@@ -1,13 +1,22 @@
 """Tokenizer: the EOT convention, tokens.json, and dialogue ids + loss masks on LIMA's real data."""
 
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import sentencepiece as spm
 
+import limajax
 from limajax.config import preset
 from limajax.errors import UserError
-from limajax.tokenizer import Tokenizer, TokenSpec, read_tokens_json, write_tokens_json
+from limajax.tokenizer import (
+    SentencePieceFile,
+    Tokenizer,
+    TokenSpec,
+    read_tokens_json,
+    write_tokens_json,
+)
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +140,24 @@ def test_non_string_turn_is_rejected(tok):
         tok.encode_dialogue(["hi", 3])
     with pytest.raises(ValueError, match="list of strings"):
         tok.encode_dialogue("hi")
+
+
+EDGES = ["", " ", "a  b", "\n x \n", "  lead", "trail  ", "a \nb", "\t tab", "héllo ﬁ ①",
+         "emoji 🤖 and 中文", "```code```\n\n* item"]
+
+
+@pytest.mark.parametrize("model", ["llama_tokenizer/tokenizer.model", "stories260K/tok512.model",
+                                   "sample_data"])
+def test_the_exported_tokenizer_json_is_sentencepiece_exactly(model, fixtures, lima_rows):
+    """tokenizer.json as export builds it: SentencePiece's ids and text on every LIMA utterance
+    and on the edges of its normalizer (identity or NFKC, spaces kept or stripped and collapsed;
+    stories260K's and the demo's tokenizers strip them, LLaMA's keeps them)."""
+    path = (Path(limajax.__file__).parent / "sample_data" / "tokenizer.model"
+            if model == "sample_data" else fixtures / model)
+    sp = SentencePieceFile(path)
+    fast = sp.fast()
+    texts = [t for row in lima_rows for t in row["conversations"]] + EDGES
+    ours = sp.encode_batch(texts)
+    assert [e.ids for e in fast.encode_batch(texts, add_special_tokens=False)] == ours
+    assert [fast.decode(ids) for ids in ours] == [sp.decode(ids) for ids in ours]
+    assert fast.encode("Hi").ids[0] == sp.bos_id  # BOS added, as LlamaTokenizer's add_bos_token

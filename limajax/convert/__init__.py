@@ -39,7 +39,7 @@ from limajax.convert.table import (
 )
 from limajax.errors import UserError
 from limajax.files import staged_dir
-from limajax.tokenizer import TokenSpec, stored_name
+from limajax.tokenizer import TokenSpec, save_to
 
 __all__ = ["EOT_TEXT", "WEIGHTS", "Converted", "Weight", "allocate", "config_from_hf",
            "config_from_meta", "context_guess", "convert", "export", "extract", "hf_config",
@@ -90,6 +90,5 @@ def export(target: str, model_dir: str | Path, output: str | Path, *, shards: in
             write_hf(tmp, params, config, tokens, tokenizer)
         else:
             write_meta(tmp, params, config, shards)
-            if tokenizer is not None:
-                shutil.copyfile(tokenizer, tmp / stored_name(tokenizer))
+            save_to(tmp, tokenizer, None)
     return config

@@ -37,13 +37,13 @@ from limajax.files import read_json, write_json
 from limajax.progress import progress
 from limajax.tokenizer import (
     HF_TOKENIZER_FILE,
+    TOKENIZER_FILE,
     HFTokenizerFile,
     SentencePieceFile,
     TokenSpec,
     check_fits,
     eot_id_for,
     load_pieces,
-    stored_name,
     tokenizer_file,
 )
 
@@ -266,10 +266,13 @@ def hf_generation_config(tokens: TokenSpec) -> dict:
     return {"bos_token_id": tokens.bos_id, "eos_token_id": eos}
 
 
-def hf_tokenizer_config(pieces: SentencePieceFile | HFTokenizerFile, tokens: TokenSpec,
-                        config: ModelConfig) -> dict:
-    """tokenizer_config.json for the tokenizer file, EOT declared as a special token (so
-    transformers encodes its text as EOT's id and `skip_special_tokens` drops it)."""
+def hf_tokenizer_files(pieces: SentencePieceFile | HFTokenizerFile, tokens: TokenSpec,
+                       config: ModelConfig) -> tuple[dict, dict]:
+    """tokenizer_config.json and special_tokens_map.json, as transformers' save_pretrained of a
+    Llama tokenizer writes them, EOT declared as a special token (so transformers encodes its
+    text as EOT's id and `skip_special_tokens` drops it). The class is the generic fast one:
+    transformers then loads tokenizer.json as it is, where LlamaTokenizer would rebuild its own
+    pre-tokenizer (which splits runs of spaces unlike SentencePiece)."""
 
     def special(text):
         return {"content": text, "lstrip": False, "normalized": False, "rstrip": False,
@@ -278,37 +281,33 @@ def hf_tokenizer_config(pieces: SentencePieceFile | HFTokenizerFile, tokens: Tok
     ids = {"unk_token": pieces.unk_id, "bos_token": tokens.bos_id, "eos_token": tokens.eos_id}
     names = {k: pieces.piece(i) for k, i in ids.items() if i is not None and 0 <= i < pieces.size}
     added = {str(ids[k]): special(text) for k, text in names.items()}
-    if isinstance(pieces, SentencePieceFile):
-        out = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True,
-               "add_eos_token": False, "legacy": False, "sp_model_kwargs": {}}
-    else:  # tokenizer.json's own post-processor decides BOS (Llama 3's adds it)
-        out = {"tokenizer_class": "PreTrainedTokenizerFast"}
-    out |= {"clean_up_tokenization_spaces": False, "pad_token": None,
-            "model_max_length": config.max_seq_len, **names}
+    # BOS is added by tokenizer.json's post-processor (ours for SentencePiece, Llama 3's own).
+    out = {"tokenizer_class": "PreTrainedTokenizerFast",
+           "add_bos_token": tokens.bos_id is not None, "add_eos_token": False,
+           "clean_up_tokenization_spaces": False, "pad_token": None,
+           "model_max_length": config.max_seq_len, **names}
+    special_map = {k: special(text) for k, text in names.items()}
     if tokens.eot_id is not None:
         eot = pieces.piece(tokens.eot_id) if tokens.eot_id < pieces.size else EOT_TEXT
         added[str(tokens.eot_id)] = special(eot)
-        out["additional_special_tokens"] = [eot]
-        out["chat_template"] = dialogue_template(
-            eot, prefix=" " if isinstance(pieces, SentencePieceFile) else "")
+        out["additional_special_tokens"] = special_map["additional_special_tokens"] = [eot]
+        out["chat_template"] = dialogue_template(eot)
     out["added_tokens_decoder"] = added
-    return out
+    return out, special_map
 
 
-def dialogue_template(eot: str, prefix: str) -> str:
+def dialogue_template(eot: str) -> str:
     """A chat template (Jinja, for transformers' apply_chat_template and vLLM) that renders a
     conversation as limajax's dialogue format (LIMA §3): BOS, then every utterance followed by
-    EOT; the assistant answers next, so a generation prompt adds nothing. `prefix` goes before
-    each utterance: SentencePiece's dummy-prefix space, which limajax's tokenizer gives every
-    utterance (each is encoded on its own) but transformers gives no text that follows a special
-    token. LIMA has no system turn: system messages go before the first user turn, then a blank
-    line, as `limajax serve` does (serving.conversation)."""
+    EOT; the assistant answers next, so a generation prompt adds nothing. No spaces between
+    them: the exported tokenizer.json puts SentencePiece's dummy prefix before each text
+    between special tokens, as limajax encodes each utterance. LIMA has no system turn: system
+    messages go before the first user turn, then a blank line, as `limajax serve` does."""
     return (
         "{%- set system = messages | selectattr('role', 'equalto', 'system')"
         " | map(attribute='content') | join('\\n\\n') -%}"
         "{{- bos_token -}}"
         "{%- for m in messages | rejectattr('role', 'equalto', 'system') -%}"
-        f"{{{{- {json.dumps(prefix)} -}}}}"
         "{%- if loop.first and system -%}{{- system + '\\n\\n' -}}{%- endif -%}"
         f"{{{{- m['content'] + {json.dumps(eot)} -}}}}"
         "{%- endfor -%}")
@@ -316,16 +315,22 @@ def dialogue_template(eot: str, prefix: str) -> str:
 
 def write_tokenizer(directory: Path, tokenizer: Path, tokens: TokenSpec, config: ModelConfig
                     ) -> None:
-    """The tokenizer file and its tokenizer_config.json, for transformers' AutoTokenizer. A new
-    EOT (past the file's pieces) is added to a tokenizer.json as a special token."""
+    """What transformers' AutoTokenizer, vLLM and TGI load with neither sentencepiece nor
+    protobuf installed: tokenizer.json (built from a SentencePiece model, which is copied too,
+    for llama.cpp's converter and sentencepiece users; Llama 3's own), tokenizer_config.json and
+    special_tokens_map.json. A new EOT (past the file's pieces) is an added special token."""
     pieces = load_pieces(tokenizer)
-    if isinstance(pieces, HFTokenizerFile) and tokens.eot_id == pieces.size:
-        pieces.tok.add_special_tokens([AddedToken(EOT_TEXT, special=True, normalized=False)])
-        pieces.tok.save(str(directory / HF_TOKENIZER_FILE))
-        pieces = load_pieces(directory / HF_TOKENIZER_FILE)
+    if isinstance(pieces, SentencePieceFile):
+        shutil.copyfile(tokenizer, directory / TOKENIZER_FILE)
+        fast = pieces.fast()
     else:
-        shutil.copyfile(tokenizer, directory / stored_name(tokenizer))
-    write_json(directory / "tokenizer_config.json", hf_tokenizer_config(pieces, tokens, config))
+        fast = pieces.tok
+    if tokens.eot_id is not None and tokens.eot_id == pieces.size:
+        fast.add_special_tokens([AddedToken(EOT_TEXT, special=True, normalized=False)])
+    fast.save(str(directory / HF_TOKENIZER_FILE))
+    config_json, special_map = hf_tokenizer_files(pieces, tokens, config)
+    write_json(directory / "tokenizer_config.json", config_json)
+    write_json(directory / "special_tokens_map.json", special_map)
 
 
 def write_hf(directory: str | Path, params: dict, config: ModelConfig, tokens: TokenSpec,

@@ -55,8 +55,8 @@ def compare(a_path: str, b_path: str, judge: judge_lib.Judge, output: str, *,
     the outcome counts and the run's figures."""
     template = judge_lib.load_template("pairwise", template_path)
     judge.api_key()  # a missing key variable is a mistake to report before anything else
-    pairs, left_out = pair_samples(read_samples(a_path), read_samples(b_path), a_path, b_path,
-                                   common=common)
+    a, b = read_samples(a_path), read_samples(b_path)
+    pairs, left_out = pair_samples(a, b, a_path, b_path, common=common)
     out = JudgmentFile(output, PAIR_KEY, PAIR_FINGERPRINT)
     wanted = ORDERS if orders == "both" else ORDERS[:1]
     jobs, cached = [], []
@@ -81,7 +81,8 @@ def compare(a_path: str, b_path: str, judge: judge_lib.Judge, output: str, *,
     result = judge_lib.run(jobs, judge, template, out, progress=progress, on_row=running.add)
     return {"prompts": len(pairs), "judged": result.done, "cached": len(cached),
             "retries": result.retries, "unparsed": result.unparsed, "seconds": result.seconds,
-            "outcomes": running.counts, "torn_line_dropped": out.torn, "left_out": left_out}
+            "outcomes": running.counts, "torn_line_dropped": out.torn, "left_out": left_out,
+            "failed": {a_path: a.failed, b_path: b.failed}}
 
 
 def _recorder(id_, order, fingerprint, a_path, b_path, len_a, len_b):

@@ -23,9 +23,10 @@ def left_side(seed: int, ident: str) -> str:
 
 
 def _items(a_path, b_path, seed, common):
-    """(the sheet's items, pair_samples' note on the ids only one file has)."""
-    pairs, left_out = pair_samples(read_samples(a_path), read_samples(b_path), a_path, b_path,
-                                   common=common)
+    """(the sheet's items, pair_samples' note on the ids only one file has, the failed rows
+    left out of each file)."""
+    a, b = read_samples(a_path), read_samples(b_path)
+    pairs, left_out = pair_samples(a, b, a_path, b_path, common=common)
     items = []
     for sa, sb in pairs:
         left = left_side(seed, sa.id)
@@ -34,7 +35,7 @@ def _items(a_path, b_path, seed, common):
                       "left_text": shown[0].response, "right_text": shown[1].response,
                       "prompt_sha": sha256(sa.prompt), "a_sha": sha256(sa.response),
                       "b_sha": sha256(sb.response)})
-    return items, left_out
+    return items, left_out, {a_path: a.failed, b_path: b.failed}
 
 
 def sheet_template() -> str:
@@ -42,10 +43,11 @@ def sheet_template() -> str:
 
 
 def annotate(a_path: str, b_path: str, output: str, *, seed: int = 0, common: bool = False
-             ) -> tuple[int, str | None]:
-    """Write the sheet for every prompt both files answered; returns the number of items and
-    the note on the ids only one file has (refused unless `common`)."""
-    items, left_out = _items(a_path, b_path, seed, common)
+             ) -> tuple[int, str | None, dict]:
+    """Write the sheet for every prompt both files answered; returns the number of items, the
+    note on the ids only one file has (refused unless `common`) and the failed rows left out
+    of each file (read_samples)."""
+    items, left_out, failed = _items(a_path, b_path, seed, common)
     page = sheet_template()
     data = {"a": a_path, "b": b_path, "seed": seed, "items": items}
     # The sheet's identity: its items and its wording; the browser keeps work under it.
@@ -54,7 +56,7 @@ def annotate(a_path: str, b_path: str, output: str, *, seed: int = 0, common: bo
     blob = json.dumps(data, ensure_ascii=False).replace("</", "<\\/")
     with staged_file(output) as f:
         f.write(page.replace("/*SHEET*/", blob, 1))
-    return len(items), left_out
+    return len(items), left_out, failed
 
 
 def labels_to_judgments(labels_path: str, a_path: str, b_path: str, output: str, *,
@@ -66,7 +68,7 @@ def labels_to_judgments(labels_path: str, a_path: str, b_path: str, output: str,
     for field in ("sheet", "seed", "labels"):
         if field not in labels:
             raise UserError(f"{labels_path}: no {field!r}; expected the JSON the sheet exports")
-    items, left_out = _items(a_path, b_path, labels["seed"], common)
+    items, left_out, _ = _items(a_path, b_path, labels["seed"], common)
     items = {it["id"]: it for it in items}
     template = sha256(sheet_template())
     out = JudgmentFile(output, PAIR_KEY, PAIR_FINGERPRINT)

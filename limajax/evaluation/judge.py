@@ -1,23 +1,21 @@
 """LLM judges over HTTP: any OpenAI-compatible chat endpoint (GPT-4, vLLM, llama.cpp's server,
-limajax's own `serve`), through the `openai` client.
+limajax's own `serve`), through limajax's one endpoint client (limajax/endpoint.py: retries,
+the check before anything is sent, the API key kept out of files, logs and messages).
 
-The client retries what is worth retrying (429 honouring Retry-After, 5xx, dropped connections,
-time-outs) with exponential backoff; this module adds what it does not: asking again when an
-answer holds no verdict (at most twice, then `unparsed`), appending every judgment to the
-judgment file the moment it arrives, a progress bar, and errors a user can act on. The API key
-is read from the environment and appears nowhere else: not in files, logs or messages.
+This module adds what judging needs: asking again when an answer holds no verdict (at most
+twice, then `unparsed`), appending every judgment to the judgment file the moment it arrives,
+a progress bar with the running figures.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import os
 import re
-import time
 from collections.abc import Callable
 from importlib import resources
+from typing import ClassVar
 
+from limajax import endpoint
 from limajax.errors import UserError
 from limajax.evaluation.judgments import JudgmentFile, sha256
 from limajax.progress import bar as progress_bar
@@ -28,23 +26,10 @@ REASK = ("Please give your final choice now, with no explanation, as exactly one
 
 
 @dataclasses.dataclass(frozen=True)
-class Judge:
-    url: str  # the OpenAI-compatible base URL, e.g. https://api.openai.com/v1
-    model: str
-    api_key_env: str | None = None  # the environment variable holding the key, if one is needed
-    timeout: float = 60.0  # seconds per request
-    max_retries: int = 6  # per request, with backoff: ~0.5, 1, 2, 4, 8, 8 s (or Retry-After)
+class Judge(endpoint.Endpoint):
     max_tokens: int = 1024
-    concurrency: int = 8
 
-    def api_key(self) -> str:
-        if self.api_key_env is None:
-            return "none"  # local servers take any key; the client needs one to send
-        key = os.environ.get(self.api_key_env)
-        if not key:
-            raise UserError(f"--api-key-env {self.api_key_env}: that environment variable is "
-                            "not set (it must hold the judge's API key)")
-        return key
+    role: ClassVar[str] = "judge"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,41 +80,8 @@ class Job:
 
 
 @dataclasses.dataclass
-class Tally:
-    done: int = 0
-    retries: int = 0
+class Tally(endpoint.Tally):
     unparsed: int = 0
-    seconds: float = 0.0
-    failure: str | None = None
-
-
-def _redact(text: str, judge: Judge) -> str:
-    key = os.environ.get(judge.api_key_env) if judge.api_key_env else None
-    return text.replace(key, "***") if key else text
-
-
-def _failure(e: Exception, judge: Judge, job: Job) -> str:
-    """One line saying why a judgment could not be had, without the key."""
-    import openai
-
-    where = f"judge {judge.url}"
-    if isinstance(e, openai.AuthenticationError | openai.PermissionDeniedError):
-        what = (f"refused the API key from ${judge.api_key_env} ({e.status_code})"
-                if judge.api_key_env else
-                f"wants an API key ({e.status_code}; pass --api-key-env VAR)")
-    elif isinstance(e, openai.NotFoundError):
-        what = (f"404 for model {judge.model!r} (is the model name right, and the URL an "
-                "OpenAI-compatible base URL ending in /v1?)")
-    elif isinstance(e, openai.APITimeoutError):
-        what = f"no answer within --timeout {judge.timeout:g} s, {judge.max_retries + 1} tries"
-    elif isinstance(e, openai.APIConnectionError):
-        cause = e.__cause__ or e
-        what = f"cannot connect ({cause.__class__.__name__}), {judge.max_retries + 1} tries"
-    elif isinstance(e, openai.APIStatusError):
-        what = f"HTTP {e.status_code} after {judge.max_retries + 1} tries: {str(e)[:200]}"
-    else:
-        what = f"{e.__class__.__name__}: {str(e)[:200]}"
-    return _redact(f"{where}: {what} (while judging {job.key})", judge)
 
 
 async def _ask(client, judge: Judge, template: Template, job: Job, tally: Tally) -> dict:
@@ -141,7 +93,6 @@ async def _ask(client, judge: Judge, template: Template, job: Job, tally: Tally)
         raw = await client.chat.completions.with_raw_response.create(
             model=judge.model, messages=messages, temperature=0.0, max_tokens=judge.max_tokens)
         retries += raw.retries_taken
-        tally.retries += raw.retries_taken
         try:
             text = raw.parse().choices[0].message.content or ""
         except (AttributeError, IndexError, TypeError, ValueError):
@@ -160,51 +111,28 @@ async def _ask(client, judge: Judge, template: Template, job: Job, tally: Tally)
 
 def run(jobs: list[Job], judge: Judge, template: Template, out: JudgmentFile, *,
         progress: bool = True, on_row: Callable[[dict], str] | None = None) -> Tally:
-    """Judge every job, `judge.concurrency` at a time, appending each line to `out` as it
-    arrives (`on_row` sees it and returns the progress bar's running figures). A job that fails
-    after all retries stops the run with one line (what is done stays done); Ctrl-C loses only
-    the judgments in flight."""
-    import openai  # here, not at the top: its import takes seconds, and `report` needs none
-
-    key = judge.api_key()
+    """Judge every job through the endpoint client, appending each line to `out` as it arrives
+    (`on_row` sees it and returns the progress bar's running figures). A job that fails after
+    all retries stops the run with one line (what is done stays done)."""
     tally = Tally()
     bar = progress_bar(total=len(out.done) + len(jobs), initial=len(out.done), desc="judge",
                        unit="judgment", enabled=progress)
 
-    async def main():
-        client = openai.AsyncOpenAI(base_url=judge.url, api_key=key, timeout=judge.timeout,
-                                    max_retries=judge.max_retries)
-        queue: asyncio.Queue[Job] = asyncio.Queue()
-        for job in jobs:
-            queue.put_nowait(job)
+    async def ask(client, job: Job) -> dict:
+        return await _ask(client, judge, template, job, tally)
 
-        async def worker():
-            while not queue.empty() and tally.failure is None:
-                job = queue.get_nowait()
-                try:
-                    row = await _ask(client, judge, template, job, tally)
-                except openai.OpenAIError as e:
-                    tally.failure = tally.failure or _failure(e, judge, job)
-                    return
-                out.append(row)
-                tally.done += 1
-                bar.set_postfix_str((on_row(row) + ", " if on_row else "") +
-                                    f"retries {tally.retries}, unparsed {tally.unparsed}",
-                                    refresh=False)
-                bar.update(1)
+    def write(row: dict) -> None:
+        out.append(row)
+        bar.set_postfix_str((on_row(row) + ", " if on_row else "") +
+                            f"retries {tally.retries}, unparsed {tally.unparsed}", refresh=False)
+        bar.update(1)
 
-        try:
-            await asyncio.gather(*(worker() for _ in range(max(1, judge.concurrency))))
-        finally:
-            await client.close()
-
-    start = time.perf_counter()
     try:
-        asyncio.run(main())
+        endpoint.run(judge, jobs, ask, write, describe=lambda job: f"judging {job.key}",
+                     tally=tally)
     finally:
         bar.close()
     if tally.failure:
         raise UserError(f"{tally.failure}; {len(out.done)} judgments are saved in {out.path}, "
                         "rerun to continue")
-    tally.seconds = time.perf_counter() - start
     return tally

@@ -47,13 +47,27 @@ class Sample:
         return "\n\n".join(f"{speakers[i % 2]}: {turn}" for i, turn in enumerate(turns))
 
 
-def read_samples(path: str, *, several_per_id: bool = False) -> dict:
+class Samples(dict):
+    """{id: Sample} (or {(id, sample): Sample}), and `failed`: how many rows were left out
+    because they hold no answer (`sample --endpoint` wrote why the endpoint refused the
+    prompt), so that no refusal is ever judged as if it were an answer."""
+
+    failed: int = 0
+    failed_ids: frozenset = frozenset()  # their ids: pair_samples counts them as announced
+
+
+def read_samples(path: str, *, several_per_id: bool = False) -> Samples:
     """{id: Sample} from a `limajax sample` output file ({(id, sample): Sample} with
-    several_per_id, for `rate` over `sample --num-samples 5`)."""
-    samples: dict = {}
+    several_per_id, for `rate` over `sample --num-samples 5`); failed rows are counted, not
+    read."""
+    samples = Samples()
     for where, _, row in read_jsonl(path):
         if not isinstance(row, dict):
             raise UserError(f"{where}: expected a JSON object")
+        if "failed" in row:
+            samples.failed += 1
+            samples.failed_ids = samples.failed_ids | {str(row.get("id"))}
+            continue
         for field, kind in (("id", (str, int)), ("conversations", list), ("response", str)):
             if not isinstance(row.get(field), kind) or isinstance(row.get(field), bool):
                 what = "a string or integer" if field == "id" else kind.__name__
@@ -72,7 +86,8 @@ def read_samples(path: str, *, several_per_id: bool = False) -> dict:
             raise UserError(f"{where}: {what} repeats {samples[key].where}{hint}")
         samples[key] = s
     if not samples:
-        raise UserError(f"{path}: no samples")
+        why = f" ({samples.failed} failed rows, which hold no answer)" if samples.failed else ""
+        raise UserError(f"{path}: no samples{why}")
     return samples
 
 
@@ -85,8 +100,10 @@ def pair_samples(a: dict, b: dict, a_path: str, b_path: str, *, common: bool = F
     if not pairs:
         raise UserError(f"{a_path} and {b_path} have no prompt id in common (ids like "
                         f"{next(iter(a))!r} vs {next(iter(b))!r})")
-    only = [(path, [i for i in x if i not in y]) for path, x, y in ((a_path, a, b),
-                                                                     (b_path, b, a))]
+    # An id whose row in the other file failed (an endpoint refused it) is announced by the
+    # failed rows' notice, not here.
+    only = [(path, [i for i in x if i not in y and i not in getattr(y, "failed_ids", ())])
+            for path, x, y in ((a_path, a, b), (b_path, b, a))]
     note = None
     if any(ids for _, ids in only):
         note = (f"{len(pairs)} prompt ids are in both files; " + "; ".join(

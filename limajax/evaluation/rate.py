@@ -46,6 +46,7 @@ def rate(samples_path: str, rubric: str, judge: judge_lib.Judge, output: str, *,
     keys = {(i, str(k)) for i, k in samples}
     rows = [row for key, row in out.done.items() if key in keys]
     return {"judged": tally.done, "retries": tally.retries,
+            "failed": {samples_path: samples.failed},
             **summarize(rows, rubric, resamples=resamples, seed=seed)}
 
 

@@ -54,15 +54,16 @@ def answer_text(tokenizer: Tokenizer, ids: list[int], completion: Completion, ra
     return decode_after(tokenizer, ids if raw else [], completion.text_tokens())
 
 
-def answered(path: Path) -> set[tuple[str, int]]:
-    """(id, sample) of the rows an earlier run wrote; a last line cut short is dropped."""
+def answered(path: Path) -> dict[tuple[str, int], dict]:
+    """{(id, sample): row} of the rows an earlier run wrote; a last line cut short is
+    dropped."""
     drop_torn_last_line(path)  # interrupted mid-line: keep the complete rows
     if not path.exists():
-        return set()
-    done = set()
+        return {}
+    done = {}
     for where, _, row in read_jsonl(path):
         try:
-            done.add((str(row["id"]), int(row["sample"])))
+            done[str(row["id"]), int(row["sample"])] = row
         except (KeyError, TypeError, ValueError):
             raise UserError(f"{where}: not a row of an earlier `limajax sample` run (expected "
                             'JSON with "id" and "sample"); move the file away') from None
@@ -107,15 +108,17 @@ def sample_file(source: str, prompts_path: str, output_path: str, settings: Sett
                 generated += len(c.tokens)
             bar.set_postfix_str(f"{generated / (time.perf_counter() - start):.1f} tokens/s")
             bar.update(len(finished))
-    _in_input_order(output, rows)
+    in_input_order(output, rows)
     return {"answers": len(todo), "skipped": len(rows) * num_samples - len(todo),
             "tokens": generated, "seconds": time.perf_counter() - start}
 
 
-def _in_input_order(output: Path, rows: list[dict]) -> None:
+def in_input_order(output: Path, rows: list[dict]) -> None:
     """Rewrite the finished output atomically with its rows in the prompts' order."""
     place = {str(row["id"]): n for n, row in enumerate(rows)}
-    lines = output.read_text(encoding="utf-8").splitlines(keepends=True)
+    # split at "\n" only, as read_jsonl does: an answer may hold U+2028, which splitlines cuts
+    lines = [line + "\n" for line in output.read_text(encoding="utf-8").split("\n")
+             if line.strip()]
     keyed = [(json.loads(line), line) for line in lines]
     keyed.sort(key=lambda x: (place.get(str(x[0]["id"]), len(place)), x[0]["sample"]))
     with staged_file(output) as f:
