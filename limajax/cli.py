@@ -4,6 +4,7 @@ library function; user mistakes (UserError) become one line on stderr and exit c
 from __future__ import annotations
 
 import functools
+import glob
 import os
 import sys
 
@@ -72,6 +73,22 @@ def main():
     fine-tune with LIMA's recipe on a device mesh, plan its memory, score texts, sample,
     chat with and serve the model, and compare its answers with another model's.
     """
+    cpu_unless_accelerator()
+
+
+# Device nodes of the accelerators JAX can drive: TPU VMs (/dev/accel*, /dev/vfio/N on v5+),
+# NVIDIA GPUs, AMD GPUs.
+ACCELERATOR_NODES = ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*", "/dev/kfd")
+
+
+def cpu_unless_accelerator() -> None:
+    """On a machine with no accelerator, run on the CPU: with jax[tpu] or jax[cuda] installed
+    JAX would otherwise try those backends at start-up (libtpu's warnings, CUDA's traceback,
+    a delay). The user's own JAX_PLATFORMS is kept; `plan --target` asks for its compile-only
+    devices explicitly, which this does not stop."""
+    if "JAX_PLATFORMS" not in os.environ and not any(
+            glob.glob(pattern) for pattern in ACCELERATOR_NODES):
+        os.environ["JAX_PLATFORMS"] = "cpu"
 
 
 # --- commands are added below, one section per capability -------------------------------------
@@ -170,8 +187,16 @@ def data():
 
 @data.command("prepare")
 @click.option("--input", "input_dir", type=click.Path(path_type=str), default=None,
-              help="Directory with GAIR's train.jsonl (+ optional test.jsonl, dev.jsonl). "
-              "Default: the sample dialogues shipped with limajax.")
+              help="Directory with train.jsonl (+ optional test.jsonl, dev.jsonl; .json too), "
+              "or one training file (e.g. alpaca_data.json). Default: the sample dialogues "
+              "shipped with limajax.")
+@click.option("--format", "fmt", type=click.Choice(["gair", "alpaca", "sharegpt", "openai"]),
+              default=None,
+              help="Insist on this input format; default: detected (each file keeps to one).")
+@click.option("--template", type=click.Choice(["lima", "alpaca"]), default="lima",
+              show_default=True,
+              help="User turns as they are (LIMA's dialogue format) or in Stanford Alpaca's "
+              "prompt; sample the model with the same --template.")
 @click.option("--output", "output_dir", required=True, type=click.Path(path_type=str),
               help="New directory for the dataset (written whole or not at all).")
 @click.option("--dev-from-train", type=click.IntRange(min=0), default=0, show_default=True,
@@ -182,25 +207,32 @@ def data():
               help="Keep a seeded sample of N training dialogues (LIMA §5 quantity ablation).")
 @click.option("--sources", default=None,
               help="Comma-separated sources to train on, e.g. stackexchange,wikihow "
-              "(LIMA §5 diversity ablation).")
+              "(LIMA §5 diversity ablation); -NAME leaves NAME out: --sources=-multi_turn "
+              "trains without LIMA §6's 30 multi-turn dialogues.")
 @user_errors
-def data_prepare(input_dir, output_dir, dev_from_train, seed, sample, sources):
-    """Check GAIR's files and write them as a versioned ArrayRecord dataset."""
+def data_prepare(input_dir, fmt, template, output_dir, dev_from_train, seed, sample, sources):
+    """Check the input files (GAIR, Alpaca, ShareGPT or OpenAI messages) and write them as a
+    versioned ArrayRecord dataset of GAIR rows."""
     from limajax import data as data_lib
 
     options = data_lib.PrepareOptions(
         dev_from_train=dev_from_train, seed=seed, sample=sample,
         sources=tuple(s.strip() for s in sources.split(",") if s.strip()) if sources else None,
+        format=fmt, template=template,
     )
     metadata = data_lib.prepare(input_dir or data_lib.SAMPLE_DATA, output_dir, options)
     click.echo(f"prepared {data_lib.dataset_dir(output_dir)}")
     click.echo("  " + ", ".join(f"{k}: {v:,}" for k, v in metadata["examples"].items()))
     for name, info in metadata["inputs"].items():
-        click.echo(f"  {name}: {info['rows']:,} rows, sha256 {info['sha256']}")
-    train = metadata["inputs"]["train.jsonl"]
+        click.echo(f"  {name}: {info['rows']:,} {info['format']} rows, sha256 {info['sha256']}")
+    [train] = [i for i in metadata["inputs"].values() if i["split"] == "train"]
     if train["trailing_user_turns_dropped"] or train["rows_without_answer"]:
         click.echo(f"  dropped {train['trailing_user_turns_dropped']:,} unanswered last user "
                    f"turns; skipped {train['rows_without_answer']:,} rows left without a turn")
+    if train["multi_turn_sources_inferred"]:
+        click.echo(f"  {train['multi_turn_sources_inferred']:,} dialogues of more than one "
+                   f"exchange without a source: source {data_lib.MULTI_TURN!r} (GAIR's name for "
+                   "LIMA §6's dialogues)")
 
 
 @data.command("inspect")
@@ -567,8 +599,25 @@ def train(config_path, mesh, init, data_dir, workdir, overrides, tokenizer, epoc
     config = load_recipe(config_path, overrides, mesh=mesh, init=init, tokenizer=tokenizer,
                          epochs=epochs, save_every_steps=save_every_steps,
                          data={"path": data_dir})
+    from limajax import targets
+
+    # The share of each GPU's memory JAX may take, as `plan --target` plans against (JAX's
+    # default is 0.75); it must be set before JAX starts and changes nothing off a GPU.
+    fraction = os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION",
+                                     str(targets.GPU_MEMORY_FRACTION))
     sharding.start(config.mesh, coordinator, num_processes, process_id)
+    import jax
+
+    from limajax import plan as plan_lib
     from limajax import train as train_lib
+
+    if jax.default_backend() == "gpu":
+        click.echo(f"notice: JAX may use {float(fraction):.0%} of each GPU's memory "
+                   f"(XLA_PYTHON_CLIENT_MEM_FRACTION={fraction}; `limajax plan --target` plans "
+                   f"against {targets.GPU_MEMORY_FRACTION:.0%})", err=True)
+    if config.model.remat == "auto":
+        config, line = plan_lib.resolve_remat(config, sharding.make_mesh(config.mesh))
+        click.echo(line, err=True)
 
     try:
         train_lib.train_recipe(config, workdir, peak=peak_flops, progress=progress)
@@ -578,33 +627,62 @@ def train(config_path, mesh, init, data_dir, workdir, overrides, tokenizer, epoc
 
 
 @main.command()
-@click.option("--config", "config_path", required=True, type=click.Path(path_type=str),
-              help="A recipe file from configs/.")
+@click.option("--config", "config_path", default=None, type=click.Path(path_type=str),
+              help="A recipe file from configs/ (required unless --list-targets).")
 @click.option("--mesh", default=None, help="DATAxMODEL device mesh (default: the recipe's).")
-@click.option("--device-memory", default="32GiB", show_default=True,
-              help="Memory per device, e.g. 32GiB, 16GB, 80GiB.")
+@click.option("--target", default=None,
+              help="Compile for this accelerator slice with its own compiler, e.g. v5p-16 or "
+              "h200x8 (see --list-targets); default: the CPU compiler as a stand-in.")
+@click.option("--list-targets", is_flag=True,
+              help="List the targets, their devices and memory per device, and exit.")
+@click.option("--device-memory", default=None,
+              help="Memory per device, e.g. 32GiB, 16GB, 80GiB (default: the target's usable "
+              "memory; 32GiB without --target).")
 @click.option("--seq-len", type=click.IntRange(min=1), default=None,
               help="Sequence length to plan for (default: the recipe's max_len).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe value, e.g. --set model.remat=dots (repeatable).")
 @user_errors
-def plan(config_path, mesh, device_memory, seq_len, overrides):
-    """Compile the real train step ahead of time on simulated devices and print its memory per
-    device (parameters, optimiser state, compiler temporaries) against --device-memory, beside
-    an analytic estimate. Exit code 3 if it does not fit.
+def plan(config_path, mesh, target, list_targets, device_memory, seq_len, overrides):
+    """Compile the real train step ahead of time and print its memory per device (parameters,
+    optimiser state, compiler temporaries) against the device's, beside an analytic estimate.
+    Exit code 3 if it does not fit. With --target, the accelerator's own compiler does it on
+    compile-only devices (pip install "limajax[tpu]" or "limajax[cuda]"), with its cost model's
+    step-time estimates where it has one.
 
-    Example: limajax plan --config configs/lima_65b.py --mesh 8x8 --device-memory 32GiB
+    Example: limajax plan --config configs/lima_65b_h200.py --target h200x8
     """
+    from limajax import targets
+
+    if list_targets:
+        click.echo(targets.listing())
+        return
+    if config_path is None:
+        raise UserError("plan needs --config RECIPE (or --list-targets)")
     from limajax import sharding
     from limajax.config import load_recipe
 
+    chosen = None if target is None else targets.find(target)
     config = load_recipe(config_path, overrides, mesh=mesh)
-    sharding.start(config.mesh)
+    if chosen is None:
+        sharding.start(config.mesh)
+        devices = None
+    else:
+        targets.check_mesh(chosen, config.mesh, sharding.mesh_devices(config.mesh))
+        devices = targets.compile_only_devices(chosen)
+    from limajax import attention
     from limajax import plan as plan_lib
 
-    for line in sharding.replication_notices(config.model, sharding.make_mesh(config.mesh)):
+    memory = None if device_memory is None else plan_lib.parse_bytes(device_memory)
+    if chosen is None and memory is None:
+        memory = plan_lib.parse_bytes("32GiB")
+    mesh = sharding.make_mesh(config.mesh, devices)
+    m = config.model
+    for line in sharding.replication_notices(m, mesh):
         click.echo(line, err=True)
-    report = plan_lib.plan(config, plan_lib.parse_bytes(device_memory), seq_len=seq_len)
+    click.echo(attention.describe(m.attention, mesh.devices.flat[0].platform,
+                                  (m.n_heads, m.n_kv_heads, mesh.shape["model"])), err=True)
+    report = plan_lib.plan(config, memory, seq_len=seq_len, mesh=mesh, target=chosen)
     click.echo(report.format())
     if not report.fits:
         sys.exit(DOES_NOT_FIT)

@@ -25,7 +25,7 @@ from limajax.errors import UserError
 
 DTYPES = ("float32", "bfloat16", "float16")
 VOCAB_MULTIPLE = 128  # padded vocabulary divides by any model-axis size up to 128
-REMAT_POLICIES = ("none", "full", "dots")
+REMAT_POLICIES = ("none", "full", "dots", "auto")  # auto: limajax plan chooses
 ATTENTION_KERNELS = ("auto", "xla", "cudnn", "pallas", "splash")  # limajax/attention.py
 DERIVED = ("n_kv_heads", "head_dim", "ffn_dim")  # ModelConfig sizes that None derives
 
@@ -95,7 +95,7 @@ class ModelConfig:
     vocab_multiple: int = VOCAB_MULTIPLE  # so the vocabulary shards evenly; padded logits -inf
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype (bfloat16 on accelerators)
-    remat: str = "full"  # what the backward pass recomputes per layer: none | full | dots
+    remat: str = "full"  # what the backward pass recomputes per layer: none | full | dots | auto
     attention: str = "auto"  # the attention kernel (limajax/attention.py); auto: by platform
 
     def __post_init__(self):
@@ -210,6 +210,9 @@ class OptimConfig:
     clip_norm: float | None = 1.0  # global-norm clipping; None turns it off
     warmup_steps: int = 0  # LIMA §3: no warm-up
     moments_dtype: str = "float32"  # AdamW's mu and nu between steps; bfloat16 halves them
+    # AdamW's moments in host memory (memory_kind pinned_host) between steps, brought to the
+    # devices for the update only (MaxText's optimizer_memory_host_offload)
+    host_offload: bool = False
 
     def __post_init__(self):
         check_types(self, "optim")

@@ -345,7 +345,7 @@ def make_app(engine: Engine, model_name: str, api_key: str | None = None):
     async def tokenize(body: TokenizeBody):
         """vLLM's /tokenize: a prompt (BOS first unless add_special_tokens is false) or chat
         messages (LIMA's dialogue format) -> ids."""
-        check_model(body.model)
+        check_model(body.model, optional=True)
         if (body.prompt is None) == (body.messages is None):
             raise UserError("give either prompt or messages")
         if body.messages is not None:
@@ -357,14 +357,18 @@ def make_app(engine: Engine, model_name: str, api_key: str | None = None):
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeBody):
-        check_model(body.model)
+        check_model(body.model, optional=True)
         bad = [i for i in body.tokens if not 0 <= i < tokenizer.vocab_size]
         if bad:
             raise UserError(f"tokens: id {bad[0]} is outside the vocabulary "
                             f"(0..{tokenizer.vocab_size - 1})")
         return {"prompt": tokenizer.decode(body.tokens)}
 
-    def check_model(name: str | None) -> None:
+    def check_model(name: str | None, optional: bool = False) -> None:
+        """The model a request names must be the one served (OpenAI's 404 otherwise);
+        /tokenize and /detokenize may omit it, as in vLLM."""
+        if name is None and optional:
+            return
         if name is None:
             raise UserError(f"model: required (this server serves {model_name!r})")
         if name != model_name:

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from limajax import attention, data, optim, sharding
 from limajax.checkpoint import resolve_init
 from limajax.config import ModelConfig, TrainConfig
+from limajax.errors import UserError
 from limajax.tokenizer import save_to
 from limajax.workdir import (
     CHECKPOINTS_DIR,
@@ -109,6 +110,9 @@ class Setup:
 
 def build(config: TrainConfig, mesh: Mesh, steps_per_epoch: int) -> Setup:
     """Everything about a run that does not need memory: shapes, shardings, the optimiser."""
+    if config.model.remat == "auto":
+        raise UserError("model.remat auto is chosen by a plan (limajax plan, or limajax train, "
+                        "which plans first); resolve it with plan.resolve_remat")
     graphdef, abstract = sharding.abstract_model(config.model, mesh)
     total = config.epochs * steps_per_epoch
     tx = optim.optimizer(config.optim, total, optim.decay_mask(abstract))
@@ -116,6 +120,8 @@ def build(config: TrainConfig, mesh: Mesh, steps_per_epoch: int) -> Setup:
     param_shardings = jax.tree.map(lambda a: a.sharding, params)
     opt_abstract = jax.eval_shape(tx.init, params)
     opt_shardings = sharding.opt_state_shardings(tx, opt_abstract, param_shardings, mesh)
+    if config.optim.host_offload:
+        opt_shardings = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), opt_shardings)
     replicated = sharding.replicated_sharding(mesh)
     shardings = TrainState(replicated, param_shardings, opt_shardings, replicated)
     shapes = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, opt_abstract,
@@ -135,6 +141,8 @@ def make_train_step(setup: Setup):
     lr_at = optim.schedule(config.optim, setup.total_steps)
     param_shardings = setup.state_shardings.params
     micro_sharding = sharding.micro_batch_sharding(setup.mesh)
+    host_opt = setup.state_shardings.opt_state
+    device_opt = jax.tree.map(lambda s: s.with_memory_kind("device"), host_opt)
 
     def summed_loss(params, batch, key):
         model = nnx.merge(graphdef, params)
@@ -171,7 +179,12 @@ def make_train_step(setup: Setup):
                 (jnp.arange(n_micro), jax.tree.map(split, batch)))
         grads = jax.tree.map(lambda g: g / n_tokens, grads)
         grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        opt_state = state.opt_state
+        if config.optim.host_offload:  # moments from host memory for the update, and back
+            opt_state = jax.device_put(opt_state, device_opt)
+        updates, opt_state = tx.update(grads, opt_state, state.params)
+        if config.optim.host_offload:
+            opt_state = jax.device_put(opt_state, host_opt)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss_sum / n_tokens, "grad_norm": grad_norm, "lr": lr_at(state.step),
                    "target_tokens": n_tokens}
@@ -315,7 +328,8 @@ def train(config: TrainConfig, workdir: str | Path, loader: Loader, *, mesh: Mes
     """
     mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
     sharding.check(config, mesh)
-    log(attention.describe(config.model.attention))  # once, before anything is built
+    m = config.model
+    log(attention.describe(m.attention, heads=(m.n_heads, m.n_kv_heads, mesh.shape["model"])))
     config, workdir = resolved_paths(config), Path(workdir)
     is_lead = jax.process_index() == 0
     check_config(workdir, config)

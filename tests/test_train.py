@@ -36,13 +36,17 @@ def test_recipes_resolve_to_lima_settings():
     root = Path(__file__).resolve().parents[1] / "configs"
     c7 = runpy.run_path(str(root / "lima_7b.py"))["config"]
     c65 = runpy.run_path(str(root / "lima_65b.py"))["config"]
-    for c in (c7, c65):
+    node = runpy.run_path(str(root / "lima_65b_h200.py"))["config"]  # one 8x H200 node
+    for c in (c7, c65, node):
         assert (c.epochs, c.optim.lr, c.optim.end_lr, c.optim.b1, c.optim.b2) == (
             15, 1e-5, 1e-6, 0.9, 0.95)
         assert c.optim.weight_decay == 0.1 and c.optim.warmup_steps == 0
         assert c.data.max_len == 2048
     assert (c7.data.batch_size, c7.dropout) == (64, 0.2)
     assert (c65.data.batch_size, c65.dropout, c65.mesh) == (32, 0.3, "8x8")
+    assert (node.data.batch_size, node.dropout, node.mesh) == (32, 0.3, "1x8")
+    # LIMA's update: float32 master weights (an update of 1e-5 must not round away)
+    assert node.model.param_dtype == "float32" and node.model == c65.model
 
 
 def test_weight_decay_touches_matrices_only():
@@ -245,3 +249,19 @@ def test_bfloat16_moments_halve_the_optimizer_state_and_track_float32():
     moved = np.abs(np.asarray(out["float32"]["w"]) - 1.0).max()
     assert 2e-5 < moved < 4e-5
     np.testing.assert_allclose(out["bfloat16"]["w"], out["float32"]["w"], rtol=0, atol=2.4e-7)
+
+
+def test_host_offloaded_moments_equal_the_on_device_step():
+    """optim.host_offload keeps AdamW's moments in pinned host memory between steps (the CPU
+    backend has memory kinds too): three steps equal the on-device AdamW within 1e-6."""
+    config = ts.tiny_config(mesh="2x4")
+    mesh = sharding.make_mesh("2x4")
+    losses, params = ts.three_steps(config, mesh)
+    offload = apply_overrides(config, ["optim.host_offload=true"])
+    setup = train.build(offload, mesh, steps_per_epoch=3)
+    kinds = {s.memory_kind for s in jax.tree.leaves(setup.state_shardings.opt_state)}
+    assert kinds == {"pinned_host"}
+    losses_h, params_h = ts.three_steps(offload, mesh)
+    np.testing.assert_allclose(losses_h, losses, rtol=0, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(params_h), jax.tree.leaves(params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
