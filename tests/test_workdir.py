@@ -271,6 +271,7 @@ def test_any_io_error_while_saving_stops_training_in_one_line(run, cli, tmp_path
     r = cli(*args[:i + 1], w, *args[i + 2:], "--save-every-steps", "7")
     line = _check_failed_save(r.stderr, w, r.exit_code, 7)
     assert "(Input/output error); training stopped" in line
-    assert "epoch 2/2" not in r.stderr
+    # Stopped before the next checkpoint (none after step 5 is kept); how many more steps ran
+    # while Orbax renamed in the background depends on the machine's load.
     monkeypatch.setattr(async_path, "rename", rename)
     _resumes_exactly(run, cli, w)
