@@ -15,7 +15,7 @@ config = TrainConfig(
     model=preset("llama1-65b").replace(
         vocab_size=32001,  # LIMA §3: a new end-of-turn token (EOT) after LLaMA's 32,000
         dtype="bfloat16",  # compute in bfloat16, float32 master weights and moments
-        remat="full",  # recompute each layer in the backward pass: activations fit
+        remat="auto",  # the cheapest policy that fits (limajax plan: full on 8x8 at 32 GiB)
     ),
     # Accumulate over 4 micro batches of 8 (one row per device on the 8-way data axis): the
     # same gradient (the loss is normalised over the whole batch); `limajax plan` shows that a

@@ -8,7 +8,7 @@ config = TrainConfig(
     model=preset("llama1-7b").replace(
         vocab_size=32001,  # LIMA §3: a new end-of-turn token (EOT) after LLaMA's 32,000
         dtype="bfloat16",  # compute in bfloat16, float32 master weights and moments
-        remat="full",
+        remat="auto",  # the cheapest policy that fits (limajax plan chooses)
     ),
     # LIMA §3: "batch size 32 examples (64 for smaller models)"; 8 micro batches of 8 give the
     # same gradient and fit a 2x4 mesh of 32 GiB devices (`limajax plan`).

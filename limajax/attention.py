@@ -26,11 +26,22 @@ from limajax.config import ATTENTION_KERNELS as KERNELS
 from limajax.errors import UserError
 
 
+def platform_here() -> str:
+    """The platform being compiled for: the active mesh's devices (compile-only TPU or GPU
+    devices under `limajax plan --target`), else JAX's default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return _family(jax.default_backend() if mesh.empty else mesh.abstract_device.platform)
+
+
+def _family(platform: str) -> str:
+    return "gpu" if platform in ("cuda", "rocm") else platform
+
+
 def choose(kernel: str, platform: str | None = None) -> str:
-    """The kernel `auto` means on `platform` (default: JAX's backend); others are themselves."""
+    """The kernel `auto` means on `platform` (default: platform_here); others are themselves."""
     if kernel != "auto":
         return kernel
-    platform = jax.default_backend() if platform is None else platform
+    platform = platform_here() if platform is None else _family(platform)
     return {"tpu": "splash", "gpu": "pallas"}.get(platform, "xla")
 
 
@@ -54,8 +65,15 @@ def xla(q, k, v, q_positions, k_positions, q_segments=None, k_segments=None):
     return out.reshape(b, t, g, kv, h).swapaxes(2, 3).reshape(b, t, n, h)
 
 
-def cudnn(q, k, v, segments=None, implementation="cudnn"):
-    """cuDNN's fused attention; `implementation="xla"` runs the same call on any platform."""
+def cudnn(q, k, v, segments=None, implementation="cudnn", layout: Callable | None = None):
+    """cuDNN's fused attention; `implementation="xla"` runs the same call on any platform.
+    cuDNN needs Q, K and V sharded alike: where the K/V heads do not divide the model axis
+    (so they are replicated while the query heads are split), each K/V head is repeated for its
+    query heads first (repeats_kv says so once per run)."""
+    if layout is not None and repeats_kv(q.shape[2], k.shape[2], _axis_size("model")):
+        g = q.shape[2] // k.shape[2]
+        spec = layout(("act_batch", None, "act_heads", None), q.shape)
+        k, v = (jax.lax.with_sharding_constraint(jnp.repeat(x, g, axis=2), spec) for x in (k, v))
     mask = None if segments is None else (segments[:, :, None] == segments[:, None, :])[:, None]
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
                                         implementation=implementation)
@@ -109,18 +127,25 @@ def splash(q, k, v, segments=None, layout: Callable | None = None, interpret=Fal
 def _axis_size(axis) -> int:
     mesh = jax.sharding.get_abstract_mesh()
     names = axis if isinstance(axis, tuple) else (axis,)
-    return math.prod(mesh.shape[a] for a in names)
+    return math.prod(mesh.shape.get(a, 1) for a in names)
+
+
+def repeats_kv(n_heads: int, n_kv_heads: int, model_axis: int) -> bool:
+    """Whether cudnn repeats K/V heads: fewer of them than the query heads, not dividing the
+    model axis (sharding.py replicates them then, while the query heads are split)."""
+    return n_kv_heads < n_heads and model_axis > 1 and n_kv_heads % model_axis != 0
 
 
 def attend(kernel: str, q, k, v, positions, segments=None, layout: Callable | None = None):
     """Self-attention over one packed or padded batch (query i sees keys 0..i of its segment)
     with `kernel` (a name from KERNELS). The model's KV-cache path calls xla() directly."""
-    kernel = choose(kernel)
-    interpret = jax.default_backend() == "cpu"  # the Pallas kernels' interpreter
+    platform = platform_here()
+    kernel = choose(kernel, platform)
+    interpret = platform == "cpu"  # the Pallas kernels' interpreter
     if kernel == "xla":
         return xla(q, k, v, positions, positions, segments, segments)
     if kernel == "cudnn":
-        return cudnn(q, k, v, segments)
+        return cudnn(q, k, v, segments, layout=layout)
     if kernel == "pallas":
         return pallas(q, k, v, segments, interpret=interpret,
                       block=min(128, q.shape[1]))
@@ -136,10 +161,12 @@ PLATFORMS = {"xla": ("cpu", "gpu", "tpu"), "cudnn": ("gpu",), "pallas": ("gpu", 
 
 
 @functools.cache
-def describe(kernel: str, platform: str | None = None) -> str:
+def describe(kernel: str, platform: str | None = None, heads: tuple[int, int, int] | None = None
+             ) -> str:
     """The line logged once at the start of a run: which kernel `kernel` means here and why;
-    a UserError if it cannot run on this platform."""
-    platform = jax.default_backend() if platform is None else platform
+    a UserError if it cannot run on this platform. `heads`: (query heads, K/V heads, model
+    axis size), to say when cudnn repeats K/V heads."""
+    platform = platform_here() if platform is None else _family(platform)
     chosen = choose(kernel, platform)
     if platform not in PLATFORMS[chosen]:
         raise UserError(f"model.attention={kernel}: the {chosen} kernel runs on "
@@ -147,4 +174,9 @@ def describe(kernel: str, platform: str | None = None) -> str:
     why = f"auto on {platform}" if kernel == "auto" else f"model.attention on {platform}"
     slow = ", in the Pallas interpreter (slow: for tests)" if (
         chosen in ("pallas", "splash") and platform == "cpu") else ""
-    return f"attention: {chosen} ({why}{slow})"
+    repeat = ""
+    if chosen == "cudnn" and heads is not None and repeats_kv(*heads):
+        repeat = (f"; its {heads[1]} K/V heads do not divide the model axis ({heads[2]}) and "
+                  f"cuDNN needs Q, K and V sharded alike, so each is repeated for its "
+                  f"{heads[0] // heads[1]} query heads")
+    return f"attention: {chosen} ({why}{slow}){repeat}"

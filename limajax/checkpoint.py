@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 import sys
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from orbax.checkpoint._src.serialization.type_handler_registry import (
 
 from limajax.config import ModelConfig, TrainConfig
 from limajax.errors import UserError
-from limajax.files import read_json, staged_dir, write_json
+from limajax.files import damaged_is_one_line, read_json, staged_dir, write_json
 from limajax.model import Llama
 from limajax.sharding import abstract_params, model_from_params, replication_notices
 from limajax.tokenizer import (
@@ -40,12 +39,10 @@ from limajax.tokenizer import (
     TOKENS_FILE,
     Tokenizer,
     TokenSpec,
-    read_tokens_json,
-    stored_name,
-    tokenizer_file,
-    write_tokens_json,
+    load_from,
+    save_to,
 )
-from limajax.workdir import damaged_is_one_line, read_config, restore_epoch_params, saved_tokenizer
+from limajax.workdir import read_config, restore_epoch_params
 
 PARAMS_DIR = "params"
 MODEL_FILE = "model.json"
@@ -131,9 +128,7 @@ def write_model_dir(directory: str | Path, params, config: ModelConfig, tokens: 
                          f"{config.vocab_size}/{config.padded_vocab_size}")
     save_params(directory / PARAMS_DIR, params)
     write_json(directory / MODEL_FILE, config.to_dict())
-    write_tokens_json(directory / TOKENS_FILE, tokens)
-    if tokenizer is not None:
-        shutil.copyfile(tokenizer, directory / stored_name(tokenizer))
+    save_to(directory, tokenizer, tokens)
 
 
 def save_model_dir(model_dir: str | Path, params, config: ModelConfig, tokens: TokenSpec,
@@ -167,7 +162,7 @@ def load_model_dir(model_dir: str | Path, shardings=None):
     """
     model_dir = Path(model_dir)
     config = read_model_config(model_dir)
-    tokens = read_tokens_json(model_dir / TOKENS_FILE)
+    tokens, _ = load_from(model_dir)
     if (tokens.vocab_size, tokens.padded_vocab_size) != (config.vocab_size,
                                                          config.padded_vocab_size):
         raise UserError(f"{model_dir / TOKENS_FILE}: vocab_size {tokens.vocab_size} / "
@@ -183,7 +178,7 @@ def run_tokens(run: TrainConfig, where: str | Path) -> tuple[TokenSpec, Path | N
     """The token ids and tokenizer file a training run uses: its --init model directory's, or
     its --tokenizer plus LIMA's EOT for a random model. `where` names the run in errors."""
     if run.init is not None:
-        return read_tokens_json(Path(run.init) / TOKENS_FILE), tokenizer_file(run.init)
+        return load_from(run.init)
     if run.tokenizer is None:
         raise UserError(f"{where}: the run names no tokenizer")
     tokenizer = Tokenizer.from_path(run.tokenizer).with_eot()
@@ -196,11 +191,12 @@ def load_model(source: str | Path, shardings=None, *, epoch: int | None = None):
     a model directory is accepted, a workdir plus --epoch N is too). `shardings` as in
     sharding.abstract_params."""
     if epoch is None:
-        return (*load_model_dir(source, shardings), tokenizer_file(source))
+        params, config, tokens = load_model_dir(source, shardings)
+        return params, config, tokens, load_from(source)[1]
     run = read_config(source)
     params = restore_epoch_params(source, epoch, abstract_params(run.model, shardings))
     # The tokenizer copied into the workdir (R6); a workdir from before that: the run's.
-    return params, run.model, *(saved_tokenizer(source) or
+    return params, run.model, *(load_from(source, required=False) or
                                 run_tokens(run, Path(source) / "config.json"))
 
 

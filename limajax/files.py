@@ -3,18 +3,21 @@
 Every command reads JSON and JSONL through `read_json` / `read_jsonl` (a bad line is reported
 as `file:line`), and writes through `write_json`, `staged_file` or `staged_dir`: the output is
 built beside its destination and renamed into place when complete, so an interrupted run never
-leaves something that looks finished (DESIGN §2, "errors are for people").
+leaves something that looks finished (DESIGN §2, "errors are for people"). A damaged
+checkpoint read back is one line too (`damaged_is_one_line`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -200,6 +203,9 @@ def staged_dir(final: str | Path, *, command: str, overwrite: bool = False) -> I
     """
     final = Path(final)
     check_replaceable(final, overwrite=overwrite, command=command)
+    # Parents made here go again if the output fails (a convert refused for its inputs left an
+    # empty models/ behind): innermost first.
+    made = [d for d in final.absolute().parents if not d.exists()]
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{_OWNER}.", suffix=".partial",
@@ -218,4 +224,71 @@ def staged_dir(final: str | Path, *, command: str, overwrite: bool = False) -> I
             tmp.rename(final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for directory in made:
+            with contextlib.suppress(OSError):  # not empty: something else is in it now
+                directory.rmdir()
         raise
+
+
+# --- damaged checkpoints ---------------------------------------------------------------------
+# One rule for every Orbax restore, a model directory's parameters or a workdir's TrainState.
+
+
+@contextlib.contextmanager
+def damaged_is_one_line(what: str):
+    """Any failure of the Orbax restore inside becomes `UserError("what (first line of the
+    reason)")`: Orbax and TensorStore raise many types for a missing or truncated file."""
+    quiet_orbax()
+    try:
+        yield
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"{what} ({reason})") from None
+
+
+def quiet_orbax() -> None:
+    """After a failed restore or save, limajax says what happened in one line; Orbax's own
+    aftermath is dropped (installed once, for the process):
+
+    - TensorStore reads and writes still in flight complete on Orbax's closed asyncio loop and
+      each prints `RuntimeError: Event loop is closed` (hundreds of tracebacks for one damaged
+      file or one full disk), through sys.unraisablehook or, from TensorStore's callbacks,
+      through sys.excepthook; at interpreter exit the same threads print `ImportError:
+      sys.meta_path is None`;
+    - Orbax logs every failed array as an ERROR with its traceback (absl's logger).
+
+    Any other exception goes to the hook that was there before, and Orbax's other records to
+    the logger."""
+    global _quiet
+    if _quiet:
+        return
+    _quiet = True
+    previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
+
+    def unraisable(u):
+        if not _aftermath(u.exc_value):
+            previous_unraisable(u)
+
+    def excepthook(kind, value, traceback):
+        if not _aftermath(value):
+            previous_except(kind, value, traceback)
+
+    sys.unraisablehook, sys.excepthook = unraisable, excepthook
+    logging.getLogger("absl").addFilter(_OrbaxErrors())
+
+
+def _aftermath(error: BaseException | None) -> bool:
+    return (isinstance(error, RuntimeError) and str(error) == "Event loop is closed") or (
+        isinstance(error, ImportError) and str(error).startswith("sys.meta_path is None"))
+
+
+class _OrbaxErrors(logging.Filter):
+    """Drops Orbax's ERROR records: each failure they log reaches limajax as an exception,
+    which it reports in one line (damaged_is_one_line, save_failure_is_one_line)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in
+                    record.pathname)
+
+
+_quiet = False

@@ -147,7 +147,7 @@ class Attention(nnx.Module):
                              in_axes=2)
 
     def __call__(self, x, positions, segment_ids, inv_freq,
-                 cache: tuple[jax.Array, jax.Array] | None):
+                 cache: tuple[jax.Array, jax.Array] | None, span: int | None = None):
         q = constrain(apply_rope(self.wq(x), positions, inv_freq),
                       "act_batch", None, "act_heads", None)
         k = apply_rope(self.wk(x), positions, inv_freq)
@@ -157,11 +157,13 @@ class Attention(nnx.Module):
             out = attention.attend(self.kernel, q, k, v, positions, segment_ids,
                                    ACTIVATION_LAYOUT.get())
         else:
-            # Write this step's keys and values at their positions; attend over every slot.
+            # Write this step's keys and values at their positions; attend over every slot, or
+            # over the first `span` (static) when the caller knows no row reaches further.
             rows = jnp.arange(x.shape[0])[:, None]
             k = cache[0].at[rows, positions].set(k.astype(cache[0].dtype))
             v = cache[1].at[rows, positions].set(v.astype(cache[1].dtype))
             cache = (k, v)
+            k, v = (k, v) if span is None else (k[:, :span], v[:, :span])
             slots = jnp.broadcast_to(jnp.arange(k.shape[1]), (k.shape[0], k.shape[1]))
             out = attention.xla(q, k, v, positions, slots)
         return self.wo(out), cache
@@ -188,11 +190,12 @@ class Block(nnx.Module):
         self.ffn_norm = RMSNorm(config, rngs=rngs)
         self.feed_forward = FeedForward(config, rngs=rngs)
 
-    def __call__(self, x, positions, segment_ids, inv_freq, cache, dropout_rate, dropout_key):
+    def __call__(self, x, positions, segment_ids, inv_freq, cache, dropout_rate, dropout_key,
+                 span=None):
         # LIMA §3: residual dropout on each sub-layer's output, before the residual add.
         keys = (None, None) if dropout_key is None else jax.random.split(dropout_key)
         a, cache = self.attention(self.attention_norm(x), positions, segment_ids, inv_freq,
-                                  cache)
+                                  cache, span)
         h = x + dropout(a, dropout_rate, keys[0])
         out = h + dropout(self.feed_forward(self.ffn_norm(h)), dropout_rate, keys[1])
         return constrain(out, "act_batch", None, None), cache
@@ -227,7 +230,7 @@ class Llama(nnx.Module):
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, *,
                  segment_ids: jax.Array | None = None, cache: KVCache | None = None,
                  dropout_rates: jax.Array | None = None, dropout_key: jax.Array | None = None,
-                 last: jax.Array | None = None):
+                 last: jax.Array | None = None, span: int | None = None):
         """Logits [B, T, V] (float32) for tokens [B, T] at positions [B, T] (default 0..T-1).
 
         segment_ids [B, T] (0 = padding) keep packed sequences from attending to each other.
@@ -235,7 +238,8 @@ class Llama(nnx.Module):
         With a cache, returns (logits, updated cache). dropout_rates [L] with a dropout_key turns
         on residual dropout; without them the model is deterministic (evaluation, sampling).
         `last` [B] (an index into T per row) computes only those tokens' logits, [B, 1, V]: a
-        sampler's prefill needs only each prompt's last one.
+        sampler's prefill needs only each prompt's last one. `span` (static, with a cache):
+        attend over the cache's first `span` slots only (decoding rows that all sit below it).
         """
         config = self.config
         if positions is None:
@@ -247,9 +251,11 @@ class Llama(nnx.Module):
         layer_caches = None if cache is None else (cache.k, cache.v)
 
         def layer(x, block, layer_cache, rate, key):
-            return block(x, positions, segment_ids, inv_freq, layer_cache, rate, key)
+            return block(x, positions, segment_ids, inv_freq, layer_cache, rate, key, span)
 
-        if config.remat != "none":  # recompute activations in the backward pass
+        # Recompute activations in the backward pass ("auto" is resolved before training, by
+        # limajax/plan.py; a model that only runs forward has nothing to recompute).
+        if config.remat not in ("none", "auto"):
             layer = nnx.remat(layer, policy=CHECKPOINT_POLICIES[config.remat])
         run_layers = nnx.scan(layer, in_axes=(nnx.Carry, 0, 0, 0, 0), out_axes=(nnx.Carry, 0),
                               transform_metadata={nnx.PARTITION_NAME: "layers"})

@@ -1,6 +1,8 @@
 """`limajax plan`: compile the real train step ahead of time on abstract sharded inputs and read
 its memory per device, beside an estimate by arithmetic. Nothing is allocated, so a 65B run on
-an 8x8 mesh is planned on a laptop (jax-stack-notes §6)."""
+an 8x8 mesh is planned on a laptop (jax-stack-notes §6). With a target (limajax/targets.py)
+the accelerator's own compiler does it on compile-only devices; without one the CPU compiler
+stands in for it (jax-stack-notes §10, README "plan" for how far apart they are)."""
 
 from __future__ import annotations
 
@@ -13,10 +15,16 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from limajax import attention, sharding
+from limajax import attention, sharding, targets
 from limajax.config import TrainConfig
 from limajax.errors import UserError
-from limajax.train import BATCH_KEYS, build, make_train_step
+from limajax.targets import Target
+from limajax.train import BATCH_KEYS, KNOWN_PEAKS, build, flops_per_token, make_train_step
+
+LIMA_EXAMPLES = 1000  # LIMA §2: the training set a whole run's estimate is for
+# `model.remat: auto` tries these cheapest first: "none" saves every activation, "dots" the
+# matmul outputs, "full" only each layer's input (about a third more FLOPs: the forward again).
+REMAT_ORDER = ("none", "dots", "full")
 
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -63,6 +71,32 @@ class Plan:
     analytic: dict[str, float]
     compile_seconds: float
     kernel: str  # the attention kernel compiled (and estimated)
+    platform: str  # whose compiler: "cpu" (the stand-in), "tpu" or "cuda"
+    target: Target | None = None
+    cost: dict | None = None  # the compiler's cost model (flops, optimal_seconds), if any
+    remat_tried: tuple[tuple[str, str], ...] = ()  # remat auto: (policy, why not) before this
+
+    @property
+    def step_seconds(self) -> float | None:
+        """The compiler's estimate of one step's time (TPU's cost model), or None."""
+        seconds = (self.cost or {}).get("optimal_seconds")
+        return float(seconds) if seconds and seconds > 0 else None
+
+    def estimates(self) -> list[str]:
+        """Step time, tokens/s, MFU and a whole run's time from the compiler's cost model."""
+        if self.step_seconds is None:
+            return [f"estimates: none (the {self.platform} compiler gives no cost model here)"]
+        c, step = self.config, self.step_seconds
+        tokens = c.data.batch_size * self.seq_len / step
+        kind = self.target.device_kind if self.target else None
+        peak = KNOWN_PEAKS.get(kind, {}).get(c.model.dtype)
+        mfu = ("MFU unknown" if peak is None else
+               f"MFU {tokens * flops_per_token(c.model, self.seq_len) / (peak * self.devices):.0%}")
+        steps = math.ceil(LIMA_EXAMPLES / c.data.batch_size) * c.epochs
+        return [f"estimates (the {self.platform} compiler's cost model, not a measurement): "
+                f"step {step:.3g} s, {tokens:,.0f} tokens/s at full rows, {mfu}; {c.epochs} "
+                f"epochs of LIMA's {LIMA_EXAMPLES:,} examples ({steps} steps) "
+                f"{steps * step / 3600:.1f} h"]
 
     @property
     def total(self) -> int:
@@ -83,6 +117,7 @@ class Plan:
             f"global batch {c.data.batch_size} x {self.seq_len} tokens (micro batch {micro}), "
             f"params {m.param_dtype}, compute {m.dtype}, moments {c.optim.moments_dtype}, "
             f"remat {m.remat}, attention {self.kernel}",
+            *[f"remat auto: {policy} does not fit ({why})" for policy, why in self.remat_tried],
             f"{'per device':<34}{'compiled':>14}{'analytic':>14}",
             f"{'  parameters':<34}{gib(self.params):>14}{gib(a['params']):>14}",
             f"{'  optimizer state (AdamW mu, nu)':<34}{gib(self.opt_state):>14}"
@@ -100,11 +135,22 @@ class Plan:
             f"{'  outputs not updated in place':<34}"
             f"{gib(self.compiled_outputs - self.compiled_aliased):>14}{'':>14}",
             f"{'  total':<34}{gib(self.total):>14}{gib(a['total']):>14}",
-            f"device memory {gib(self.device_memory)}: "
-            + ("fits" if self.fits else "DOES NOT FIT")
-            + f" ({self.total / self.device_memory:.0%} used; compiled in "
-            f"{self.compile_seconds:.1f} s on {jax.devices()[0].platform})",
         ]
+        verdict = (("fits" if self.fits else "DOES NOT FIT")
+                   + f" ({self.total / self.device_memory:.0%} used)")
+        t = self.target
+        if t is None:
+            rows += [f"device memory {gib(self.device_memory)}: {verdict}; compiled in "
+                     f"{self.compile_seconds:.1f} s by the CPU compiler, a stand-in for the "
+                     "accelerator's (README \"plan\": 20 GiB high for LIMA-65B on one 8x H200 "
+                     "node); --target compiles with the accelerator's own"]
+        else:
+            rows += [f"target {t.name}: {t.devices} devices on {t.hosts} host(s), "
+                     f"{gib(t.memory)} per device ({t.memory_source}); runtime reserve: "
+                     f"{t.reserve_text}",
+                     f"device memory {gib(self.device_memory)} usable: {verdict}; compiled in "
+                     f"{self.compile_seconds:.1f} s by the {t.platform} compiler",
+                     *self.estimates()]
         return "\n".join(rows)
 
 
@@ -153,12 +199,62 @@ def analytic_memory(config: TrainConfig, mesh: Mesh, seq_len: int,
     return out
 
 
-def plan(config: TrainConfig, device_memory: int, *, seq_len: int | None = None,
-         mesh: Mesh | None = None) -> Plan:
-    """Lower and compile the real train_step on abstract sharded inputs: nothing is allocated."""
+def plan(config: TrainConfig, device_memory: int | None = None, *, seq_len: int | None = None,
+         mesh: Mesh | None = None, target: Target | None = None) -> Plan:
+    """Lower and compile the real train_step on abstract sharded inputs: nothing is allocated.
+    With `target`, on its compile-only devices by its compiler, against its usable memory
+    (unless `device_memory` says otherwise). `model.remat: auto` takes the cheapest policy that
+    fits (REMAT_ORDER)."""
+    if target is not None:
+        targets.check_mesh(target, config.mesh, sharding.mesh_devices(config.mesh))
+        if mesh is None:
+            mesh = sharding.make_mesh(config.mesh, targets.compile_only_devices(target))
+        device_memory = target.usable if device_memory is None else device_memory
     mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
-    sharding.check(config, mesh)
+    if device_memory is None:
+        raise UserError("plan: give --device-memory (or --target)")
     t = seq_len or config.data.max_len
+    if config.model.remat != "auto":
+        return _compile(config, device_memory, t, mesh, target)
+    tried = []
+    for policy in REMAT_ORDER:
+        candidate = dataclasses.replace(config, model=config.model.replace(remat=policy))
+        platform = mesh.devices.flat[0].platform
+        estimate = analytic_memory(candidate, mesh, t, platform)["total"]
+        # The arithmetic is within some 20% of the compilers (README): a policy it puts far
+        # past the memory is not worth a compile.
+        if policy != REMAT_ORDER[-1] and estimate > 1.25 * device_memory:
+            tried.append((policy, f"arithmetic: {gib(estimate)}, not compiled"))
+            continue
+        result = _compile(candidate, device_memory, t, mesh, target)
+        if result.fits or policy == REMAT_ORDER[-1]:
+            result.remat_tried = tuple(tried)
+            return result
+        tried.append((policy, f"compiled: {gib(result.total)}"))
+    raise AssertionError("unreachable")
+
+
+def resolve_remat(config: TrainConfig, mesh: Mesh) -> tuple[TrainConfig, str]:
+    """`train` with `model.remat: auto`: the policy plan chooses against the memory JAX may use
+    on this mesh's devices, and the line saying so. A CPU reports no limit: "full" there."""
+    stats = mesh.devices.flat[0].memory_stats() or {}
+    if "bytes_limit" not in stats:
+        chosen = dataclasses.replace(config, model=config.model.replace(remat="full"))
+        return chosen, ("remat auto: full (this device reports no memory limit to plan "
+                        "against; --set model.remat=none|dots to choose)")
+    limit = stats["bytes_limit"]
+    result = plan(config, limit, mesh=mesh)
+    chosen = dataclasses.replace(config,
+                                 model=config.model.replace(remat=result.config.model.remat))
+    why = "".join(f"; {p} does not fit ({w})" for p, w in result.remat_tried)
+    return chosen, (f"remat auto: {chosen.model.remat} (plan: {gib(result.total)} of "
+                    f"{gib(limit)} per device{why})")
+
+
+def _compile(config: TrainConfig, device_memory: int, t: int, mesh: Mesh,
+             target: Target | None) -> Plan:
+    sharding.check(config, mesh)
+    platform = mesh.devices.flat[0].platform
     setup = build(config, mesh, steps_per_epoch=1)
     step = make_train_step(setup)
     b = config.data.batch_size
@@ -169,6 +265,8 @@ def plan(config: TrainConfig, device_memory: int, *, seq_len: int | None = None,
         compiled = step.lower(setup.abstract_state, batch).compile()
     seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
     return Plan(config, mesh.size, t, device_memory,
                 params=per_device_bytes(setup.abstract_state.params),
                 opt_state=per_device_bytes(setup.abstract_state.opt_state),
@@ -177,5 +275,6 @@ def plan(config: TrainConfig, device_memory: int, *, seq_len: int | None = None,
                 compiled_outputs=mem.output_size_in_bytes,
                 compiled_aliased=mem.alias_size_in_bytes,
                 compiled_temp=mem.temp_size_in_bytes,
-                analytic=analytic_memory(config, mesh, t), compile_seconds=seconds,
-                kernel=attention.choose(config.model.attention))
+                analytic=analytic_memory(config, mesh, t, platform), compile_seconds=seconds,
+                kernel=attention.choose(config.model.attention, platform),
+                platform=platform, target=target, cost=dict(cost) if cost else None)

@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException
 from limajax import sharding
 from limajax.checkpoint import load_for_inference
 from limajax.errors import UserError
+from limajax.formats import system_first
 from limajax.sampling import Engine, Job, Settings, TextStream
 from limajax.sampling import Request as SamplingRequest
 from limajax.sampling.sampler import TOP_LOGPROBS, check_prompt, decode_after
@@ -97,16 +98,10 @@ class DetokenizeBody(BaseModel):
 def conversation(messages: list[Message]) -> list[str]:
     """OpenAI messages -> LIMA's alternating turns, user first and last. LIMA has no
     system turn: a system message is put before the first user turn's text."""
-    system = "\n\n".join(m.content for m in messages if m.role == "system")
-    turns = [m for m in messages if m.role != "system"]
-    for i, m in enumerate(turns):
-        if m.role != ("user" if i % 2 == 0 else "assistant"):
-            raise UserError("messages: turns must alternate user, assistant, ..., user")
-    if not turns or turns[-1].role != "user":
+    # formats.system_first: the rule `data prepare` trains by, so a model is asked as it learned
+    texts = system_first([(m.role, m.content) for m in messages], "messages")
+    if len(texts) % 2 == 0:
         raise UserError("messages: the last turn must be the user's")
-    texts = [m.content for m in turns]
-    if system:
-        texts[0] = f"{system}\n\n{texts[0]}"
     return texts
 
 
@@ -345,7 +340,7 @@ def make_app(engine: Engine, model_name: str, api_key: str | None = None):
     async def tokenize(body: TokenizeBody):
         """vLLM's /tokenize: a prompt (BOS first unless add_special_tokens is false) or chat
         messages (LIMA's dialogue format) -> ids."""
-        check_model(body.model)
+        check_model(body.model, optional=True)
         if (body.prompt is None) == (body.messages is None):
             raise UserError("give either prompt or messages")
         if body.messages is not None:
@@ -357,14 +352,18 @@ def make_app(engine: Engine, model_name: str, api_key: str | None = None):
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeBody):
-        check_model(body.model)
+        check_model(body.model, optional=True)
         bad = [i for i in body.tokens if not 0 <= i < tokenizer.vocab_size]
         if bad:
             raise UserError(f"tokens: id {bad[0]} is outside the vocabulary "
                             f"(0..{tokenizer.vocab_size - 1})")
         return {"prompt": tokenizer.decode(body.tokens)}
 
-    def check_model(name: str | None) -> None:
+    def check_model(name: str | None, optional: bool = False) -> None:
+        """The model a request names must be the one served (OpenAI's 404 otherwise);
+        /tokenize and /detokenize may omit it, as in vLLM."""
+        if name is None and optional:
+            return
         if name is None:
             raise UserError(f"model: required (this server serves {model_name!r})")
         if name != model_name:

@@ -17,7 +17,9 @@ model that has no EOT yet (a converted base model); `Tokenizer.with_eot()` adds 
 from __future__ import annotations
 
 import dataclasses
+import filecmp
 import re
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -87,6 +89,29 @@ def read_tokens_json(path: str | Path) -> TokenSpec:
 
 def write_tokens_json(path: str | Path, spec: TokenSpec) -> None:
     write_json(path, spec.to_json())
+
+
+def save_to(directory: str | Path, file: str | Path | None, spec: TokenSpec | None) -> None:
+    """The one writer of a directory's tokenizer (model directory, training workdir, Meta
+    export): the tokenizer file under its stored name and, with `spec`, tokens.json. A file
+    already there with the same bytes is left alone (a resumed run)."""
+    directory = Path(directory)
+    if file is not None:
+        dest = directory / stored_name(file)
+        if not dest.is_file() or not filecmp.cmp(file, dest, shallow=False):
+            shutil.copyfile(file, dest)
+    if spec is not None:
+        write_tokens_json(directory / TOKENS_FILE, spec)
+
+
+def load_from(directory: str | Path, required: bool = True
+              ) -> tuple[TokenSpec, Path | None] | None:
+    """The one reader: (ids, tokenizer file or None) of a directory `save_to` wrote; without
+    tokens.json a UserError, or None when not `required` (a workdir from before R6)."""
+    directory = Path(directory)
+    if not required and not (directory / TOKENS_FILE).is_file():
+        return None
+    return read_tokens_json(directory / TOKENS_FILE), tokenizer_file(directory)
 
 
 class SentencePieceFile:
@@ -245,6 +270,12 @@ def load_pieces(path: str | Path) -> SentencePieceFile | HFTokenizerFile:
         SentencePieceFile(path)
 
 
+def vocab_with_eot(base_vocab: int, eot_id: int | None) -> int:
+    """Ids a model knows: its base vocabulary, plus LIMA's EOT where that is a new id past it
+    (LIMA §3); Llama 3's own <|eot_id|> adds none."""
+    return base_vocab if eot_id is None else max(base_vocab, eot_id + 1)
+
+
 def eot_id_for(pieces: SentencePieceFile | HFTokenizerFile, base_vocab: int) -> int:
     """LIMA's EOT for a model whose tokenizer is `pieces` and whose weights have `base_vocab`
     rows: the tokenizer's own end-of-turn token (Llama 3's <|eot_id|>), else a new id past the
@@ -298,7 +329,7 @@ class Tokenizer:
             spec = read_tokens_json(path / TOKENS_FILE)
         elif spec is None:  # a bare tokenizer: with LIMA's EOT (LIMA §3)
             eot = eot_id_for(pieces, pieces.size)
-            size = max(pieces.size, eot + 1)
+            size = vocab_with_eot(pieces.size, eot)
             spec = TokenSpec(pieces.bos_id, pieces.eos_id, eot, size, pad_vocab(size))
         return cls(pieces, spec)
 
@@ -307,7 +338,7 @@ class Tokenizer:
         if self.eot_id is not None:
             return self
         eot = eot_id_for(self.pieces, self.vocab_size)
-        size = max(self.vocab_size, eot + 1)
+        size = vocab_with_eot(self.vocab_size, eot)
         spec = dataclasses.replace(self.spec, eot_id=eot, vocab_size=size,
                                    padded_vocab_size=pad_vocab(size))
         return Tokenizer(self.pieces, spec)

@@ -28,17 +28,20 @@ from tqdm import tqdm
 from limajax import attention, data, optim, sharding
 from limajax.checkpoint import resolve_init
 from limajax.config import ModelConfig, TrainConfig
+from limajax.errors import UserError
 from limajax.model import token_nll
+from limajax.tokenizer import save_to
 from limajax.workdir import (
     CHECKPOINTS_DIR,
     check_config,
+    check_saves,
     checkpoint_manager,
+    finish_saves,
     log_metrics,
     plot_curves,
     resolved_paths,
     restore_latest,
     save_state,
-    save_tokenizer,
     set_aside,
     tensorboard_writer,
     truncate_metrics,
@@ -100,6 +103,9 @@ class Setup:
 
 def build(config: TrainConfig, mesh: Mesh, steps_per_epoch: int) -> Setup:
     """Everything about a run that does not need memory: shapes, shardings, the optimiser."""
+    if config.model.remat == "auto":
+        raise UserError("model.remat auto is chosen by a plan (limajax plan, or limajax train, "
+                        "which plans first); resolve it with plan.resolve_remat")
     graphdef, abstract = sharding.abstract_model(config.model, mesh)
     total = config.epochs * steps_per_epoch
     tx = optim.optimizer(config.optim, total, optim.decay_mask(abstract))
@@ -107,6 +113,8 @@ def build(config: TrainConfig, mesh: Mesh, steps_per_epoch: int) -> Setup:
     param_shardings = jax.tree.map(lambda a: a.sharding, params)
     opt_abstract = jax.eval_shape(tx.init, params)
     opt_shardings = sharding.opt_state_shardings(tx, opt_abstract, param_shardings, mesh)
+    if config.optim.host_offload:
+        opt_shardings = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), opt_shardings)
     replicated = sharding.replicated_sharding(mesh)
     shardings = TrainState(replicated, param_shardings, opt_shardings, replicated)
     shapes = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, opt_abstract,
@@ -126,6 +134,8 @@ def make_train_step(setup: Setup):
     lr_at = optim.schedule(config.optim, setup.total_steps)
     param_shardings = setup.state_shardings.params
     micro_sharding = sharding.micro_batch_sharding(setup.mesh)
+    host_opt = setup.state_shardings.opt_state
+    device_opt = jax.tree.map(lambda s: s.with_memory_kind("device"), host_opt)
 
     def summed_loss(params, batch, key):
         model = nnx.merge(graphdef, params)
@@ -162,7 +172,12 @@ def make_train_step(setup: Setup):
                 (jnp.arange(n_micro), jax.tree.map(split, batch)))
         grads = jax.tree.map(lambda g: g / n_tokens, grads)
         grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        opt_state = state.opt_state
+        if config.optim.host_offload:  # moments from host memory for the update, and back
+            opt_state = jax.device_put(opt_state, device_opt)
+        updates, opt_state = tx.update(grads, opt_state, state.params)
+        if config.optim.host_offload:
+            opt_state = jax.device_put(opt_state, host_opt)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss_sum / n_tokens, "grad_norm": grad_norm, "lr": lr_at(state.step),
                    "target_tokens": n_tokens}
@@ -333,7 +348,7 @@ def train(config: TrainConfig, workdir: str | Path, loader: Loader, *, mesh: Mes
         if is_lead:
             write_config(workdir, config)
             if tokenizer is not None:
-                save_tokenizer(workdir, tokenizer)
+                save_to(workdir, tokenizer.path, tokenizer.spec)
             truncate_metrics(workdir, step)  # a killed run's steps past the checkpoint
             writer = tensorboard_writer(workdir, step)
         train_step = make_train_step(setup)
@@ -379,13 +394,14 @@ def train(config: TrainConfig, workdir: str | Path, loader: Loader, *, mesh: Mes
                     records, bad = host_metrics(pending, (now - window) / len(pending),
                                                 config.model, peak_flops_total, now - start)
                     pending, window = [], now
+                    check_saves(manager)  # a failed save stops the run now, not an epoch later
                     for record in records:
                         if is_lead and record["step"] % config.log_every_steps == 0:
                             log_metrics(workdir, writer, record)
                     logged += records
                     epoch_losses += [r["loss"] for r in records if r["epoch"] == epoch + 1]
                     if bad is not None:
-                        manager.wait_until_finished()
+                        finish_saves(manager)
                         good = manager.latest_step()
                         raise Diverged(
                             f"the loss is {bad['loss']} at step {bad['step']} (epoch "
@@ -421,12 +437,15 @@ def train(config: TrainConfig, workdir: str | Path, loader: Loader, *, mesh: Mes
                 "config": config.to_dict()})
             if epoch + 1 < config.epochs:
                 upcoming = fetch()  # after the save: a kill here leaves it started
+        finish_saves(manager)  # "done" only once the last checkpoint is written
         if is_lead and logged:
             log(finished_message(workdir, config.epochs))
         return logged
     finally:
-        manager.wait_until_finished()
-        manager.close()
+        try:
+            finish_saves(manager)
+        finally:
+            manager.close()
         if writer is not None:
             writer.close()
 
@@ -479,7 +498,8 @@ def train_recipe(config: TrainConfig, workdir: str | Path, *, peak: float | None
     mesh = sharding.make_mesh(config.mesh)  # the one parse of --mesh (start counted devices)
     # The setup checks, once and before anything loads (train() trusts its caller).
     sharding.check(config, mesh)
-    kernel = attention.describe(config.model.attention)  # a kernel this platform lacks: fail here
+    m = config.model  # a kernel this platform lacks fails here
+    kernel = attention.describe(m.attention, heads=(m.n_heads, m.n_kv_heads, mesh.shape["model"]))
     if config.init is None and config.tokenizer is None and config.data.path is None:
         log(f"notice: a random model on the sample data: its tokenizer, {data.SAMPLE_TOKENIZER}")
         config = dataclasses.replace(config, tokenizer=str(data.SAMPLE_TOKENIZER))

@@ -25,7 +25,8 @@ def _plan(*args):
 
 @pytest.fixture(scope="module")
 def plan_65b():
-    return _plan("--mesh", "8x8", "--device-memory", "32GiB")
+    # remat pinned to the recipe's choice (auto compiles dots first, then full: twice the time)
+    return _plan("--mesh", "8x8", "--device-memory", "32GiB", "--set", "model.remat=full")
 
 
 def test_lima_65b_fits_32gib_on_8x8(plan_65b):
@@ -33,6 +34,7 @@ def test_lima_65b_fits_32gib_on_8x8(plan_65b):
     assert plan_65b.returncode == 0, plan_65b.stderr[-2000:] + out
     assert "65.29B parameters, mesh 8x8 (64 devices), global batch 32 x 2048 tokens" in out
     assert "fits" in out and "DOES NOT FIT" not in out
+    assert "by the CPU compiler, a stand-in for the accelerator's" in out
     # Consistency with the analytic estimate: fp32 master weights and AdamW's two fp32 moments
     # are 4 + 8 bytes per parameter over 64 devices (65.29B + vocabulary padding).
     params, params_est = _gib(out, "parameters")
@@ -49,25 +51,6 @@ def test_lima_65b_fits_32gib_on_8x8(plan_65b):
     assert _gib(out, "of which: AdamW update")[0] == pytest.approx(params, rel=0.01)
     assert temp == pytest.approx(temp_est, rel=0.05)
     assert total == pytest.approx(total_est, rel=0.05)
-
-
-def test_lima_65b_on_one_8x_h200_node_does_not_fit():
-    """1x8 at 141 GiB (one 8x H200 node), with the settings that come closest: AdamW moments
-    in bfloat16 and micro batches of 2. float32 weights (4 bytes), bfloat16 moments (4) and
-    float32 gradients with their accumulator (8) are 16 bytes per parameter over 8 devices:
-    121.6 GiB before one activation or AdamW's update."""
-    proc = _plan("--mesh", "1x8", "--device-memory", "141GiB", "--set",
-                 "optim.moments_dtype=bfloat16", "--set", "data.micro_batch_size=2")
-    out = proc.stdout
-    assert proc.returncode == 3, proc.stderr[-2000:] + out
-    params, params_est = _gib(out, "parameters")
-    opt, opt_est = _gib(out, "optimizer state")
-    assert params == pytest.approx(65.36e9 * 4 / 8 / 2**30, rel=0.01)  # 30.4 GiB
-    assert opt == pytest.approx(params, rel=0.01) and opt_est == pytest.approx(opt, rel=0.01)
-    assert params_est == pytest.approx(params, rel=0.01)
-    total, total_est = _gib(out, "total")
-    assert 141 < total < 160 and 141 < total_est < 170
-    assert "DOES NOT FIT" in out
 
 
 def test_plan_exits_3_when_it_does_not_fit():

@@ -235,7 +235,7 @@ def test_sample_file_resumes_without_duplicates_in_input_order(stories, lima_row
     assert row["finish_reason"] in ("eot", "eos", "length") and row["completion_tokens"] <= 24
     assert row["settings"] == {"temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.2,
                                "max_new_tokens": 24, "greedy": False, "seed": 0,
-                               "penalty_scope": "context", "raw": False}
+                               "penalty_scope": "context", "raw": False, "template": "lima"}
     # An interrupted run: three rows and half a line. The rerun adds exactly the missing rows,
     # and they are the same answers (draws depend on seed, prompt id and sample only).
     out.write_text("\n".join([complete[4], complete[0], complete[3]]) + "\n" + complete[1][:30])
@@ -271,3 +271,15 @@ def test_sample_mistakes_are_one_line_and_exit_2(stories, model_dir, tmp_path):
         message = result.output.strip()
         assert message.startswith("error: ") and "\n" not in message and words in message, message
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_inference_names_replicated_dimensions(stories, capfd):
+    """sample, chat, serve and score load through one loader, which says what a mesh cannot
+    split (4 K/V heads on a model axis of 8) and what the copy costs (review R3)."""
+    from limajax.checkpoint import load_for_inference
+
+    load_for_inference(stories / "model", sharding.inference_mesh("1x8"))
+    err = capfd.readouterr().err
+    assert "kv_heads (4) over model (8) does not divide, so it is replicated there" in err
+    load_for_inference(stories / "model", sharding.inference_mesh("1x4"))
+    assert "replicated" not in capfd.readouterr().err

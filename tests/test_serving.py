@@ -87,6 +87,25 @@ def test_a_seeded_engine_answer_is_samples_alone_and_beside_busy_slots(stories_e
         assert ids == alone(stories_engine, r)[:len(ids)]
 
 
+def test_prompt_scoring_runs_while_every_slot_is_busy(stories_engine):
+    tok = stories_engine.tokenizer
+    finished = queue.Queue()
+    jobs = [Job(Request(tok.encode_prompt(["Once upon a time"], raw=True),
+                        Settings(seed=i, max_new_tokens=CONTEXT - 16), "busy", i),
+                lambda e: "finish" in e and finished.put(e), TextStream(tok))
+            for i in range(stories_engine.max_batch)]
+    for job in jobs:
+        stories_engine.submit(job)
+    while stories_engine.busy() < stories_engine.max_batch:
+        time.sleep(0.01)
+    scores = stories_engine.call(lambda: stories_engine.prompt_logprobs([[1, 400, 300]]))
+    assert len(scores.result(timeout=60)[0][0]) == 2 and finished.empty()
+    for job in jobs:
+        job.cancelled = True
+    for _ in jobs:
+        finished.get(timeout=60)
+
+
 def test_the_http_repetition_penalty_reaches_the_processor(client, stories_engine):
     tok = stories_engine.tokenizer
     ids = tok.encode_prompt(["Once upon a time"], raw=True)

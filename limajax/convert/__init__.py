@@ -15,7 +15,13 @@ from pathlib import Path
 from limajax.checkpoint import load_model, write_model_dir
 from limajax.config import ModelConfig
 from limajax.convert.hf import config_from_hf, hf_config, read_hf, write_hf
-from limajax.convert.meta import config_from_meta, meta_params_json, read_meta, write_meta
+from limajax.convert.meta import (
+    config_from_meta,
+    context_guess,
+    meta_params_json,
+    read_meta,
+    write_meta,
+)
 from limajax.convert.table import (
     EOT_TEXT,
     WEIGHTS,
@@ -33,10 +39,11 @@ from limajax.convert.table import (
 )
 from limajax.errors import UserError
 from limajax.files import staged_dir
-from limajax.tokenizer import TokenSpec, stored_name
+from limajax.tokenizer import TokenSpec, save_to
 
 __all__ = ["EOT_TEXT", "WEIGHTS", "Converted", "Weight", "allocate", "config_from_hf",
-           "config_from_meta", "convert", "export", "extract", "hf_config", "init_eot",
+           "config_from_meta", "context_guess", "convert", "export", "extract", "hf_config",
+           "init_eot",
            "layout_shape", "meta_params_json", "place", "read_hf", "read_meta", "rearrange",
            "sizes_for", "source_keys", "weights_for", "write_hf", "write_meta"]
 
@@ -83,6 +90,5 @@ def export(target: str, model_dir: str | Path, output: str | Path, *, shards: in
             write_hf(tmp, params, config, tokens, tokenizer)
         else:
             write_meta(tmp, params, config, shards)
-            if tokenizer is not None:
-                shutil.copyfile(tokenizer, tmp / stored_name(tokenizer))
+            save_to(tmp, tokenizer, None)
     return config

@@ -25,7 +25,7 @@ import numpy as np
 
 from limajax.config import ModelConfig
 from limajax.errors import UserError
-from limajax.tokenizer import TokenSpec
+from limajax.tokenizer import TokenSpec, vocab_with_eot
 
 # The text of LIMA's EOT token where a format needs one (HF's tokenizer_config.json). Inside
 # limajax EOT is only an id: SentencePiece has no piece for it (limajax/tokenizer.py).
@@ -216,8 +216,8 @@ def converted_config(config: ModelConfig, base_vocab: int, eot_id: int | None, d
                      ) -> ModelConfig:
     """The model directory's config: the base vocabulary, plus a row for LIMA's EOT if it is a
     new id; parameters (and the compute dtype) in the `--dtype` asked for."""
-    vocab = base_vocab if eot_id is None else max(base_vocab, eot_id + 1)
-    return config.replace(vocab_size=vocab, param_dtype=dtype, dtype=dtype)
+    return config.replace(vocab_size=vocab_with_eot(base_vocab, eot_id), param_dtype=dtype,
+                          dtype=dtype)
 
 
 def token_spec(config: ModelConfig, bos: int, eos: int, eot_id: int | None, where: str

@@ -46,6 +46,7 @@ from limajax.sampling.sampler import (
 from limajax.tokenizer import Tokenizer
 
 PROMPT_TOKENS_PER_CALL = 8192  # rows x width of one prompt_logprobs call: [.., V] logits each
+SCORING_WIDTHS = (16, 32, 64, 128, 256, 512, 1024)  # prompt_logprobs' widths, then the context
 
 
 CONTEXT_TOKENS = 8  # prompt ids decoded before an answer: enough for its first piece's space
@@ -136,7 +137,8 @@ class Engine:
         self.cache_length = min(cache_length or context_length(model), context_length(model))
         self.steps_per_call = steps_per_call
         self.stops = stop_ids(tokenizer)
-        self.waiting: queue.Queue[Job | concurrent.futures.Future | None] = queue.Queue()
+        self.waiting: queue.Queue[Job | None] = queue.Queue()  # None wakes the loop
+        self.calls: queue.Queue[concurrent.futures.Future] = queue.Queue()
         self.slots: list[Job | None] = [None] * self.max_batch
         idle = [Request([tokenizer.bos_id], Settings(max_new_tokens=1))] * self.max_batch
         self.state = self._prefill(idle, finished=True)
@@ -157,7 +159,8 @@ class Engine:
             raise RuntimeError(self.failure)
         future = concurrent.futures.Future()
         future.fn = fn
-        self.waiting.put(future)
+        self.calls.put(future)
+        self.waiting.put(None)  # wake the loop if it waits for a request
         return future
 
     def busy(self) -> int:
@@ -175,7 +178,9 @@ class Engine:
         """(log p of each token after the first [n-1], top ids [n-1, K], their log-probs) of
         each prompt, batched by length; call it through `call`."""
         out = [None] * len(prompts)
-        buckets = buckets_for(self.cache_length)
+        # Finer than sample's buckets (which start at 256): scoring requests are short (an
+        # lm-eval context and choice), and every padded position costs a [V] log-softmax.
+        buckets = [w for w in SCORING_WIDTHS if w < self.cache_length] + [self.cache_length]
         widths = [bucket_length(len(p), buckets) for p in prompts]
         order = sorted(range(len(prompts)), key=lambda i: widths[i])
         start = 0
@@ -210,26 +215,24 @@ class Engine:
                            Knobs(*(put(k) for k in knobs)), put(keys),
                            cache_length=self.cache_length)
 
-    def _admit(self, block: bool) -> None:
+    def _admit(self, block: bool) -> int:
         """Prefill the waiting jobs that find a free slot, together (wait for one if nothing
-        is running); run waiting calls."""
+        is running); run waiting calls. Returns how many jobs were admitted."""
+        self._run_calls()
         jobs = []
         free = self.slots.count(None)
         while len(jobs) < free:
             try:
-                item = self.waiting.get(block=block and not jobs)
+                job = self.waiting.get(block=block and not jobs)
             except queue.Empty:
                 break
-            if isinstance(item, concurrent.futures.Future):
-                self._run(item)
-                block = False
-                continue
-            if item is None:
+            if job is None:  # woken: a call came, or close()
                 break
-            if not item.cancelled:
-                jobs.append(item)
+            if not job.cancelled:
+                jobs.append(job)
+        self._run_calls()
         if not jobs:
-            return
+            return 0
         slots = [i for i, job in enumerate(self.slots) if job is None][:len(jobs)]
         for job, slot in zip(jobs, slots, strict=True):
             job.slot, self.slots[slot] = slot, job
@@ -237,14 +240,25 @@ class Engine:
         padded = slots + [self.max_batch] * (rows.tokens.shape[0] - len(slots))  # dropped
         with sharding.activate(self.mesh):
             self.state = insert(self.state, rows, jnp.asarray(padded, jnp.int32))
+        return len(jobs)
 
-    @staticmethod
-    def _run(future: concurrent.futures.Future) -> None:
-        if future.set_running_or_notify_cancel():
-            try:
-                future.set_result(future.fn())
-            except Exception as e:  # the caller's request failed, not the engine
-                future.set_exception(e)
+    def _span(self) -> int | None:
+        """Cache slots the next decode call can reach: the busy slots' furthest position after
+        `steps_per_call` more tokens, rounded up to a length bucket (a few shapes to compile);
+        None when that is the whole cache."""
+        furthest = max(len(job.request.ids) + job.sent for job in self.slots if job is not None)
+        span = bucket_length(min(furthest + self.steps_per_call + 1, self.cache_length),
+                             buckets_for(self.cache_length))
+        return None if span >= self.cache_length else span
+
+    def _run_calls(self) -> None:
+        while not self.calls.empty():
+            future = self.calls.get()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(future.fn())
+                except Exception as e:  # the caller's request failed, not the engine
+                    future.set_exception(e)
 
     def _loop(self) -> None:
         try:
@@ -258,15 +272,19 @@ class Engine:
             for job in [*self.slots, *waiting]:
                 if job is not None:
                     job.deliver({"error": self.failure})
+            while not self.calls.empty():
+                self.calls.get().set_exception(RuntimeError(self.failure))
 
     def _serve(self) -> None:
         while self.running:
-            self._admit(block=not any(self.slots))
+            admitted = self._admit(block=not any(self.slots))
             if not any(self.slots):
                 continue
+            # Just-admitted answers get their first token after one step, not a full call.
+            steps = 1 if admitted else self.steps_per_call
             with sharding.activate(self.mesh):
-                self.state = decode(self.model, self.state, self.stops,
-                                    jnp.int32(self.steps_per_call))
+                self.state = decode(self.model, self.state, self.stops, jnp.int32(steps),
+                                    span=self._span())
             fields = ["tokens", "length", "finish"]
             if any(job is not None and job.request.settings.logprobs for job in self.slots):
                 fields += ["logprob", "top_ids", "top_logprobs"]

@@ -224,7 +224,7 @@ def top_logprobs(logits: jax.Array, ids: jax.Array):
     return chosen, best_ids.astype(jnp.int32), best
 
 
-def step(model: Llama, state: State, stop_ids: jax.Array) -> State:
+def step(model: Llama, state: State, stop_ids: jax.Array, span: int | None = None) -> State:
     """Choose every running row's next token, record it, and compute the logits after it."""
     b, s = state.tokens.shape
     rows = jnp.arange(b)
@@ -252,7 +252,7 @@ def step(model: Llama, state: State, stop_ids: jax.Array) -> State:
         [state.finish, EOT, EOS, LENGTH], RUNNING).astype(jnp.int32)
     # Stopped rows run along on their last slot; what they compute is never read.
     logits, cache = model(token[:, None], jnp.minimum(position, s - 1)[:, None],
-                          cache=state.cache)
+                          cache=state.cache, span=span)
     return state._replace(tokens=tokens, length=length, finish=finish, seen=seen,
                           logits=logits[:, 0], logprob=logprob, top_ids=top_ids,
                           top_logprobs=top_lps, cache=constrain_cache(cache))
@@ -266,9 +266,11 @@ def prompt_logprobs(model: Llama, tokens: jax.Array):
     return top_logprobs(logits[:, :-1], tokens[:, 1:])
 
 
-@nnx.jit(donate_argnames=("state",))
-def decode(model: Llama, state: State, stop_ids, max_steps) -> State:
-    """Advance until every row has stopped or `max_steps` tokens were generated, in one loop."""
+@nnx.jit(donate_argnames=("state",), static_argnames=("span",))
+def decode(model: Llama, state: State, stop_ids, max_steps, span: int | None = None) -> State:
+    """Advance until every row has stopped or `max_steps` tokens were generated, in one loop.
+    `span`: the running rows stay below this many cache slots, so attention reads only those
+    (the engine's slots fill a bucket of the cache, not all of it)."""
 
     def cond(carry):
         _, state, n = carry
@@ -276,7 +278,7 @@ def decode(model: Llama, state: State, stop_ids, max_steps) -> State:
 
     def body(carry):
         model, state, n = carry
-        return model, step(model, state, stop_ids), n + 1
+        return model, step(model, state, stop_ids, span), n + 1
 
     return nnx.while_loop(cond, body, (model, state, jnp.int32(0)))[1]
 
