@@ -139,6 +139,11 @@ def convert(source, input_dir, tokenizer, output, dtype, add_eot, max_seq_len, n
     if found is None:
         click.echo(f"notice: --no-tokenizer: the model directory has no tokenizer; BOS "
                    f"{tokens.bos_id} and EOS {tokens.eos_id} are assumed", err=True)
+    guess = convert_lib.context_guess(input_dir, max_seq_len) if source == "meta" else None
+    if guess is not None:
+        click.echo(f"notice: context {config.max_seq_len:,} is the {guess[0]} family's (Meta's "
+                   "params.json does not state it); pass --max-seq-len N if the model was "
+                   "trained at another length", err=True)
     eot = f", EOT {tokens.eot_id}" if tokens.eot_id is not None else ", no EOT"
     click.echo(f"wrote {output}: {config.n_params / 1e6:,.1f}M parameters ({dtype}), "
                f"{config.n_layers} layers, vocabulary {tokens.vocab_size}{eot} "
@@ -182,37 +187,52 @@ def data():
 
 @data.command("prepare")
 @click.option("--input", "input_dir", type=click.Path(path_type=str), default=None,
-              help="Directory with GAIR's train.jsonl (+ optional test.jsonl, dev.jsonl). "
-              "Default: the sample dialogues shipped with limajax.")
+              help="Directory with train.jsonl (+ optional test.jsonl, dev.jsonl; .json too), "
+              "or one training file (e.g. alpaca_data.json). Default: the sample dialogues "
+              "shipped with limajax.")
+@click.option("--format", "fmt", type=click.Choice(["gair", "alpaca", "sharegpt", "openai"]),
+              default=None,
+              help="Insist on this input format; default: detected (each file keeps to one).")
+@click.option("--template", type=click.Choice(["lima", "alpaca"]), default="lima",
+              show_default=True,
+              help="User turns as they are (LIMA's dialogue format) or in Stanford Alpaca's "
+              "prompt; sample the model with the same --template.")
 @click.option("--output", "output_dir", required=True, type=click.Path(path_type=str),
               help="New directory for the dataset (written whole or not at all).")
-@click.option("--dev-from-train", type=int, default=0, show_default=True,
+@click.option("--dev-from-train", type=click.IntRange(min=0), default=0, show_default=True,
               help="Hold out N seeded training dialogues as the dev split.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed for --dev-from-train and --sample.")
-@click.option("--sample", type=int, default=None,
+@click.option("--sample", type=click.IntRange(min=1), default=None,
               help="Keep a seeded sample of N training dialogues (LIMA §5 quantity ablation).")
 @click.option("--sources", default=None,
               help="Comma-separated sources to train on, e.g. stackexchange,wikihow "
-              "(LIMA §5 diversity ablation).")
+              "(LIMA §5 diversity ablation); -NAME leaves NAME out: --sources=-multi_turn "
+              "trains without LIMA §6's 30 multi-turn dialogues.")
 @user_errors
-def data_prepare(input_dir, output_dir, dev_from_train, seed, sample, sources):
-    """Check GAIR's files and write them as a versioned ArrayRecord dataset."""
+def data_prepare(input_dir, fmt, template, output_dir, dev_from_train, seed, sample, sources):
+    """Check the input files (GAIR, Alpaca, ShareGPT or OpenAI messages) and write them as a
+    versioned ArrayRecord dataset of GAIR rows."""
     from limajax import data as data_lib
 
     options = data_lib.PrepareOptions(
         dev_from_train=dev_from_train, seed=seed, sample=sample,
         sources=tuple(s.strip() for s in sources.split(",") if s.strip()) if sources else None,
+        format=fmt, template=template,
     )
     metadata = data_lib.prepare(input_dir or data_lib.SAMPLE_DATA, output_dir, options)
     click.echo(f"prepared {data_lib.dataset_dir(output_dir)}")
     click.echo("  " + ", ".join(f"{k}: {v:,}" for k, v in metadata["examples"].items()))
     for name, info in metadata["inputs"].items():
-        click.echo(f"  {name}: {info['rows']:,} rows, sha256 {info['sha256']}")
-    train = metadata["inputs"]["train.jsonl"]
+        click.echo(f"  {name}: {info['rows']:,} {info['format']} rows, sha256 {info['sha256']}")
+    [train] = [i for i in metadata["inputs"].values() if i["split"] == "train"]
     if train["trailing_user_turns_dropped"] or train["rows_without_answer"]:
         click.echo(f"  dropped {train['trailing_user_turns_dropped']:,} unanswered last user "
                    f"turns; skipped {train['rows_without_answer']:,} rows left without a turn")
+    if train["multi_turn_sources_inferred"]:
+        click.echo(f"  {train['multi_turn_sources_inferred']:,} dialogues of more than one "
+                   f"exchange without a source: source {data_lib.MULTI_TURN!r} (GAIR's name for "
+                   "LIMA §6's dialogues)")
 
 
 @data.command("inspect")
@@ -221,13 +241,13 @@ def data_prepare(input_dir, output_dir, dev_from_train, seed, sample, sources):
 @click.option("--tokenizer", "tokenizer_path", required=True, type=click.Path(path_type=str),
               help="A model directory, or a bare tokenizer.model or tokenizer.json (with LIMA's "
               "EOT).")
-@click.option("--max-len", type=int, default=2048, show_default=True,
+@click.option("--max-len", type=click.IntRange(min=1), default=2048, show_default=True,
               help="Trim length (LIMA §3: 2048).")
 @click.option("--train-on-prompts", is_flag=True,
               help="Count loss on user turns too (default: assistant turns and their EOT).")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="Write a histogram of lengths to this PNG instead of the text one.")
-@click.option("--batch-size", type=int, default=32, show_default=True,
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Dialogues per step, for the rows and padding of an epoch packed and not.")
 @user_errors
 def data_inspect(data_dir, tokenizer_path, max_len, train_on_prompts, plot, batch_size):
@@ -281,6 +301,10 @@ def score(model_dir, workdir, epoch, input_path, output_path, mesh, batch_size, 
 
 
 # --- sample: LIMA's generation settings over prompt files (limajax.sampling) --------------------
+
+
+progress_option = click.option("--progress/--no-progress", default=True, show_default=True,
+                               help="Show a progress bar.")
 
 
 def sampling_options(fn):
@@ -359,7 +383,8 @@ def endpoint_options(fn):
 @main.command()
 @model_source_options
 @click.option("--prompts", "prompts_path", type=click.Path(path_type=str), default=None,
-              help='GAIR-style JSONL: rows {"id", "conversations": [...]}.')
+              help='Prompts as GAIR rows {"id", "conversations": [...]}, or any format '
+              "`data prepare` reads (Alpaca, ShareGPT, OpenAI messages; JSONL or a JSON array).")
 @click.option("--output", "output_path", type=click.Path(path_type=str), default=None,
               help="JSONL answers (with --prompts); rows already there are skipped.")
 @click.option("--prompt", "text", default=None, help="Answer this one prompt and print it.")
@@ -372,14 +397,18 @@ def endpoint_options(fn):
               help="Continue the first conversation entry as plain text after BOS (base models; "
               "with --endpoint: /completions); default: LIMA's dialogue format, every "
               "utterance ending in EOT (with --endpoint: /chat/completions, turns as messages).")
+@click.option("--template", type=click.Choice(["lima", "alpaca"]), default="lima",
+              show_default=True,
+              help="User turns as they are, or in Stanford Alpaca's prompt: the --template the "
+              "model was trained with (data prepare --template).")
 @endpoint_options
-@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+@progress_option
 @user_errors(interrupted="interrupted: the answers finished so far are in --output; the same "
              "command continues from there")
 def sample(model_dir, workdir, epoch, prompts_path, output_path, text, temperature, top_p,
            repetition_penalty, max_new_tokens, greedy, seed, mesh, num_samples, batch_size,
-           raw, endpoint_url, endpoint_model, api_key_env, concurrency, timeout, max_retries,
-           retry_failed, progress):
+           raw, template, endpoint_url, endpoint_model, api_key_env, concurrency, timeout,
+           max_retries, retry_failed, progress):
     """Answer prompts with LIMA's sampler (LIMA §4.1: nucleus 0.9, temperature 0.7,
     repetition penalty 1.2, up to 2048 tokens, stop at EOT), batched and KV-cached; or, with
     --endpoint, ask a model behind an OpenAI-compatible API (a baseline of LIMA's Figure 1).
@@ -396,9 +425,9 @@ def sample(model_dir, workdir, epoch, prompts_path, output_path, text, temperatu
     if endpoint_url is not None or endpoint_model is not None:
         return sample_endpoint(
             model_dir, workdir, prompts_path, output_path, text, temperature, top_p,
-            repetition_penalty, max_new_tokens, greedy, seed, num_samples, raw, endpoint_url,
-            endpoint_model, api_key_env, concurrency, timeout, max_retries, retry_failed,
-            progress)
+            repetition_penalty, max_new_tokens, greedy, seed, num_samples, raw, template,
+            endpoint_url, endpoint_model, api_key_env, concurrency, timeout, max_retries,
+            retry_failed, progress)
     if retry_failed:
         raise UserError("--retry-failed goes with --endpoint (local sampling never refuses)")
     settings = sampling_settings(temperature, top_p, repetition_penalty, max_new_tokens, greedy,
@@ -410,6 +439,9 @@ def sample(model_dir, workdir, epoch, prompts_path, output_path, text, temperatu
     from limajax import sampling
 
     if text is not None:
+        from limajax.formats import templated
+
+        text = templated([text], template)[0]
         answers = sampling.sample_text(source, text, settings, epoch=epoch,
                                        num_samples=num_samples, mesh_spec=mesh, raw=raw)
         for k, answer in enumerate(answers):
@@ -419,14 +451,15 @@ def sample(model_dir, workdir, epoch, prompts_path, output_path, text, temperatu
         return
     summary = sampling.sample_file(source, prompts_path, output_path, settings, epoch=epoch,
                                    num_samples=num_samples, batch_size=batch_size,
-                                   mesh_spec=mesh, raw=raw, progress=progress)
+                                   mesh_spec=mesh, raw=raw, template=template,
+                                   progress=progress)
     click.echo(f"wrote {summary['answers']} answers ({summary['tokens']} tokens, "
                f"{summary['tokens'] / max(summary['seconds'], 1e-9):.1f} tokens/s) to "
                f"{output_path}; {summary['skipped']} were already there")
 
 
 def sample_endpoint(model_dir, workdir, prompts_path, output_path, text, temperature, top_p,
-                    repetition_penalty, max_new_tokens, greedy, seed, num_samples, raw,
+                    repetition_penalty, max_new_tokens, greedy, seed, num_samples, raw, template,
                     endpoint_url, endpoint_model, api_key_env, concurrency, timeout,
                     max_retries, retry_failed, progress):
     """`sample --endpoint URL --endpoint-model NAME --prompts ... --output ...`."""
@@ -446,7 +479,7 @@ def sample_endpoint(model_dir, workdir, prompts_path, output_path, text, tempera
                   max_retries=max_retries, concurrency=concurrency)
     s = answer_file(ep, prompts_path, output_path, sent_settings(settings, repetition_penalty),
                     num_samples=num_samples, raw=raw, retry_failed=retry_failed,
-                    progress=progress)
+                    template=template, progress=progress)
     click.echo(f"wrote {s['answers']} answers from {endpoint_model} ({s['tokens']} tokens, "
                f"{s['retries']} retries) to {output_path}; {s['skipped']} were already there; "
                f"{s['failed']} refused now, {s['failed_total']} failed rows in the file")
@@ -668,20 +701,23 @@ def plan(config_path, mesh, target, list_targets, device_memory, seq_len, overri
 
 
 def judge_options(required=True):
-    """The options every command that asks an LLM judge takes."""
+    """The options every command that asks an LLM judge takes (`required=False`: compare, whose
+    --human needs no judge; the help says so)."""
+    needed = "" if required else " Needed unless --human."
     options = [
         click.option("--judge-url", required=required, metavar="URL",
                      help="An OpenAI-compatible base URL, e.g. https://api.openai.com/v1 or "
-                     "http://127.0.0.1:8000/v1 (limajax serve, vLLM, llama.cpp's server)."),
+                     "http://127.0.0.1:8000/v1 (limajax serve, vLLM, llama.cpp's server)."
+                     + needed),
         click.option("--judge-model", required=required, metavar="NAME",
-                     help="The model the endpoint should judge with, e.g. gpt-4."),
+                     help="The model the endpoint should judge with, e.g. gpt-4." + needed),
         *client_options("judge"),
         click.option("--judge-max-tokens", default=1024, show_default=True,
                      type=click.IntRange(min=1), help="Longest answer the judge may write."),
         click.option("--template", "template_path", default=None,
                      type=click.Path(dir_okay=False, path_type=str),
                      help="Replace the packaged prompt template (same {placeholders})."),
-        click.option("--progress/--no-progress", default=True, help="Show a progress bar."),
+        progress_option,
     ]
 
     def decorate(fn):
@@ -709,6 +745,18 @@ def _judge(judge_url, judge_model, api_key_env, concurrency, timeout, judge_max_
                  max_retries=max_retries, concurrency=concurrency, max_tokens=judge_max_tokens)
 
 
+common_option = click.option(
+    "--common", is_flag=True,
+    help="Leave out, on purpose, the prompt ids only one file has (they are named); without "
+    "it such ids are refused.")
+
+
+def say_left_out(note: str | None) -> None:
+    """compare / annotate with --common: which ids were left out, on stderr."""
+    if note:
+        click.echo(f"notice: {note}; only the shared ones are used (--common)", err=True)
+
+
 # Judgments are appended as they arrive, so an interrupted compare / rate / select keeps them.
 JUDGING_INTERRUPTED = ("interrupted: finished judgments are saved; rerun the same command to "
                        "continue")
@@ -718,7 +766,8 @@ JUDGING_INTERRUPTED = ("interrupted: finished judgments are saved; rerun the sam
 @click.option("--a", "a_path", required=True, type=click.Path(dir_okay=False, path_type=str),
               help="Sample file A (JSONL from `limajax sample`: id, conversations, response).")
 @click.option("--b", "b_path", required=True, type=click.Path(dir_okay=False, path_type=str),
-              help="Sample file B; only prompt ids present in both are compared.")
+              help="Sample file B, answering the same prompt ids (see --common).")
+@common_option
 @click.option("--output", required=True, type=click.Path(dir_okay=False, path_type=str),
               help="Judgments JSONL, appended to as judgments arrive; a rerun skips what is "
               "there.")
@@ -729,8 +778,9 @@ JUDGING_INTERRUPTED = ("interrupted: finished judgments are saved; rerun the sam
               help="Instead of a judge: the labels exported from `limajax annotate`'s sheet.")
 @judge_options(required=False)
 @user_errors(interrupted=JUDGING_INTERRUPTED)
-def compare(a_path, b_path, output, judge_url, judge_model, api_key_env, orders, concurrency,
-            timeout, judge_max_tokens, max_retries, template_path, labels_path, progress):
+def compare(a_path, b_path, common, output, judge_url, judge_model, api_key_env, orders,
+            concurrency, timeout, judge_max_tokens, max_retries, template_path, labels_path,
+            progress):
     """Ask a judge LIMA §4.1's question for every prompt both sample files answered: is A
     significantly better, B significantly better, or neither? Both orders by default; the
     outcome is A if A wins both, B if B wins both, a tie otherwise.
@@ -743,16 +793,20 @@ def compare(a_path, b_path, output, judge_url, judge_model, api_key_env, orders,
             raise UserError("--human takes no --judge-url / --judge-model")
         from limajax.evaluation.human import labels_to_judgments
 
-        n = labels_to_judgments(labels_path, a_path, b_path, output)
+        n, left_out = labels_to_judgments(labels_path, a_path, b_path, output, common=common)
+        say_left_out(left_out)
         click.echo(f"wrote {n} human judgments to {output}")
         return
     if not judge_url or not judge_model:
-        raise UserError("give --judge-url and --judge-model (or --human LABELS.json)")
+        raise UserError("compare needs --judge-url URL and --judge-model NAME (or --human "
+                        "LABELS.json for people's labels)")
     from limajax.evaluation.compare import compare as compare_lib
 
     r = compare_lib(a_path, b_path, _judge(judge_url, judge_model, api_key_env, concurrency,
                                            timeout, judge_max_tokens, max_retries),
-                    output, orders=orders, template_path=template_path, progress=progress)
+                    output, orders=orders, template_path=template_path, progress=progress,
+                    common=common)
+    say_left_out(r["left_out"])
     if r["torn_line_dropped"]:
         click.echo(f"notice: dropped the unfinished last line of {output} (a run was killed "
                    "while writing it)", err=True)
@@ -767,13 +821,14 @@ def compare(a_path, b_path, output, judge_url, judge_model, api_key_env, orders,
 @click.option("--a", "a_path", required=True, type=click.Path(dir_okay=False, path_type=str),
               help="Sample file A.")
 @click.option("--b", "b_path", required=True, type=click.Path(dir_okay=False, path_type=str),
-              help="Sample file B; the sheet holds the prompts both answered.")
+              help="Sample file B; the sheet holds the prompts both answered (see --common).")
+@common_option
 @click.option("--output", required=True, type=click.Path(dir_okay=False, path_type=str),
               help="The HTML sheet (one self-contained file; open it in any browser).")
 @click.option("--seed", default=0, show_default=True, type=int,
               help="Seeds which answer is shown on the left, per prompt.")
 @user_errors
-def annotate(a_path, b_path, output, seed):
+def annotate(a_path, b_path, common, output, seed):
     """An annotation sheet for people (LIMA §4.1): each prompt with both answers side by side
     (left and right drawn from the seed), LIMA's three choices with keyboard shortcuts, work kept
     in the browser across reloads, and an export of the labels as JSON for `compare --human`.
@@ -782,7 +837,8 @@ def annotate(a_path, b_path, output, seed):
     """
     from limajax.evaluation.human import annotate as annotate_lib
 
-    n, failed = annotate_lib(a_path, b_path, output, seed=seed)
+    n, left_out, failed = annotate_lib(a_path, b_path, output, seed=seed, common=common)
+    say_left_out(left_out)
     failed_notice(failed)
     click.echo(f"wrote {output}: {n} prompts; label them in a browser, export, then "
                f"`limajax compare --human labels.json --a {a_path} --b {b_path} --output ...`")
@@ -846,11 +902,14 @@ def rate(samples_path, rubric, output, json_path, judge_url, judge_model, api_ke
               help="Also each epoch's perplexity on the dev dialogues (LIMA App. B).")
 @click.option("--output-dir", default=None, type=click.Path(file_okay=False, path_type=str),
               help="Where samples, judgments and selection.json go (default: WORKDIR/selection).")
+@click.option("--fallback", type=click.Choice(["perplexity"]), default=None,
+              help="If no epoch gets a readable verdict, choose the lowest dev perplexity (and "
+              "say so) instead of choosing nothing and exiting 2.")
 @sampling_options
 @judge_options()
 @user_errors(interrupted=JUDGING_INTERRUPTED)
-def select(workdir, epochs_spec, prompts, method, perplexity, output_dir, temperature, top_p,
-           repetition_penalty, max_new_tokens, greedy, seed, mesh, judge_url, judge_model,
+def select(workdir, epochs_spec, prompts, method, perplexity, output_dir, fallback, temperature,
+           top_p, repetition_penalty, max_new_tokens, greedy, seed, mesh, judge_url, judge_model,
            api_key_env, concurrency, timeout, judge_max_tokens, max_retries, template_path,
            progress):
     """Choose a checkpoint by the quality of its dev-set answers, as LIMA did by hand (App. B):
@@ -874,12 +933,13 @@ def select(workdir, epochs_spec, prompts, method, perplexity, output_dir, temper
                    output_dir=output_dir, mesh=mesh, template_path=template_path,
                    settings=sampling_settings(temperature, top_p, repetition_penalty,
                                               max_new_tokens, greedy, seed),
-                   progress=progress)
+                   progress=progress, fallback=fallback)
     for r in s["ranking"]:
-        score = "-" if r["score"] is None else f"{r['score']:.3f}"
+        score = f"{r['score']:.3f}" if r["judged"] else "not judged"
         ppl = f", perplexity {r['perplexity']:.2f}" if "perplexity" in r else ""
         click.echo(f"epoch {r['epoch']}: {score}{ppl}")
-    click.echo(f"best: epoch {s['best']} ({s['score']}) -> {s['selection_json']}")
+    by = s["score"] if s["chosen_by"] == "score" else s["chosen_by"]
+    click.echo(f"best: epoch {s['best']} ({by}) -> {s['selection_json']}")
 
 
 @main.command()
@@ -895,8 +955,9 @@ def select(workdir, epochs_spec, prompts, method, perplexity, output_dir, temper
 @click.option("--agreement", is_flag=True,
               help="Several judges of the same comparison are expected: report each and their "
               "agreement (otherwise mixing judges or templates is an error).")
-@click.option("--resamples", default=2000, show_default=True, type=int,
-              help="Bootstrap resamples over prompts (at least 2000).")
+@click.option("--resamples", default=2000, show_default=True, type=click.IntRange(min=2000),
+              help="Bootstrap resamples over prompts (at least 2000, for a stable 95% "
+              "interval).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Bootstrap seed.")
 @user_errors
 def report(paths, output, plot_path, json_path, agreement, resamples, seed):

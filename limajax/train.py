@@ -33,7 +33,9 @@ from limajax.tokenizer import save_to
 from limajax.workdir import (
     CHECKPOINTS_DIR,
     check_config,
+    check_saves,
     checkpoint_manager,
+    finish_saves,
     log_metrics,
     plot_curves,
     resolved_paths,
@@ -403,13 +405,14 @@ def train(config: TrainConfig, workdir: str | Path, loader: Loader, *, mesh: Mes
                     records, bad = host_metrics(pending, (now - window) / len(pending),
                                                 config.model, peak_flops_total, now - start)
                     pending, window = [], now
+                    check_saves(manager)  # a failed save stops the run now, not an epoch later
                     for record in records:
                         if is_lead and record["step"] % config.log_every_steps == 0:
                             log_metrics(workdir, writer, record)
                     logged += records
                     epoch_losses += [r["loss"] for r in records if r["epoch"] == epoch + 1]
                     if bad is not None:
-                        manager.wait_until_finished()
+                        finish_saves(manager)
                         good = manager.latest_step()
                         raise Diverged(
                             f"the loss is {bad['loss']} at step {bad['step']} (epoch "
@@ -445,12 +448,15 @@ def train(config: TrainConfig, workdir: str | Path, loader: Loader, *, mesh: Mes
                 "config": config.to_dict()})
             if epoch + 1 < config.epochs:
                 upcoming = fetch()  # after the save: a kill here leaves it started
+        finish_saves(manager)  # "done" only once the last checkpoint is written
         if is_lead and logged:
             log(finished_message(workdir, config.epochs))
         return logged
     finally:
-        manager.wait_until_finished()
-        manager.close()
+        try:
+            finish_saves(manager)
+        finally:
+            manager.close()
         if writer is not None:
             writer.close()
 

@@ -23,7 +23,11 @@ def test_prepare_keeps_every_real_dialogue_and_every_turn(lima_dataset, lima_row
         record = source[i]
         assert record["id"].decode() == f"train-{i + 1:05d}"  # the input file's line number
         assert data.conversations(record) == row["conversations"]
-        assert record["source"].decode() == row["source"]
+        # The copy lost GAIR's sources; LIMA §6's dialogues (lines 1001-1029, the only ones of
+        # more than one exchange) get GAIR's name for them back, for --sources=-multi_turn.
+        multi = len(row["conversations"]) > 2
+        assert record["source"].decode() == ("multi_turn" if multi else row["source"])
+        assert multi == (i >= 1000)
     assert sum(len(r["conversations"]) > 2 for r in lima_rows) == 29  # multi-turn, all kept
     meta = data.read_metadata(lima_dataset)
     # The checksum of the input is recorded (fixture README gives this sha256).
@@ -122,7 +126,7 @@ def test_subsets_for_the_ablations_are_seeded_and_recorded(tmp_path, cli):
     assert len(d["train"]) == 4 and set(d["train"]) < {f"q{i}" for i in range(0, 30, 3)}
     meta = data.read_metadata(tmp_path / "d")
     assert meta["options"] == {"dev_from_train": 5, "seed": 3, "sample": 4,
-                               "sources": ["wikihow"]}
+                               "sources": ["wikihow"], "format": None, "template": "lima"}
     assert meta["examples"] == {"train": 4, "dev": 5}
 
     result = cli("data", "prepare", "--input", gair, "--output", tmp_path / "e",
@@ -154,7 +158,7 @@ def test_bad_input_line_is_one_line_exit_2_and_no_output(tmp_path, line, message
 
 def test_missing_inputs_and_existing_output(tmp_path, cli):
     result = cli("data", "prepare", "--input", tmp_path / "nowhere", "--output", tmp_path / "o")
-    assert result.exit_code == 2 and "no such directory" in result.stderr
+    assert result.exit_code == 2 and "no such file or directory" in result.stderr
     (tmp_path / "empty").mkdir()
     result = cli("data", "prepare", "--input", tmp_path / "empty", "--output", tmp_path / "o")
     assert result.exit_code == 2 and "no train.jsonl" in result.stderr

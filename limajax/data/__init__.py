@@ -3,8 +3,9 @@
     prepare(GAIR_DIR, DATA_DIR)          validate, select subsets, write DATA_DIR/lima/1.0.0/
     Batches(load(DATA_DIR), tokenizer)   packed global batches, epoch after epoch, resumable
 
-gair.py reads and checks GAIR's files; dataset.py is the TFDS builder; batches.py turns
-dialogues into packed, bucketed batches (and holds the one bucketing rule); stats.py reports.
+gair.py reads and checks the input files (GAIR's schema or another format of
+limajax/formats.py); dataset.py is the TFDS builder; batches.py turns dialogues into packed,
+bucketed batches (and holds the one bucketing rule); stats.py reports.
 """
 
 from limajax.data.batches import (
@@ -28,6 +29,7 @@ from limajax.data.dataset import (
     split_names,
 )
 from limajax.data.gair import (
+    MULTI_TURN,
     SAMPLE_DATA,
     SAMPLE_TOKENIZER,
     SPLITS,
@@ -39,7 +41,8 @@ from limajax.data.gair import (
 )
 from limajax.data.stats import SplitStats, format_stats, inspect, plot_lengths
 
-__all__ = ["BATCH_KEYS", "BUCKETS", "SAMPLE_DATA", "SAMPLE_TOKENIZER", "SPLITS", "Batches",
+__all__ = ["BATCH_KEYS", "BUCKETS", "MULTI_TURN", "SAMPLE_DATA", "SAMPLE_TOKENIZER", "SPLITS",
+           "Batches",
            "Lima", "PrepareOptions", "Row", "SplitStats", "batches_for", "bucket_length",
            "buckets_for", "conversations",
            "dataset_dir", "dev_batches_for", "format_stats", "inspect", "load", "plot_lengths",

@@ -27,8 +27,8 @@ class Lima(tfds.core.GeneratorBasedBuilder):
         "directory and pass it as the manual directory (`limajax data prepare --input DIR`)."
     )
 
-    def __init__(self, *, options: PrepareOptions | None = None, **kwargs):
-        self.options = options or PrepareOptions()
+    def __init__(self, *, options: PrepareOptions | None = None, input_path=None, **kwargs):
+        self.options, self.input_path = options or PrepareOptions(), input_path
         # ArrayRecord, because the default tfrecord format needs TensorFlow to write.
         super().__init__(file_format="array_record", **kwargs)
 
@@ -50,7 +50,10 @@ class Lima(tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager):
-        splits, report = read_gair_dir(dl_manager.manual_dir)
+        # The input may be one file (Alpaca's alpaca_data.json), which TFDS's manual_dir is not.
+        splits, report = read_gair_dir(self.input_path or dl_manager.manual_dir,
+                                       self.options.format,
+                                       self.options.template)
         splits, selected = select(splits, self.options)
         self.info.metadata.update(report | selected | {"limajax_version": __version__})
         return {split: self._generate_examples(rows) for split, rows in splits.items()}
@@ -67,15 +70,17 @@ def prepare(input_dir: str | Path, output_dir: str | Path,
     options = options or PrepareOptions()
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
         raise UserError(f"{output_dir}: already exists and is not empty; choose a new --output")
-    select(read_gair_dir(input_dir)[0], options)  # every input error before any output
+    # every input error before any output
+    select(read_gair_dir(input_dir, options.format, options.template)[0], options)
     # overwrite: only an empty directory gets this far (checked above).
     with staged_dir(output_dir, command="data prepare", overwrite=True) as tmp:
         tfds.disable_progress_bar()
-        builder = Lima(data_dir=tmp, options=options)
+        builder = Lima(data_dir=tmp, options=options, input_path=input_dir)
         with contextlib.redirect_stdout(io.StringIO()):  # tfds prints its own progress lines
             builder.download_and_prepare(
                 download_dir=tmp / "downloads",
-                download_config=tfds.download.DownloadConfig(manual_dir=str(input_dir)),
+                download_config=tfds.download.DownloadConfig(manual_dir=str(
+                    input_dir if input_dir.is_dir() else input_dir.parent)),
             )
         shutil.rmtree(tmp / "downloads", ignore_errors=True)
     return dict(builder.info.metadata)

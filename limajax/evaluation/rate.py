@@ -62,7 +62,9 @@ def summarize(rows: list[dict], rubric: str, *, resamples: int = 2000, seed: int
         shares = 100 * draws / max(len(rated), 1)
         out["counts"] = {g: c[g] for g in GRADES}
         out["percent"] = {g: 100 * c[g] / len(rated) if rated else None for g in GRADES}
-        out["ci95"] = {g: stats.interval(shares[:, k]) for k, g in enumerate(GRADES)}
+        # No rating read: no share, and no interval around it (as for the scale's mean).
+        out["ci95"] = {g: stats.interval(shares[:, k]) if rated else None
+                       for k, g in enumerate(GRADES)}
         return out
     by_prompt = collections.defaultdict(list)
     for r in rated:
