@@ -383,7 +383,8 @@ def endpoint_options(fn):
 @main.command()
 @model_source_options
 @click.option("--prompts", "prompts_path", type=click.Path(path_type=str), default=None,
-              help='GAIR-style JSONL: rows {"id", "conversations": [...]}.')
+              help='Prompts as GAIR rows {"id", "conversations": [...]}, or any format '
+              "`data prepare` reads (Alpaca, ShareGPT, OpenAI messages; JSONL or a JSON array).")
 @click.option("--output", "output_path", type=click.Path(path_type=str), default=None,
               help="JSONL answers (with --prompts); rows already there are skipped.")
 @click.option("--prompt", "text", default=None, help="Answer this one prompt and print it.")
@@ -396,14 +397,18 @@ def endpoint_options(fn):
               help="Continue the first conversation entry as plain text after BOS (base models; "
               "with --endpoint: /completions); default: LIMA's dialogue format, every "
               "utterance ending in EOT (with --endpoint: /chat/completions, turns as messages).")
+@click.option("--template", type=click.Choice(["lima", "alpaca"]), default="lima",
+              show_default=True,
+              help="User turns as they are, or in Stanford Alpaca's prompt: the --template the "
+              "model was trained with (data prepare --template).")
 @endpoint_options
 @progress_option
 @user_errors(interrupted="interrupted: the answers finished so far are in --output; the same "
              "command continues from there")
 def sample(model_dir, workdir, epoch, prompts_path, output_path, text, temperature, top_p,
            repetition_penalty, max_new_tokens, greedy, seed, mesh, num_samples, batch_size,
-           raw, endpoint_url, endpoint_model, api_key_env, concurrency, timeout, max_retries,
-           retry_failed, progress):
+           raw, template, endpoint_url, endpoint_model, api_key_env, concurrency, timeout,
+           max_retries, retry_failed, progress):
     """Answer prompts with LIMA's sampler (LIMA §4.1: nucleus 0.9, temperature 0.7,
     repetition penalty 1.2, up to 2048 tokens, stop at EOT), batched and KV-cached; or, with
     --endpoint, ask a model behind an OpenAI-compatible API (a baseline of LIMA's Figure 1).
@@ -420,9 +425,9 @@ def sample(model_dir, workdir, epoch, prompts_path, output_path, text, temperatu
     if endpoint_url is not None or endpoint_model is not None:
         return sample_endpoint(
             model_dir, workdir, prompts_path, output_path, text, temperature, top_p,
-            repetition_penalty, max_new_tokens, greedy, seed, num_samples, raw, endpoint_url,
-            endpoint_model, api_key_env, concurrency, timeout, max_retries, retry_failed,
-            progress)
+            repetition_penalty, max_new_tokens, greedy, seed, num_samples, raw, template,
+            endpoint_url, endpoint_model, api_key_env, concurrency, timeout, max_retries,
+            retry_failed, progress)
     if retry_failed:
         raise UserError("--retry-failed goes with --endpoint (local sampling never refuses)")
     settings = sampling_settings(temperature, top_p, repetition_penalty, max_new_tokens, greedy,
@@ -434,6 +439,9 @@ def sample(model_dir, workdir, epoch, prompts_path, output_path, text, temperatu
     from limajax import sampling
 
     if text is not None:
+        from limajax.formats import templated
+
+        text = templated([text], template)[0]
         answers = sampling.sample_text(source, text, settings, epoch=epoch,
                                        num_samples=num_samples, mesh_spec=mesh, raw=raw)
         for k, answer in enumerate(answers):
@@ -443,14 +451,15 @@ def sample(model_dir, workdir, epoch, prompts_path, output_path, text, temperatu
         return
     summary = sampling.sample_file(source, prompts_path, output_path, settings, epoch=epoch,
                                    num_samples=num_samples, batch_size=batch_size,
-                                   mesh_spec=mesh, raw=raw, progress=progress)
+                                   mesh_spec=mesh, raw=raw, template=template,
+                                   progress=progress)
     click.echo(f"wrote {summary['answers']} answers ({summary['tokens']} tokens, "
                f"{summary['tokens'] / max(summary['seconds'], 1e-9):.1f} tokens/s) to "
                f"{output_path}; {summary['skipped']} were already there")
 
 
 def sample_endpoint(model_dir, workdir, prompts_path, output_path, text, temperature, top_p,
-                    repetition_penalty, max_new_tokens, greedy, seed, num_samples, raw,
+                    repetition_penalty, max_new_tokens, greedy, seed, num_samples, raw, template,
                     endpoint_url, endpoint_model, api_key_env, concurrency, timeout,
                     max_retries, retry_failed, progress):
     """`sample --endpoint URL --endpoint-model NAME --prompts ... --output ...`."""
@@ -470,7 +479,7 @@ def sample_endpoint(model_dir, workdir, prompts_path, output_path, text, tempera
                   max_retries=max_retries, concurrency=concurrency)
     s = answer_file(ep, prompts_path, output_path, sent_settings(settings, repetition_penalty),
                     num_samples=num_samples, raw=raw, retry_failed=retry_failed,
-                    progress=progress)
+                    template=template, progress=progress)
     click.echo(f"wrote {s['answers']} answers from {endpoint_model} ({s['tokens']} tokens, "
                f"{s['retries']} retries) to {output_path}; {s['skipped']} were already there; "
                f"{s['failed']} refused now, {s['failed_total']} failed rows in the file")

@@ -197,9 +197,12 @@ def preset(name: str) -> ModelConfig:
 # --- run configs: what `limajax train` does with a model (LIMA §3 defaults) -------------------
 
 
+SCHEDULES = ("linear", "cosine")  # LIMA §3's; Stanford Alpaca's
+
+
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with LIMA's schedule (LIMA §3)."""
+    """AdamW with LIMA's schedule (LIMA §3), or Stanford Alpaca's (configs/alpaca_*.py)."""
 
     lr: float = 1e-5  # LIMA §3: "learning rate of 1e-5 ... linearly decaying to 1e-6"
     end_lr: float = 1e-6
@@ -208,7 +211,13 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1  # LIMA §3; applied to matrices only
     clip_norm: float | None = 1.0  # global-norm clipping; None turns it off
+    # "linear" (LIMA §3: lr to end_lr, both ends included) or "cosine" (Stanford Alpaca's
+    # recipe: transformers' cosine schedule with warm-up, lr to end_lr at step total_steps)
+    schedule: str = "linear"
     warmup_steps: int = 0  # LIMA §3: no warm-up
+    # Or the warm-up as a share of all steps, rounded up (transformers' warmup_ratio; Alpaca
+    # 0.03): a recipe need not know the dataset's size.
+    warmup_ratio: float = 0.0
     moments_dtype: str = "float32"  # AdamW's mu and nu between steps; bfloat16 halves them
     # AdamW's moments in host memory (memory_kind pinned_host) between steps, brought to the
     # devices for the update only (MaxText's optimizer_memory_host_offload)
@@ -223,6 +232,14 @@ class OptimConfig:
         if self.moments_dtype not in ("float32", "bfloat16"):
             raise UserError(f"optim: moments_dtype must be float32 or bfloat16, got "
                             f"{self.moments_dtype!r}")
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"optim: schedule must be one of {', '.join(SCHEDULES)}, got "
+                            f"{self.schedule!r}")
+        if self.warmup_steps < 0 or not 0.0 <= self.warmup_ratio < 1.0:
+            raise UserError(f"optim: warmup_steps must be >= 0 and warmup_ratio in [0, 1), got "
+                            f"{self.warmup_steps}, {self.warmup_ratio}")
+        if self.warmup_steps and self.warmup_ratio:
+            raise UserError("optim: give warmup_steps or warmup_ratio, not both")
 
 
 @dataclass(frozen=True)

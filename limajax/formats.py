@@ -95,7 +95,7 @@ def detect(obj: Any) -> str | None:
         conv = obj["conversations"]
         return "sharegpt" if isinstance(conv, list) and conv and isinstance(conv[0], dict) \
             else "gair"
-    if "instruction" in obj and "output" in obj:
+    if "instruction" in obj:  # "output" may be missing in a prompts file (AlpacaEval's has it)
         return "alpaca"
     return None
 
@@ -141,14 +141,15 @@ def _alpaca(obj: dict, where: str) -> tuple[list[str], str]:
     """The earlier exchanges (LLaMA-Factory's "history"), the instruction, the output; the
     input is returned apart, for the template to place."""
     instruction = _text(obj, "instruction", where, "an Alpaca row")
-    output = _text(obj, "output", where, "an Alpaca row")
+    # A prompt needs no output; a training row without one is dropped as GAIR's are (gair.py).
+    output = [_text(obj, "output", where, "an Alpaca row")] if "output" in obj else []
     input_ = _text(obj, "input", where, "an Alpaca row") if "input" in obj else ""
     history = obj.get("history") or []
     if not isinstance(history, list) or not all(
             isinstance(p, list) and len(p) == 2 and all(isinstance(t, str) for t in p)
             for p in history):
         raise UserError(f'{where}: "history" must be a list of [user, assistant] string pairs')
-    return [t for pair in history for t in pair] + [instruction, output], input_
+    return [t for pair in history for t in pair] + [instruction, *output], input_
 
 
 PARSERS = {"gair": _gair, "alpaca": _alpaca, "sharegpt": _sharegpt, "openai": _openai}

@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException
 from limajax import sharding
 from limajax.checkpoint import load_for_inference
 from limajax.errors import UserError
+from limajax.formats import system_first
 from limajax.sampling import Engine, Job, Settings, TextStream
 from limajax.sampling import Request as SamplingRequest
 from limajax.sampling.sampler import TOP_LOGPROBS, check_prompt, decode_after
@@ -97,16 +98,10 @@ class DetokenizeBody(BaseModel):
 def conversation(messages: list[Message]) -> list[str]:
     """OpenAI messages -> LIMA's alternating turns, user first and last. LIMA has no
     system turn: a system message is put before the first user turn's text."""
-    system = "\n\n".join(m.content for m in messages if m.role == "system")
-    turns = [m for m in messages if m.role != "system"]
-    for i, m in enumerate(turns):
-        if m.role != ("user" if i % 2 == 0 else "assistant"):
-            raise UserError("messages: turns must alternate user, assistant, ..., user")
-    if not turns or turns[-1].role != "user":
+    # formats.system_first: the rule `data prepare` trains by, so a model is asked as it learned
+    texts = system_first([(m.role, m.content) for m in messages], "messages")
+    if len(texts) % 2 == 0:
         raise UserError("messages: the last turn must be the user's")
-    texts = [m.content for m in turns]
-    if system:
-        texts[0] = f"{system}\n\n{texts[0]}"
     return texts
 
 

@@ -9,6 +9,9 @@ import pytest
 
 from limajax import data, formats
 from limajax.errors import UserError
+from limajax.evaluation import judgments
+from limajax.sampling import answers
+from limajax.serving import Message, conversation
 
 SYSTEM = "You are a careful assistant."
 # (system, [user, assistant, ...], alpaca input): four dialogues, one with a system message,
@@ -198,3 +201,44 @@ def test_check_conversations_is_one_rule():
     assert formats.check_conversations(["q"], "f:1") == ["q"]
     with pytest.raises(UserError, match=r"^f:3: turn 0 is dict, expected a string$"):
         formats.check_conversations([{"from": "human"}], "f:3")
+
+
+def test_sample_prompts_read_through_the_same_reader(tmp_path):
+    """`sample --prompts` takes every format `data prepare` does: the prompts (the dialogues
+    less their last answer, prompt_turns) and the ids are the same whichever it is written in;
+    Alpaca rows need no output (AlpacaEval's prompts have only an instruction)."""
+    want = [gair_turns(*d) for d in DIALOGUES]
+    for name, writer in WRITERS.items():
+        rows = [writer(*d) for d in DIALOGUES]
+        rows = [{k: v for k, v in r.items() if k != "id"} for r in rows]
+        path = write(tmp_path / f"{name}.json", rows, as_array=name == "alpaca")
+        prompts = answers.read_prompts(path)
+        assert [r["conversations"] for r in prompts] == want, name
+        assert [r["id"] for r in prompts] == [d.lineno for d in formats.read_dialogues(path)]
+        assert all(r["source"] == "demo" and set(FORMAT_FIELDS[name]).isdisjoint(r)
+                   for r in prompts)
+    alpaca_eval = write(tmp_path / "eval.json", [{"instruction": "Say hi.", "dataset": "x"}], True)
+    assert answers.read_prompts(alpaca_eval, "alpaca") == [{
+        "id": 2, "dataset": "x", "conversations": [formats.templated(["Say hi."], "alpaca")[0]]}]
+    bad = write(tmp_path / "bad.jsonl", [as_gair(*DIALOGUES[0]), {"conversations": ["q", 7]}])
+    with pytest.raises(UserError, match=rf"^{bad}:2: turn 1 is int, expected a string$"):
+        answers.read_prompts(bad)
+
+
+FORMAT_FIELDS = {"gair": (), "alpaca": ("instruction", "input", "output", "history"),
+                 "sharegpt": (), "openai": ("messages",)}
+
+
+def test_evaluation_and_serve_use_the_one_rules(tmp_path):
+    """The evaluation's sample files are held to check_conversations, serve's messages to
+    system_first (the rule data prepare trains by)."""
+    path = write(tmp_path / "a.jsonl", [{"id": 1, "conversations": ["q", 3], "response": "r"}])
+    with pytest.raises(UserError, match=rf"^{path}:1: turn 1 is int, expected a string$"):
+        judgments.read_samples(str(path))
+    said_ = [Message(role="system", content=SYSTEM), Message(role="user", content="Hi.")]
+    assert conversation(said_) == formats.system_first(
+        [("system", SYSTEM), ("user", "Hi.")], "messages") == [f"{SYSTEM}\n\nHi."]
+    with pytest.raises(UserError, match="the last turn must be the user's"):
+        conversation([Message(role="user", content="q"), Message(role="assistant", content="a")])
+    with pytest.raises(UserError, match="turn 0 is 'assistant'"):
+        conversation([Message(role="assistant", content="a")])

@@ -235,7 +235,7 @@ def test_sample_file_resumes_without_duplicates_in_input_order(stories, lima_row
     assert row["finish_reason"] in ("eot", "eos", "length") and row["completion_tokens"] <= 24
     assert row["settings"] == {"temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.2,
                                "max_new_tokens": 24, "greedy": False, "seed": 0,
-                               "penalty_scope": "context", "raw": False}
+                               "penalty_scope": "context", "raw": False, "template": "lima"}
     # An interrupted run: three rows and half a line. The rerun adds exactly the missing rows,
     # and they are the same answers (draws depend on seed, prompt id and sample only).
     out.write_text("\n".join([complete[4], complete[0], complete[3]]) + "\n" + complete[1][:30])

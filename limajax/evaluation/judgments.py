@@ -14,6 +14,10 @@ from pathlib import Path
 
 from limajax.errors import UserError
 from limajax.files import append_jsonl, drop_torn_last_line, read_jsonl
+
+# formats.py sits beside files.py (it imports only errors and files), so the evaluation can take
+# the one GAIR-row rule from it without reaching up the dependency order.
+from limajax.formats import check_conversations
 from limajax.tokenizer import prompt_turns
 
 ORDERS = ("AB", "BA")  # "AB": file A's answer shown first; "BA": shown second
@@ -73,8 +77,7 @@ def read_samples(path: str, *, several_per_id: bool = False) -> Samples:
                 what = "a string or integer" if field == "id" else kind.__name__
                 raise UserError(f"{where}: expected {field!r} ({what}) as `limajax sample` "
                                 "writes it")
-        if not row["conversations"] or not all(isinstance(t, str) for t in row["conversations"]):
-            raise UserError(f"{where}: 'conversations' must be a non-empty list of strings")
+        check_conversations(row["conversations"], where)
         index = row.get("sample", 0)
         if not isinstance(index, int) or isinstance(index, bool):
             raise UserError(f"{where}: 'sample' must be an integer")

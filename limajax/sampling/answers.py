@@ -14,6 +14,7 @@ from limajax import sharding
 from limajax.checkpoint import load_for_inference
 from limajax.errors import UserError
 from limajax.files import append_jsonl, drop_torn_last_line, read_jsonl, write_jsonl
+from limajax.formats import FIELDS, read_dialogues
 from limajax.progress import bar as progress_bar
 from limajax.sampling.sampler import (
     Completion,
@@ -28,15 +29,15 @@ from limajax.sampling.sampler import (
 from limajax.tokenizer import Tokenizer
 
 
-def read_prompts(path: str | Path) -> list[dict]:
-    """GAIR rows {"id", "conversations": [...]}; a row without an id gets its line number."""
+def read_prompts(path: str | Path, template: str = "lima") -> list[dict]:
+    """Prompt rows in any format `data prepare` reads (formats.py: GAIR, Alpaca, ShareGPT,
+    OpenAI messages), as GAIR rows {"id", "conversations": [...], the row's other fields}; a
+    row without an id gets its line number. `template` as the model was trained with."""
     rows, lines = [], {}
-    for where, n, row in read_jsonl(path):
-        conv = row.get("conversations") if isinstance(row, dict) else None
-        if not (isinstance(conv, list) and conv and all(isinstance(t, str) for t in conv)):
-            raise UserError(f'{where}: expected an object with "conversations", a non-empty '
-                            "list of strings")
-        row = {"id": n, **row}
+    for d in read_dialogues(path, template=template):
+        where, n = d.where, d.lineno
+        row = {"id": n, **{k: v for k, v in d.row.items() if k not in FIELDS[d.format]},
+               "conversations": list(d.turns)}
         if str(row["id"]) in lines:
             raise UserError(f"{where}: id {row['id']!r} was already used on line "
                             f"{lines[str(row['id'])]}")
@@ -71,14 +72,15 @@ def answered(path: Path) -> dict[tuple[str, int], dict]:
 
 def sample_file(source: str, prompts_path: str, output_path: str, settings: Settings, *,
                 epoch: int | None = None, num_samples: int = 1, batch_size: int = 16,
-                mesh_spec: str = "1x1", raw: bool = False, progress: bool = True) -> dict:
+                mesh_spec: str = "1x1", raw: bool = False, template: str = "lima",
+                progress: bool = True) -> dict:
     """`limajax sample --prompts`: answer every prompt `num_samples` times into a JSONL file.
 
     Rows are appended as batches finish, so an interrupted run keeps what it finished; rerun,
     rows already in the output are skipped. When all are there the file is rewritten in the
     input's order. Returns a summary.
     """
-    rows = read_prompts(prompts_path)
+    rows = read_prompts(prompts_path, template)
     output = Path(output_path)
     done = answered(output)
     mesh = sharding.inference_mesh(mesh_spec)
@@ -90,7 +92,7 @@ def sample_file(source: str, prompts_path: str, output_path: str, settings: Sett
         check_prompt(ids, limit, f"{prompts_path}: prompt {row['id']!r}")
         todo += [(row, Request(ids, settings, row["id"], k)) for k in range(num_samples)
                  if (str(row["id"]), k) not in done]
-    meta = {"settings": {**settings.to_dict(), "raw": raw},
+    meta = {"settings": {**settings.to_dict(), "raw": raw, "template": template},
             "checkpoint": {"path": str(source), "epoch": epoch}}
     generated, start = 0, time.perf_counter()
     bar = progress_bar(total=len(todo), desc="sample", unit="answer", enabled=progress)

@@ -59,10 +59,10 @@ def without(output: Path, keys: set[tuple[str, int]]) -> None:
 
 def answer_file(ep: client_lib.Endpoint, prompts_path: str, output_path: str, sent: dict, *,
                 num_samples: int = 1, raw: bool = False, retry_failed: bool = False,
-                progress: bool = True) -> dict:
+                template: str = "lima", progress: bool = True) -> dict:
     """Answer every prompt `num_samples` times from the endpoint into a JSONL file; returns a
     summary (answers, failed, already there, tokens, retries, seconds)."""
-    rows = read_prompts(prompts_path)
+    rows = read_prompts(prompts_path, template)
     output = Path(output_path)
     done = answered(output)
     where = {"url": ep.url, "api": "/completions" if raw else "/chat/completions",
