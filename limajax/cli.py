@@ -287,7 +287,7 @@ def score(model_dir, workdir, epoch, input_path, output_path, mesh, batch_size, 
     from limajax import sharding
 
     sharding.start(mesh)  # before anything touches the devices
-    from limajax.scoring import score_file
+    from limajax.perplexity import score_file
 
     source, epoch = model_source(model_dir, workdir, epoch)
     summary = score_file(source, input_path, output_path, mesh, batch_size, epoch=epoch,

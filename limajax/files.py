@@ -43,7 +43,11 @@ def read_json(path: str | Path) -> dict:
 def read_jsonl(path: str | Path, data: bytes | None = None) -> Iterator[tuple[str, int, Any]]:
     """(where, line number, value) for each non-blank line; `where` is "file:line" for the
     caller's own checks. Invalid UTF-8 or JSON is a UserError naming the line. `data`: the
-    file's bytes if the caller already read them (e.g. to checksum them)."""
+    file's bytes if the caller already read them (e.g. to checksum them).
+
+    The one JSONL rule: lines end at "\n" only, never where str.splitlines would also cut
+    ("\r", U+2028, U+2029, U+0085, \x1c-\x1e): json_line writes those unescaped inside strings
+    (ensure_ascii=False), and a user's file may hold them."""
     path = Path(path)
     if data is None:
         if not path.is_file():
@@ -81,6 +85,13 @@ def json_line(obj) -> str:
         return x
 
     return json.dumps(strict(obj), ensure_ascii=False, allow_nan=False) + "\n"
+
+
+def write_jsonl(path: str | Path, rows) -> None:
+    """Write `rows` as a whole JSONL file, atomically (staged_file): the rewrite of a file
+    read with read_jsonl (reordered, filtered), one json_line per row."""
+    with staged_file(path) as f:
+        f.writelines(json_line(row) for row in rows)
 
 
 def append_jsonl(path: str | Path, row: dict) -> None:

@@ -37,12 +37,11 @@ from limajax.errors import UserError
 from limajax.files import (
     append_jsonl,
     damaged_is_one_line,
-    json_line,
     quiet_orbax,
     read_json,
     read_jsonl,
-    staged_file,
     write_json,
+    write_jsonl,
 )
 
 CONFIG_FILE = "config.json"
@@ -136,9 +135,7 @@ def truncate_metrics(workdir: str | Path, step: int) -> None:
     path = Path(workdir) / METRICS_FILE
     if not path.exists():
         return
-    keep = [row for row in read_metrics(workdir) if row["step"] <= step]
-    with staged_file(path) as f:
-        f.writelines(json_line(row) for row in keep)
+    write_jsonl(path, [row for row in read_metrics(workdir) if row["step"] <= step])
 
 
 def tensorboard_writer(workdir: str | Path, step: int):
