@@ -139,6 +139,11 @@ def convert(source, input_dir, tokenizer, output, dtype, add_eot, max_seq_len, n
     if found is None:
         click.echo(f"notice: --no-tokenizer: the model directory has no tokenizer; BOS "
                    f"{tokens.bos_id} and EOS {tokens.eos_id} are assumed", err=True)
+    guess = convert_lib.context_guess(input_dir, max_seq_len) if source == "meta" else None
+    if guess is not None:
+        click.echo(f"notice: context {config.max_seq_len:,} is the {guess[0]} family's (Meta's "
+                   "params.json does not state it); pass --max-seq-len N if the model was "
+                   "trained at another length", err=True)
     eot = f", EOT {tokens.eot_id}" if tokens.eot_id is not None else ", no EOT"
     click.echo(f"wrote {output}: {config.n_params / 1e6:,.1f}M parameters ({dtype}), "
                f"{config.n_layers} layers, vocabulary {tokens.vocab_size}{eot} "
@@ -194,11 +199,11 @@ def data():
               "prompt; sample the model with the same --template.")
 @click.option("--output", "output_dir", required=True, type=click.Path(path_type=str),
               help="New directory for the dataset (written whole or not at all).")
-@click.option("--dev-from-train", type=int, default=0, show_default=True,
+@click.option("--dev-from-train", type=click.IntRange(min=0), default=0, show_default=True,
               help="Hold out N seeded training dialogues as the dev split.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed for --dev-from-train and --sample.")
-@click.option("--sample", type=int, default=None,
+@click.option("--sample", type=click.IntRange(min=1), default=None,
               help="Keep a seeded sample of N training dialogues (LIMA §5 quantity ablation).")
 @click.option("--sources", default=None,
               help="Comma-separated sources to train on, e.g. stackexchange,wikihow "
@@ -236,13 +241,13 @@ def data_prepare(input_dir, fmt, template, output_dir, dev_from_train, seed, sam
 @click.option("--tokenizer", "tokenizer_path", required=True, type=click.Path(path_type=str),
               help="A model directory, or a bare tokenizer.model or tokenizer.json (with LIMA's "
               "EOT).")
-@click.option("--max-len", type=int, default=2048, show_default=True,
+@click.option("--max-len", type=click.IntRange(min=1), default=2048, show_default=True,
               help="Trim length (LIMA §3: 2048).")
 @click.option("--train-on-prompts", is_flag=True,
               help="Count loss on user turns too (default: assistant turns and their EOT).")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="Write a histogram of lengths to this PNG instead of the text one.")
-@click.option("--batch-size", type=int, default=32, show_default=True,
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Dialogues per step, for the rows and padding of an epoch packed and not.")
 @user_errors
 def data_inspect(data_dir, tokenizer_path, max_len, train_on_prompts, plot, batch_size):
@@ -282,7 +287,7 @@ def score(model_dir, workdir, epoch, input_path, output_path, mesh, batch_size, 
     from limajax import sharding
 
     sharding.start(mesh)  # before anything touches the devices
-    from limajax.scoring import score_file
+    from limajax.perplexity import score_file
 
     source, epoch = model_source(model_dir, workdir, epoch)
     summary = score_file(source, input_path, output_path, mesh, batch_size, epoch=epoch,
@@ -296,6 +301,10 @@ def score(model_dir, workdir, epoch, input_path, output_path, mesh, batch_size, 
 
 
 # --- sample: LIMA's generation settings over prompt files (limajax.sampling) --------------------
+
+
+progress_option = click.option("--progress/--no-progress", default=True, show_default=True,
+                               help="Show a progress bar.")
 
 
 def sampling_options(fn):
@@ -393,7 +402,7 @@ def endpoint_options(fn):
               help="User turns as they are, or in Stanford Alpaca's prompt: the --template the "
               "model was trained with (data prepare --template).")
 @endpoint_options
-@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+@progress_option
 @user_errors(interrupted="interrupted: the answers finished so far are in --output; the same "
              "command continues from there")
 def sample(model_dir, workdir, epoch, prompts_path, output_path, text, temperature, top_p,
@@ -486,16 +495,21 @@ def sample_endpoint(model_dir, workdir, prompts_path, output_path, text, tempera
 @main.command()
 @model_source_options
 @sampling_options
+@click.option("--record", "record_path", default=None,
+              type=click.Path(dir_okay=False, path_type=str),
+              help="Append each finished conversation (at /reset and at the end) to this JSONL "
+              "file as a GAIR row with the settings and checkpoint, for `rate --per-turn` "
+              "(LIMA §6).")
 @user_errors
 def chat(model_dir, workdir, epoch, temperature, top_p, repetition_penalty, max_new_tokens,
-         greedy, seed, mesh):
+         greedy, seed, mesh, record_path):
     """Talk with the model in LIMA's dialogue format, the answer streaming in as it is made.
 
     /reset forgets the conversation, /settings shows (and `/settings temperature=0.5` changes)
     the sampling settings, /exit or Ctrl-D quits, Ctrl-C stops an answer. When the history
     outgrows the context, the oldest turns are dropped (and it says so).
 
-    Example: limajax chat --workdir runs/lima-65b --epoch 7
+    Example: limajax chat --workdir runs/lima-65b --epoch 7 [--record conversations.jsonl]
     """
     settings = sampling_settings(temperature, top_p, repetition_penalty, max_new_tokens, greedy,
                                  seed)
@@ -505,7 +519,7 @@ def chat(model_dir, workdir, epoch, temperature, top_p, repetition_penalty, max_
     sharding.start(mesh)  # before anything touches the devices
     from limajax.chat import chat as chat_lib
 
-    chat_lib(source, settings, epoch=epoch, mesh_spec=mesh)
+    chat_lib(source, settings, epoch=epoch, mesh_spec=mesh, record_path=record_path)
 
 
 # --- serve: an OpenAI-compatible HTTP server with continuous batching (limajax.serving) -----------
@@ -692,20 +706,23 @@ def plan(config_path, mesh, target, list_targets, device_memory, seq_len, overri
 
 
 def judge_options(required=True):
-    """The options every command that asks an LLM judge takes."""
+    """The options every command that asks an LLM judge takes (`required=False`: compare, whose
+    --human needs no judge; the help says so)."""
+    needed = "" if required else " Needed unless --human."
     options = [
         click.option("--judge-url", required=required, metavar="URL",
                      help="An OpenAI-compatible base URL, e.g. https://api.openai.com/v1 or "
-                     "http://127.0.0.1:8000/v1 (limajax serve, vLLM, llama.cpp's server)."),
+                     "http://127.0.0.1:8000/v1 (limajax serve, vLLM, llama.cpp's server)."
+                     + needed),
         click.option("--judge-model", required=required, metavar="NAME",
-                     help="The model the endpoint should judge with, e.g. gpt-4."),
+                     help="The model the endpoint should judge with, e.g. gpt-4." + needed),
         *client_options("judge"),
         click.option("--judge-max-tokens", default=1024, show_default=True,
                      type=click.IntRange(min=1), help="Longest answer the judge may write."),
         click.option("--template", "template_path", default=None,
                      type=click.Path(dir_okay=False, path_type=str),
                      help="Replace the packaged prompt template (same {placeholders})."),
-        click.option("--progress/--no-progress", default=True, help="Show a progress bar."),
+        progress_option,
     ]
 
     def decorate(fn):
@@ -733,6 +750,18 @@ def _judge(judge_url, judge_model, api_key_env, concurrency, timeout, judge_max_
                  max_retries=max_retries, concurrency=concurrency, max_tokens=judge_max_tokens)
 
 
+common_option = click.option(
+    "--common", is_flag=True,
+    help="Leave out, on purpose, the prompt ids only one file has (they are named); without "
+    "it such ids are refused.")
+
+
+def say_left_out(note: str | None) -> None:
+    """compare / annotate with --common: which ids were left out, on stderr."""
+    if note:
+        click.echo(f"notice: {note}; only the shared ones are used (--common)", err=True)
+
+
 # Judgments are appended as they arrive, so an interrupted compare / rate / select keeps them.
 JUDGING_INTERRUPTED = ("interrupted: finished judgments are saved; rerun the same command to "
                        "continue")
@@ -742,7 +771,8 @@ JUDGING_INTERRUPTED = ("interrupted: finished judgments are saved; rerun the sam
 @click.option("--a", "a_path", required=True, type=click.Path(dir_okay=False, path_type=str),
               help="Sample file A (JSONL from `limajax sample`: id, conversations, response).")
 @click.option("--b", "b_path", required=True, type=click.Path(dir_okay=False, path_type=str),
-              help="Sample file B; only prompt ids present in both are compared.")
+              help="Sample file B, answering the same prompt ids (see --common).")
+@common_option
 @click.option("--output", required=True, type=click.Path(dir_okay=False, path_type=str),
               help="Judgments JSONL, appended to as judgments arrive; a rerun skips what is "
               "there.")
@@ -753,8 +783,9 @@ JUDGING_INTERRUPTED = ("interrupted: finished judgments are saved; rerun the sam
               help="Instead of a judge: the labels exported from `limajax annotate`'s sheet.")
 @judge_options(required=False)
 @user_errors(interrupted=JUDGING_INTERRUPTED)
-def compare(a_path, b_path, output, judge_url, judge_model, api_key_env, orders, concurrency,
-            timeout, judge_max_tokens, max_retries, template_path, labels_path, progress):
+def compare(a_path, b_path, common, output, judge_url, judge_model, api_key_env, orders,
+            concurrency, timeout, judge_max_tokens, max_retries, template_path, labels_path,
+            progress):
     """Ask a judge LIMA §4.1's question for every prompt both sample files answered: is A
     significantly better, B significantly better, or neither? Both orders by default; the
     outcome is A if A wins both, B if B wins both, a tie otherwise.
@@ -767,16 +798,20 @@ def compare(a_path, b_path, output, judge_url, judge_model, api_key_env, orders,
             raise UserError("--human takes no --judge-url / --judge-model")
         from limajax.evaluation.human import labels_to_judgments
 
-        n = labels_to_judgments(labels_path, a_path, b_path, output)
+        n, left_out = labels_to_judgments(labels_path, a_path, b_path, output, common=common)
+        say_left_out(left_out)
         click.echo(f"wrote {n} human judgments to {output}")
         return
     if not judge_url or not judge_model:
-        raise UserError("give --judge-url and --judge-model (or --human LABELS.json)")
+        raise UserError("compare needs --judge-url URL and --judge-model NAME (or --human "
+                        "LABELS.json for people's labels)")
     from limajax.evaluation.compare import compare as compare_lib
 
     r = compare_lib(a_path, b_path, _judge(judge_url, judge_model, api_key_env, concurrency,
                                            timeout, judge_max_tokens, max_retries),
-                    output, orders=orders, template_path=template_path, progress=progress)
+                    output, orders=orders, template_path=template_path, progress=progress,
+                    common=common)
+    say_left_out(r["left_out"])
     if r["torn_line_dropped"]:
         click.echo(f"notice: dropped the unfinished last line of {output} (a run was killed "
                    "while writing it)", err=True)
@@ -791,13 +826,14 @@ def compare(a_path, b_path, output, judge_url, judge_model, api_key_env, orders,
 @click.option("--a", "a_path", required=True, type=click.Path(dir_okay=False, path_type=str),
               help="Sample file A.")
 @click.option("--b", "b_path", required=True, type=click.Path(dir_okay=False, path_type=str),
-              help="Sample file B; the sheet holds the prompts both answered.")
+              help="Sample file B; the sheet holds the prompts both answered (see --common).")
+@common_option
 @click.option("--output", required=True, type=click.Path(dir_okay=False, path_type=str),
               help="The HTML sheet (one self-contained file; open it in any browser).")
 @click.option("--seed", default=0, show_default=True, type=int,
               help="Seeds which answer is shown on the left, per prompt.")
 @user_errors
-def annotate(a_path, b_path, output, seed):
+def annotate(a_path, b_path, common, output, seed):
     """An annotation sheet for people (LIMA §4.1): each prompt with both answers side by side
     (left and right drawn from the seed), LIMA's three choices with keyboard shortcuts, work kept
     in the browser across reloads, and an export of the labels as JSON for `compare --human`.
@@ -806,7 +842,8 @@ def annotate(a_path, b_path, output, seed):
     """
     from limajax.evaluation.human import annotate as annotate_lib
 
-    n, failed = annotate_lib(a_path, b_path, output, seed=seed)
+    n, left_out, failed = annotate_lib(a_path, b_path, output, seed=seed, common=common)
+    say_left_out(left_out)
     failed_notice(failed)
     click.echo(f"wrote {output}: {n} prompts; label them in a browser, export, then "
                f"`limajax compare --human labels.json --a {a_path} --b {b_path} --output ...`")
@@ -824,9 +861,13 @@ def annotate(a_path, b_path, output, seed):
               help="Ratings JSONL, appended to as ratings arrive; a rerun skips what is there.")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False, path_type=str),
               help="Also write the summary as JSON.")
+@click.option("--per-turn", is_flag=True,
+              help="Grade every assistant turn of conversations (`chat --record` rows): the "
+              "share of each grade per turn and the conversations at Pass or better through "
+              "turn k (LIMA §6).")
 @judge_options()
 @user_errors(interrupted=JUDGING_INTERRUPTED)
-def rate(samples_path, rubric, output, json_path, judge_url, judge_model, api_key_env,
+def rate(samples_path, rubric, output, json_path, per_turn, judge_url, judge_model, api_key_env,
          concurrency, timeout, judge_max_tokens, max_retries, template_path, progress):
     """Rate each answer on its own: Fail / Pass / Excellent, or helpfulness 1-6 with the mean
     and its 95% bootstrap interval over prompts.
@@ -840,7 +881,7 @@ def rate(samples_path, rubric, output, json_path, judge_url, judge_model, api_ke
 
     s = rate_lib(samples_path, rubric, _judge(judge_url, judge_model, api_key_env, concurrency,
                                               timeout, judge_max_tokens, max_retries),
-                 output, template_path=template_path, progress=progress)
+                 output, template_path=template_path, progress=progress, per_turn=per_turn)
     failed_notice(s["failed"])
     if rubric == "grade":
         figures = ", ".join(f"{g} {s['counts'][g]} ({s['percent'][g] or 0:.0f}%)"
@@ -851,6 +892,15 @@ def rate(samples_path, rubric, output, json_path, judge_url, judge_model, api_ke
                    f"{s['prompts']} prompts")
     click.echo(f"{s['ratings']} ratings: {figures}, unparsed {s['unparsed']} "
                f"({s['judged']} rated now) -> {output}")
+    for t in s.get("per_turn", []):
+        through = t["through"]
+        stay = ("-" if through["percent"] is None else
+                f"{through['pass_or_better']}/{through['conversations']} "
+                f"({through['percent']:.0f}%, 95% {through['ci95'][0]:.0f}-"
+                f"{through['ci95'][1]:.0f}%)")
+        shares = ", ".join(f"{g} {t['counts'][g]}" for g in t["counts"])
+        click.echo(f"turn {t['turn']}: {shares}; Pass or better through turn {t['turn']}: "
+                   f"{stay}")
     if json_path:
         write_json(json_path, s)
 
@@ -870,11 +920,14 @@ def rate(samples_path, rubric, output, json_path, judge_url, judge_model, api_ke
               help="Also each epoch's perplexity on the dev dialogues (LIMA App. B).")
 @click.option("--output-dir", default=None, type=click.Path(file_okay=False, path_type=str),
               help="Where samples, judgments and selection.json go (default: WORKDIR/selection).")
+@click.option("--fallback", type=click.Choice(["perplexity"]), default=None,
+              help="If no epoch gets a readable verdict, choose the lowest dev perplexity (and "
+              "say so) instead of choosing nothing and exiting 2.")
 @sampling_options
 @judge_options()
 @user_errors(interrupted=JUDGING_INTERRUPTED)
-def select(workdir, epochs_spec, prompts, method, perplexity, output_dir, temperature, top_p,
-           repetition_penalty, max_new_tokens, greedy, seed, mesh, judge_url, judge_model,
+def select(workdir, epochs_spec, prompts, method, perplexity, output_dir, fallback, temperature,
+           top_p, repetition_penalty, max_new_tokens, greedy, seed, mesh, judge_url, judge_model,
            api_key_env, concurrency, timeout, judge_max_tokens, max_retries, template_path,
            progress):
     """Choose a checkpoint by the quality of its dev-set answers, as LIMA did by hand (App. B):
@@ -898,12 +951,13 @@ def select(workdir, epochs_spec, prompts, method, perplexity, output_dir, temper
                    output_dir=output_dir, mesh=mesh, template_path=template_path,
                    settings=sampling_settings(temperature, top_p, repetition_penalty,
                                               max_new_tokens, greedy, seed),
-                   progress=progress)
+                   progress=progress, fallback=fallback)
     for r in s["ranking"]:
-        score = "-" if r["score"] is None else f"{r['score']:.3f}"
+        score = f"{r['score']:.3f}" if r["judged"] else "not judged"
         ppl = f", perplexity {r['perplexity']:.2f}" if "perplexity" in r else ""
         click.echo(f"epoch {r['epoch']}: {score}{ppl}")
-    click.echo(f"best: epoch {s['best']} ({s['score']}) -> {s['selection_json']}")
+    by = s["score"] if s["chosen_by"] == "score" else s["chosen_by"]
+    click.echo(f"best: epoch {s['best']} ({by}) -> {s['selection_json']}")
 
 
 @main.command()
@@ -919,8 +973,9 @@ def select(workdir, epochs_spec, prompts, method, perplexity, output_dir, temper
 @click.option("--agreement", is_flag=True,
               help="Several judges of the same comparison are expected: report each and their "
               "agreement (otherwise mixing judges or templates is an error).")
-@click.option("--resamples", default=2000, show_default=True, type=int,
-              help="Bootstrap resamples over prompts (at least 2000).")
+@click.option("--resamples", default=2000, show_default=True, type=click.IntRange(min=2000),
+              help="Bootstrap resamples over prompts (at least 2000, for a stable 95% "
+              "interval).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Bootstrap seed.")
 @user_errors
 def report(paths, output, plot_path, json_path, agreement, resamples, seed):

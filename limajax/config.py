@@ -17,6 +17,7 @@ import runpy
 import traceback
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,28 @@ def pad_vocab(size: int, multiple: int = VOCAB_MULTIPLE) -> int:
     """The smallest multiple of `multiple` that holds `size` ids: the embedding's row count (the
     one rule for the padded vocabulary, review R2)."""
     return -(-size // multiple) * multiple
+
+
+MAX_LEN = 2048  # LIMA §3: "texts longer than 2048 tokens are trimmed"
+BUCKETS = (256, 512, 1024, 2048)
+
+
+def buckets_for(max_len: int) -> tuple[int, ...]:
+    """The lengths sequences of at most `max_len` tokens are padded to: 256, doubling below
+    max_len, then max_len itself. One rule for training, perplexity and sampling: a handful of
+    shapes compile, and a short text is never padded past twice its bucket."""
+    out = [BUCKETS[0]]
+    while out[-1] < max_len:
+        out.append(out[-1] * 2)
+    return (*[b for b in out if b < max_len], max_len)
+
+
+def bucket_length(length: int, buckets: Sequence[int] = BUCKETS) -> int:
+    """The smallest bucket that holds `length` tokens: a handful of shapes to compile."""
+    for b in sorted(buckets):
+        if length <= b:
+            return b
+    raise ValueError(f"{length} tokens do not fit the largest bucket {max(buckets)}")
 
 
 def check_types(obj, where: str) -> None:
@@ -197,9 +220,12 @@ def preset(name: str) -> ModelConfig:
 # --- run configs: what `limajax train` does with a model (LIMA §3 defaults) -------------------
 
 
+SCHEDULES = ("linear", "cosine")  # LIMA §3's; Stanford Alpaca's
+
+
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with LIMA's schedule (LIMA §3)."""
+    """AdamW with LIMA's schedule (LIMA §3), or Stanford Alpaca's (configs/alpaca_*.py)."""
 
     lr: float = 1e-5  # LIMA §3: "learning rate of 1e-5 ... linearly decaying to 1e-6"
     end_lr: float = 1e-6
@@ -208,7 +234,13 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1  # LIMA §3; applied to matrices only
     clip_norm: float | None = 1.0  # global-norm clipping; None turns it off
+    # "linear" (LIMA §3: lr to end_lr, both ends included) or "cosine" (Stanford Alpaca's
+    # recipe: transformers' cosine schedule with warm-up, lr to end_lr at step total_steps)
+    schedule: str = "linear"
     warmup_steps: int = 0  # LIMA §3: no warm-up
+    # Or the warm-up as a share of all steps, rounded up (transformers' warmup_ratio; Alpaca
+    # 0.03): a recipe need not know the dataset's size.
+    warmup_ratio: float = 0.0
     moments_dtype: str = "float32"  # AdamW's mu and nu between steps; bfloat16 halves them
     # AdamW's moments in host memory (memory_kind pinned_host) between steps, brought to the
     # devices for the update only (MaxText's optimizer_memory_host_offload)
@@ -223,6 +255,14 @@ class OptimConfig:
         if self.moments_dtype not in ("float32", "bfloat16"):
             raise UserError(f"optim: moments_dtype must be float32 or bfloat16, got "
                             f"{self.moments_dtype!r}")
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"optim: schedule must be one of {', '.join(SCHEDULES)}, got "
+                            f"{self.schedule!r}")
+        if self.warmup_steps < 0 or not 0.0 <= self.warmup_ratio < 1.0:
+            raise UserError(f"optim: warmup_steps must be >= 0 and warmup_ratio in [0, 1), got "
+                            f"{self.warmup_steps}, {self.warmup_ratio}")
+        if self.warmup_steps and self.warmup_ratio:
+            raise UserError("optim: give warmup_steps or warmup_ratio, not both")
 
 
 @dataclass(frozen=True)
@@ -232,7 +272,7 @@ class DataConfig:
     path: str | None = None  # prepared dataset directory; None: the embedded sample data
     batch_size: int = 32  # global batch, in examples
     micro_batch_size: int | None = None  # gradient accumulation when set (must divide batch)
-    max_len: int = 2048  # LIMA §3: texts longer than 2048 tokens are trimmed
+    max_len: int = MAX_LEN
     train_on_prompt: bool = False  # loss on user turns too (LIMA does not say; default: off)
     # Lay each step's dialogues into as few rows as hold them (segment ids keep them apart):
     # the same loss and gradient as one dialogue per row, without computing the padding.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -42,7 +43,11 @@ def read_json(path: str | Path) -> dict:
 def read_jsonl(path: str | Path, data: bytes | None = None) -> Iterator[tuple[str, int, Any]]:
     """(where, line number, value) for each non-blank line; `where` is "file:line" for the
     caller's own checks. Invalid UTF-8 or JSON is a UserError naming the line. `data`: the
-    file's bytes if the caller already read them (e.g. to checksum them)."""
+    file's bytes if the caller already read them (e.g. to checksum them).
+
+    The one JSONL rule: lines end at "\n" only, never where str.splitlines would also cut
+    ("\r", U+2028, U+2029, U+0085, \x1c-\x1e): json_line writes those unescaped inside strings
+    (ensure_ascii=False), and a user's file may hold them."""
     path = Path(path)
     if data is None:
         if not path.is_file():
@@ -80,6 +85,13 @@ def json_line(obj) -> str:
         return x
 
     return json.dumps(strict(obj), ensure_ascii=False, allow_nan=False) + "\n"
+
+
+def write_jsonl(path: str | Path, rows) -> None:
+    """Write `rows` as a whole JSONL file, atomically (staged_file): the rewrite of a file
+    read with read_jsonl (reordered, filtered), one json_line per row."""
+    with staged_file(path) as f:
+        f.writelines(json_line(row) for row in rows)
 
 
 def append_jsonl(path: str | Path, row: dict) -> None:
@@ -202,6 +214,9 @@ def staged_dir(final: str | Path, *, command: str, overwrite: bool = False) -> I
     """
     final = Path(final)
     check_replaceable(final, overwrite=overwrite, command=command)
+    # Parents made here go again if the output fails (a convert refused for its inputs left an
+    # empty models/ behind): innermost first.
+    made = [d for d in final.absolute().parents if not d.exists()]
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{_OWNER}.", suffix=".partial",
@@ -220,6 +235,9 @@ def staged_dir(final: str | Path, *, command: str, overwrite: bool = False) -> I
             tmp.rename(final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for directory in made:
+            with contextlib.suppress(OSError):  # not empty: something else is in it now
+                directory.rmdir()
         raise
 
 
@@ -231,7 +249,7 @@ def staged_dir(final: str | Path, *, command: str, overwrite: bool = False) -> I
 def damaged_is_one_line(what: str):
     """Any failure of the Orbax restore inside becomes `UserError("what (first line of the
     reason)")`: Orbax and TensorStore raise many types for a missing or truncated file."""
-    _ignore_closed_event_loop()
+    quiet_orbax()
     try:
         yield
     except Exception as e:
@@ -239,23 +257,49 @@ def damaged_is_one_line(what: str):
         raise UserError(f"{what} ({reason})") from None
 
 
-def _ignore_closed_event_loop() -> None:
-    """A failed restore leaves TensorStore reads in flight whose completions later reach Orbax's
-    closed asyncio loop: each prints an unraisable `RuntimeError: Event loop is closed` traceback
-    (hundreds of lines for one damaged file) after the one-line error. Drop exactly those; any
-    other unraisable exception goes to the hook that was there before."""
-    global _hook_installed
-    if _hook_installed:
+def quiet_orbax() -> None:
+    """After a failed restore or save, limajax says what happened in one line; Orbax's own
+    aftermath is dropped (installed once, for the process):
+
+    - TensorStore reads and writes still in flight complete on Orbax's closed asyncio loop and
+      each prints `RuntimeError: Event loop is closed` (hundreds of tracebacks for one damaged
+      file or one full disk), through sys.unraisablehook or, from TensorStore's callbacks,
+      through sys.excepthook; at interpreter exit the same threads print `ImportError:
+      sys.meta_path is None`;
+    - Orbax logs every failed array as an ERROR with its traceback (absl's logger).
+
+    Any other exception goes to the hook that was there before, and Orbax's other records to
+    the logger."""
+    global _quiet
+    if _quiet:
         return
-    previous = sys.unraisablehook
+    _quiet = True
+    previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
 
-    def hook(unraisable):
-        error = unraisable.exc_value
-        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
-            previous(unraisable)
+    def unraisable(u):
+        if not _aftermath(u.exc_value):
+            previous_unraisable(u)
 
-    sys.unraisablehook = hook
-    _hook_installed = True
+    def excepthook(kind, value, traceback):
+        if not _aftermath(value):
+            previous_except(kind, value, traceback)
+
+    sys.unraisablehook, sys.excepthook = unraisable, excepthook
+    logging.getLogger("absl").addFilter(_OrbaxErrors())
 
 
-_hook_installed = False
+def _aftermath(error: BaseException | None) -> bool:
+    return (isinstance(error, RuntimeError) and str(error) == "Event loop is closed") or (
+        isinstance(error, ImportError) and str(error).startswith("sys.meta_path is None"))
+
+
+class _OrbaxErrors(logging.Filter):
+    """Drops Orbax's ERROR records: each failure they log reaches limajax as an exception,
+    which it reports in one line (damaged_is_one_line, save_failure_is_one_line)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in
+                    record.pathname)
+
+
+_quiet = False

@@ -2,11 +2,16 @@
 
 LIMA §3: AdamW with beta1 0.9, beta2 0.95 and weight decay 0.1; the learning rate starts at
 1e-5 with no warm-up and decays linearly to 1e-6 "by the end of training", i.e. it is 1e-6 at
-the last step. Weight decay touches matrices only (embeddings, projections, output), never the
+the last step. The Alpaca-65B baseline is trained with Stanford Alpaca's schedule instead
+(`schedule="cosine"`: a 3% linear warm-up from 0, then cosine decay), as transformers'
+get_cosine_schedule_with_warmup computes it for Stanford's train.py.
+Weight decay touches matrices only (embeddings, projections, output), never the
 RMSNorm scales: decaying a gain towards zero would shrink the layer, not regularise it.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -17,14 +22,25 @@ from limajax.config import OptimConfig
 from limajax.model import logical_axes
 
 
+def warmup_steps(config: OptimConfig, total_steps: int) -> int:
+    """warmup_steps, or warmup_ratio of the run rounded up (transformers' get_warmup_steps)."""
+    return config.warmup_steps or math.ceil(config.warmup_ratio * total_steps)
+
+
 def schedule(config: OptimConfig, total_steps: int) -> optax.Schedule:
-    """lr(step) for step = 0 .. total_steps-1: linear from lr to end_lr, both ends included."""
-    decay = optax.linear_schedule(config.lr, config.end_lr,
-                                  max(total_steps - 1 - config.warmup_steps, 1))
-    if config.warmup_steps == 0:
+    """lr(step) for step = 0 .. total_steps-1, after a linear warm-up from 0 when there is one.
+    "linear" (LIMA §3): from lr to end_lr, both ends included. "cosine" (Stanford Alpaca):
+    half a cosine from lr that reaches end_lr at step total_steps, as transformers' schedule
+    does (so the last step's rate is just above end_lr)."""
+    warmup = warmup_steps(config, total_steps)
+    if config.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, config.lr, warmup,
+                                                  max(total_steps, warmup + 1), config.end_lr)
+    decay = optax.linear_schedule(config.lr, config.end_lr, max(total_steps - 1 - warmup, 1))
+    if warmup == 0:
         return decay
-    warmup = optax.linear_schedule(0.0, config.lr, config.warmup_steps)
-    return optax.join_schedules([warmup, decay], [config.warmup_steps])
+    return optax.join_schedules([optax.linear_schedule(0.0, config.lr, warmup), decay],
+                                [warmup])
 
 
 def matrix_axes(names: tuple[str | None, ...]) -> int:

@@ -18,10 +18,15 @@ the next start).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import math
+import os
+import re
+import shutil
 from pathlib import Path
 
 import orbax.checkpoint as ocp
@@ -32,11 +37,11 @@ from limajax.errors import UserError
 from limajax.files import (
     append_jsonl,
     damaged_is_one_line,
-    json_line,
+    quiet_orbax,
     read_json,
     read_jsonl,
-    staged_file,
     write_json,
+    write_jsonl,
 )
 
 CONFIG_FILE = "config.json"
@@ -130,9 +135,7 @@ def truncate_metrics(workdir: str | Path, step: int) -> None:
     path = Path(workdir) / METRICS_FILE
     if not path.exists():
         return
-    keep = [row for row in read_metrics(workdir) if row["step"] <= step]
-    with staged_file(path) as f:
-        f.writelines(json_line(row) for row in keep)
+    write_jsonl(path, [row for row in read_metrics(workdir) if row["step"] <= step])
 
 
 def tensorboard_writer(workdir: str | Path, step: int):
@@ -202,9 +205,84 @@ def _state_tree(state) -> dict:
 
 def save_state(manager: ocp.CheckpointManager, state, meta: dict) -> None:
     """Start an asynchronous save of a TrainState with `meta` (step, data position, epoch,
-    config)."""
-    manager.save(meta["step"], args=ocp.args.Composite(
-        state=ocp.args.StandardSave(_state_tree(state)), meta=ocp.args.JsonSave(meta)))
+    config). A failure of the save before it (Orbax reports it here) is `SaveFailed`."""
+    with save_failure_is_one_line(manager):
+        manager.save(meta["step"], args=ocp.args.Composite(
+            state=ocp.args.StandardSave(_state_tree(state)), meta=ocp.args.JsonSave(meta)))
+
+
+def check_saves(manager: ocp.CheckpointManager) -> None:
+    """`SaveFailed` if an asynchronous save has failed since the last check (a full disk, any
+    I/O error): cheap, and it never waits for a save still running. The loop calls it whenever
+    metrics reach the host, so a failed save stops training at once, not an epoch later."""
+    if not manager.is_saving_in_progress():
+        finish_saves(manager)
+
+
+def finish_saves(manager: ocp.CheckpointManager) -> None:
+    """Wait for the saves in flight; a failed one is `SaveFailed`."""
+    with save_failure_is_one_line(manager):
+        manager.wait_until_finished()
+
+
+class SaveFailed(UserError):
+    """A checkpoint could not be written; the half-written one is removed, the ones before are
+    intact, and rerunning (after making space) resumes from the last of them."""
+
+
+@contextlib.contextmanager
+def save_failure_is_one_line(manager: ocp.CheckpointManager):
+    """Orbax and TensorStore raise ValueError, OSError or their own types (one per array that
+    failed, from background threads) when a save fails: one `SaveFailed` naming the
+    checkpoint, the reason (and for a full disk how much a checkpoint takes and how much is
+    free), and the checkpoint a rerun resumes from."""
+    quiet_orbax()
+    try:
+        yield
+    except SaveFailed:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure of the save is reported the same way
+        directory = Path(manager.directory)
+        partial = sorted(directory.glob(f"*{_TMP_SUFFIX}*"))
+        for path in partial:  # Orbax would remove them on the next start; nothing half-written
+            shutil.rmtree(path, ignore_errors=True)  # is left now
+        manager.reload()
+        good = manager.latest_step()
+        where = partial[0].name.split(_TMP_SUFFIX)[0] if partial else "a new checkpoint"
+        raise SaveFailed(
+            f"{directory / where}: the checkpoint could not be saved ({_save_reason(e)}"
+            + (f"; a checkpoint takes about {_megabytes(_size(directory / str(good)))}, "
+               f"{_megabytes(shutil.disk_usage(directory).free)} is free there"
+               if good is not None and _NO_SPACE in str(e) else "")
+            + "); training stopped; " + (
+                "no checkpoint was saved before it" if good is None else
+                f"the last good checkpoint is step {good}")
+            + "; rerun the same command (after making space) to "
+            + ("start again" if good is None else "resume from it")) from None
+
+
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"
+_NO_SPACE = os.strerror(errno.ENOSPC)
+
+
+def _save_reason(error: BaseException) -> str:
+    """The OS's words for an I/O error (TensorStore puts the errno in its message), else the
+    first line of the message."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = str(error)
+    code = re.search(r"\[os_error_code='(\d+)'\]", text)
+    if code:
+        return os.strerror(int(code.group(1)))
+    return text.strip().splitlines()[0][:200] if text.strip() else type(error).__name__
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
 
 
 def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state):

@@ -251,3 +251,48 @@ def test_judging_with_limajax_serve(tmp_path, cli, stories_server):
             assert len(row["reasks"]) == 2
         assert row["judge"] == "stories"
     assert "0 judged now, 6 already" in cli(*args).output
+
+
+def test_ids_in_one_file_only_are_named_not_dropped(tmp_path, cli):
+    """A and B partly overlap: refused in one line naming what only one file has, unless
+    --common makes it deliberate (then a notice names them); compare, --human and annotate."""
+    a, b, _ = pairwise_case(tmp_path, [(f"p{i}", 1, 2, "") for i in range(1, 4)])
+    extra_a = [json.loads(x) for x in open(a)] + [
+        {"id": f"a{i}", "conversations": [f"only A {i}"], "response": "x"} for i in range(7)]
+    write_samples(a, extra_a)
+    extra_b = [json.loads(x) for x in open(b)] + [
+        {"id": "b1", "conversations": ["only B"], "response": "y"}]
+    write_samples(b, extra_b)
+    out = tmp_path / "j.jsonl"
+    with JudgeServer() as srv:
+        r = cli(*compare_args(a, b, out, srv.url))
+        assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+        assert (f"3 prompt ids are in both files; 7 only in {a} (a0, a1, a2, a3, a4, ...); "
+                f"1 only in {b} (b1): pass --common") in r.output
+        assert not out.exists() and not srv.log
+        r = cli(*compare_args(a, b, out, srv.url, "--common"))
+        assert r.exit_code == 0, r.output
+        assert f"notice: 3 prompt ids are in both files; 7 only in {a}" in r.stderr
+        assert "only the shared ones are used (--common)" in r.stderr
+        assert len(lines(out)) == 6
+    sheet = tmp_path / "sheet.html"
+    r = cli("annotate", "--a", a, "--b", b, "--output", sheet)
+    assert r.exit_code == 2 and "1 only in" in r.output and not sheet.exists(), r.output
+    r = cli("annotate", "--a", a, "--b", b, "--output", sheet, "--common")
+    assert r.exit_code == 0 and "wrote" in r.output and "(b1)" in r.stderr, r.output
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({"sheet": "s", "seed": 0, "labels": []}))
+    r = cli("compare", "--human", labels, "--a", a, "--b", b, "--output", tmp_path / "h.jsonl")
+    assert r.exit_code == 2 and "pass --common" in r.output, r.output
+
+
+def test_rate_with_nothing_read_has_no_interval():
+    """No rating read: `percent` is null and so is its interval (it was [0.0, 0.0])."""
+    from limajax.evaluation.rate import summarize
+
+    s = summarize([{"id": "p1", "rating": "unparsed"}, {"id": "p2", "rating": "unparsed"}],
+                  "grade")
+    assert s["unparsed"] == 2
+    assert all(s["percent"][g] is None and s["ci95"][g] is None for g in s["percent"])
+    read = summarize([{"id": "p1", "rating": "Pass"}], "grade")
+    assert read["ci95"]["Pass"] == [100.0, 100.0]

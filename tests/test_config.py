@@ -65,3 +65,32 @@ def test_every_option_has_help():
                         if isinstance(p, click.Option) and not p.help)
 
     assert list(options(main, "limajax")) == []
+
+
+def _every_option(cmd=main, name="limajax"):
+    import click
+
+    if isinstance(cmd, click.Group):
+        for sub, c in cmd.commands.items():
+            yield from _every_option(c, f"{name} {sub}")
+    else:
+        yield from ((name, p) for p in cmd.params if isinstance(p, click.Option))
+
+
+def test_every_number_option_has_a_range_and_every_switch_its_default():
+    """An integer option takes a bounded range (a negative --max-len printed negative
+    percentages; a zero --batch-size failed later), seeds excepted: any integer seeds; a
+    --x/--no-x switch shows its default in --help."""
+    import click
+
+    unbounded = [(name, p.opts) for name, p in _every_option()
+                 if p.type is click.INT and p.name != "seed"]
+    assert unbounded == []
+    hidden = [(name, p.opts) for name, p in _every_option()
+              if p.secondary_opts and not p.show_default]
+    assert hidden == []
+    from click.testing import CliRunner
+
+    r = CliRunner().invoke(main, ["data", "inspect", "--data", "d", "--tokenizer", "t",
+                                  "--max-len", "-1"])
+    assert r.exit_code == 2 and "'--max-len': -1 is not in the range x>=1" in r.output, r.output

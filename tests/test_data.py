@@ -1,6 +1,7 @@
 """Preparing LIMA as a TFDS dataset, inspecting it, and the errors a person gets for bad input."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -194,3 +195,26 @@ def test_the_embedded_sample_is_the_default_input(tmp_path, cli):
         assert [data.conversations(source[i]) for i in range(len(source))] == [
             json.loads(line)["conversations"] for line in lines[split]
         ]
+
+
+def test_a_corrupted_dataset_is_caught_before_the_first_step(tmp_path, cli):
+    """64 bytes flipped in a prepared ArrayRecord file: train and data inspect name the file in
+    one line from the checksums `prepare` recorded (not a Riegeli traceback after a step), exit
+    2, and train leaves no workdir (issue 17 item 5)."""
+    out = tmp_path / "data"
+    assert cli("data", "prepare", "--output", out).exit_code == 0
+    train_file = next((out / "lima" / "1.0.0").glob("lima-train.array_record-*"))
+    data = bytearray(train_file.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+    train_file.write_bytes(bytes(data))
+    repo = Path(__file__).resolve().parents[1]
+    tokenizer = repo / "limajax" / "sample_data" / "tokenizer.model"
+    for args in (["train", "--config", repo / "configs" / "tiny.py", "--data", out, "--workdir",
+                  tmp_path / "w", "--tokenizer", tokenizer, "--no-progress"],
+                 ["data", "inspect", "--data", out, "--tokenizer", tokenizer]):
+        r = cli(*args)
+        errors = [x for x in r.output.splitlines() if x.startswith("error:")]
+        assert r.exit_code == 2 and len(errors) == 1 and "Traceback" not in r.output, r.output
+        assert errors[0].startswith(f"error: {train_file}: its sha256 is not the one")
+    assert not (tmp_path / "w").exists()

@@ -73,3 +73,30 @@ def test_select_by_ratings(two_epochs, tmp_path, cli):
         assert len(answers) == 10
         assert row["score"] == sum(3 + min(2, len(a) // 40) for a in answers) / 10
     assert s["best"] == s["ranking"][0]["epoch"]
+
+
+def test_select_chooses_nothing_from_no_evidence(two_epochs, tmp_path, cli):
+    """Every verdict unreadable: no epoch is "best" (an unjudged epoch once ranked level with a
+    perfect one); --fallback perplexity chooses by dev perplexity and says so."""
+    dev = tmp_path / "dev.jsonl"  # "form:never": the judge's answers never name a verdict
+    dev.write_text("".join(json.dumps({"id": f"d{i}", "conversations": [f"{d[0]} form:never",
+                                                                         d[1]]}) + "\n"
+                           for i, d in enumerate(ts.DIALOGUES[:2])))
+    out = tmp_path / "sel"
+    with JudgeServer() as srv:
+        args = ["select", "--workdir", two_epochs, "--epochs", "1-2", "--prompts", dev,
+                "--judge-url", srv.url, "--judge-model", "judge-1", "--output-dir", out,
+                "--max-new-tokens", 8, "--no-progress"]
+        r = cli(*args)
+        assert r.exit_code == 2, r.output
+        assert "error: no epoch was judged: not one verdict of judge-1 could be read" in r.output
+        assert "pass --fallback perplexity" in r.output and "best: epoch" not in r.output
+        s = json.loads((out / "selection.json").read_text())
+        assert s["best"] is None and not any(row["judged"] for row in s["ranking"])
+        r = cli(*args, "--fallback", "perplexity")
+    assert r.exit_code == 0, r.output
+    s = json.loads((out / "selection.json").read_text())
+    lowest = min(s["ranking"], key=lambda row: row["perplexity"])["epoch"]
+    assert s["best"] == lowest and s["chosen_by"] == "perplexity (no epoch was judged)"
+    assert f"best: epoch {lowest} (perplexity (no epoch was judged))" in r.output
+    assert "epoch 1: not judged, perplexity " in r.output

@@ -1,6 +1,7 @@
 """The LIMA recipe (LIMA §3), the step's loss, and that training learns and shards exactly."""
 
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ from flax import nnx
 from limajax import data, optim, sharding, train, workdir
 from limajax.config import DataConfig, OptimConfig, TrainConfig, apply_overrides, preset
 from limajax.errors import UserError
+from limajax.model import token_nll
 
 
 def test_lima_step_count_and_schedule():
@@ -47,6 +49,69 @@ def test_recipes_resolve_to_lima_settings():
     assert (node.data.batch_size, node.dropout, node.mesh) == (32, 0.3, "1x8")
     # LIMA's update: float32 master weights (an update of 1e-5 must not round away)
     assert node.model.param_dtype == "float32" and node.model == c65.model
+    for c in (c7, c65, node):
+        assert c.optim.schedule == "linear"  # LIMA's recipes keep LIMA's schedule
+
+
+def test_alpaca_recipes_are_stanfords():
+    """configs/alpaca_*.py: Stanford Alpaca's published recipe (3 epochs, 2e-5, 3% warm-up,
+    cosine, batch 128, length 512, no weight decay); 65B takes 1e-5 (not stated anywhere)."""
+    import runpy
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    c7 = runpy.run_path(str(root / "alpaca_7b.py"))["config"]
+    c65 = runpy.run_path(str(root / "alpaca_65b.py"))["config"]
+    for c, lr in ((c7, 2e-5), (c65, 1e-5)):
+        assert (c.epochs, c.optim.lr, c.optim.end_lr, c.optim.schedule, c.optim.warmup_ratio,
+                c.optim.weight_decay, c.data.batch_size, c.data.max_len, c.dropout) == (
+            3, lr, 0.0, "cosine", 0.03, 0.0, 128, 512, 0.0)
+        assert (c.optim.b1, c.optim.b2, c.optim.clip_norm) == (0.9, 0.999, 1.0)
+    assert c65.model.dim == 8192 and c7.model.dim == 4096
+    with pytest.raises(UserError, match="schedule must be one of linear, cosine"):
+        OptimConfig(schedule="step")
+    with pytest.raises(UserError, match="warmup_steps or warmup_ratio, not both"):
+        OptimConfig(warmup_steps=3, warmup_ratio=0.03)
+    # Alpaca's 52,002 rows: 407 steps an epoch, 1,221 in all, 37 of them warm-up (rounded up,
+    # as transformers rounds), then transformers' cosine: 0.5 (1 + cos(pi (s - 37) / 1184)).
+    total = 3 * data.steps_per_epoch(52002, 128)
+    assert (total, optim.warmup_steps(c7.optim, total)) == (1221, 37)
+    lr = optim.schedule(c7.optim, total)
+    for step in (0, 10, 37, 600, 1220):
+        hf = 2e-5 * (step / 37 if step < 37 else 0.5 * (1 + np.cos(np.pi * (step - 37) / 1184)))
+        assert float(lr(step)) == pytest.approx(hf, rel=1e-5, abs=1e-12)
+
+
+def test_a_tiny_alpaca_recipe_run_follows_optax_warmup_cosine(tmp_path):
+    """A real run with alpaca_7b.py's optimiser on the tiny model: the rate each step used, as
+    metrics.jsonl logs it, is optax.warmup_cosine_decay_schedule's at step 0, at the end of the
+    warm-up and at the last step."""
+    import optax
+    from click.testing import CliRunner
+
+    from limajax.cli import main
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    recipe = tmp_path / "alpaca_tiny.py"
+    recipe.write_text(
+        "import dataclasses, runpy\n"
+        f"alpaca = runpy.run_path({str(root / 'alpaca_7b.py')!r})['config']\n"
+        f"tiny = runpy.run_path({str(root / 'tiny.py')!r})['config']\n"
+        "config = dataclasses.replace(tiny, optim=dataclasses.replace(alpaca.optim, lr=1e-3),\n"
+        "                             epochs=alpaca.epochs, dropout=alpaca.dropout)\n")
+    r = CliRunner().invoke(main, ["train", "--config", str(recipe), "--no-progress", "--workdir",
+                                  str(tmp_path / "w"), "--set", "data.max_len=64",
+                                  "--set", "optim.warmup_ratio=0.2", "--peak-flops", "1e12"])
+    assert r.exit_code == 0, r.output
+    logged = [json.loads(x)["lr"] for x in (tmp_path / "w" / "metrics.jsonl").read_text()
+              .splitlines()]
+    total, warmup = 18, 4  # 48 sample dialogues / batch 8 = 6 steps x 3 epochs; ceil(0.2 x 18)
+    assert len(logged) == total
+    reference = optax.warmup_cosine_decay_schedule(0.0, 1e-3, warmup, total, 0.0)
+    for step in (0, warmup, total - 1):
+        # computed in float32 inside the step: 1e-5 of a rate near 0
+        assert logged[step] == pytest.approx(float(reference(step)), rel=1e-5, abs=1e-12)
+    assert logged[0] == 0.0 and logged[warmup] == pytest.approx(1e-3)
+    assert 0 < logged[-1] < logged[-2] < 1e-4  # decaying to 0 at step 18, one past the last
 
 
 def test_weight_decay_touches_matrices_only():
@@ -106,7 +171,7 @@ def test_loss_is_the_global_target_token_mean(step_setup):
     _, m = _one_step(config, mesh, params, batch)
     model = nnx.merge(sharding.abstract_model(config.model, mesh)[0], params)
     logits = model(batch["inputs"], batch["positions"], segment_ids=batch["segment_ids"])
-    nll = train.token_nll(logits, batch["targets"])
+    nll = token_nll(logits, batch["targets"])
     expected = float((nll * batch["loss_mask"]).sum() / batch["loss_mask"].sum())
     assert m["loss"] == pytest.approx(expected, rel=1e-5)
     assert m["target_tokens"] == batch["loss_mask"].sum()

@@ -7,8 +7,10 @@ compares what is learned, not how paths are spelled (F2, R5); a damaged checkpoi
 the one before is used (F3); score checks its output first and says when it trims (F5); the end
 of a run says where the checkpoints are and how to use them."""
 
+import errno
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -182,3 +184,94 @@ def test_score_checks_its_output_first_and_says_when_it_trims(run, cli, tmp_path
     r = cli("score", *source, "--output", out)
     assert r.exit_code == 2 and "already exists (pass --overwrite" in r.output
     assert cli("score", *source, "--output", out, "--overwrite").exit_code == 0
+
+
+# --- a checkpoint that cannot be saved (issue 17 item 1) -----------------------------------------
+
+
+def _losses(workdir):
+    return {r["step"]: r["loss"] for r in map(json.loads, (workdir / "metrics.jsonl").read_text()
+                                              .split("\n")[:-1]) if "loss" in r}
+
+
+def _check_failed_save(stderr, w, exit_code, step):
+    """One line naming the checkpoint and the reason, exit 2, nothing half-written, epoch 1's
+    checkpoint intact, no word of a finished run."""
+    lines = [x for x in stderr.splitlines() if x.startswith("error:")]
+    assert exit_code == 2 and len(lines) == 1, stderr
+    assert f"error: {w / 'checkpoints' / str(step)}: the checkpoint could not be saved (" \
+        in lines[0]
+    assert "training stopped; the last good checkpoint is step 5; rerun the same command" \
+        in lines[0]
+    assert "Traceback" not in stderr and "Event loop" not in stderr and "meta_path" not in \
+        stderr, stderr
+    assert "done:" not in stderr
+    assert sorted(p.name for p in (w / "checkpoints").iterdir()) == ["5"]
+    return lines[0]
+
+
+def _resumes_exactly(run, cli, w):
+    root, args, _ = run
+    i = args.index("--workdir")
+    r = cli(*args[:i + 1], w, *args[i + 2:])
+    assert r.exit_code == 0, r.output
+    assert "resuming from the checkpoint at step 5: epoch 2, batch 1 next" in r.stderr
+    assert _losses(w) == pytest.approx(_losses(root / "w"), rel=0, abs=0)
+
+
+def test_a_full_disk_stops_training_in_one_line(run, cli, tmp_path):
+    """A real small filesystem (a tmpfs, which needs root), in a real process: Orbax's threads
+    print their tracebacks outside click."""
+    root, args, _ = run
+    small = tmp_path / "small"
+    small.mkdir()
+    checkpoint = sum(f.stat().st_size for f in (root / "w" / "checkpoints" / "5").rglob("*")
+                     if f.is_file())
+    rest = sum(f.stat().st_size for f in (root / "w").rglob("*") if f.is_file()
+               and "checkpoints" not in f.parts)
+    size = int(rest + 1.6 * checkpoint)  # epoch 1's checkpoint fits, epoch 2's does not
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", small],
+                           capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mount.stderr.strip()}")
+    try:
+        w = small / "w"
+        i = args.index("--workdir")
+        env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(ts.JAX_CACHE),
+               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+        proc = subprocess.run(
+            [sys.executable, "-c", "from limajax.cli import main; main()",
+             *map(str, [*args[:i + 1], w, *args[i + 2:]])],
+            capture_output=True, text=True, timeout=300, env=env)
+        line = _check_failed_save(proc.stderr, w, proc.returncode, 10)
+        assert "(No space left on device; a checkpoint takes about " in line and " is free " \
+            "there)" in line
+        moved = shutil.copytree(w, tmp_path / "bigger")  # "after making space"
+    finally:
+        subprocess.run(["umount", small], check=True)
+    _resumes_exactly(run, cli, moved)
+
+
+def test_any_io_error_while_saving_stops_training_in_one_line(run, cli, tmp_path, monkeypatch):
+    """Fault injection: the rename that completes a checkpoint in Orbax's background thread
+    fails with an I/O error (step 7's, in the middle of epoch 2: the run stops at once)."""
+    from orbax.checkpoint._src.path import async_path
+
+    rename = async_path.rename
+
+    async def failing(src, dst):
+        if "7.orbax-checkpoint-tmp" in str(src):
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(src))
+        return await rename(src, dst)
+
+    monkeypatch.setattr(async_path, "rename", failing)
+    root, args, _ = run
+    w = tmp_path / "w"
+    i = args.index("--workdir")
+    r = cli(*args[:i + 1], w, *args[i + 2:], "--save-every-steps", "7")
+    line = _check_failed_save(r.stderr, w, r.exit_code, 7)
+    assert "(Input/output error); training stopped" in line
+    # Stopped before the next checkpoint (none after step 5 is kept); how many more steps ran
+    # while Orbax renamed in the background depends on the machine's load.
+    monkeypatch.setattr(async_path, "rename", rename)
+    _resumes_exactly(run, cli, w)

@@ -15,7 +15,13 @@ from pathlib import Path
 from limajax.checkpoint import load_model, write_model_dir
 from limajax.config import ModelConfig
 from limajax.convert.hf import config_from_hf, hf_config, read_hf, write_hf
-from limajax.convert.meta import config_from_meta, meta_params_json, read_meta, write_meta
+from limajax.convert.meta import (
+    config_from_meta,
+    context_guess,
+    meta_params_json,
+    read_meta,
+    write_meta,
+)
 from limajax.convert.table import (
     EOT_TEXT,
     WEIGHTS,
@@ -36,7 +42,8 @@ from limajax.files import staged_dir
 from limajax.tokenizer import TokenSpec, save_to
 
 __all__ = ["EOT_TEXT", "WEIGHTS", "Converted", "Weight", "allocate", "config_from_hf",
-           "config_from_meta", "convert", "export", "extract", "hf_config", "init_eot",
+           "config_from_meta", "context_guess", "convert", "export", "extract", "hf_config",
+           "init_eot",
            "layout_shape", "meta_params_json", "place", "read_hf", "read_meta", "rearrange",
            "sizes_for", "source_keys", "weights_for", "write_hf", "write_meta"]
 

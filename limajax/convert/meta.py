@@ -53,6 +53,15 @@ def meta_family(p: dict) -> tuple[str, int]:
     return "Llama-2", 4096
 
 
+def context_guess(input_dir: str | Path, max_seq_len: int | None) -> tuple[str, int] | None:
+    """(family, context length) when the converted context length is the family's guess: no
+    --max-seq-len and none in params.json (Meta's do not state it); None when it was given."""
+    p = read_json(Path(input_dir) / "params.json")
+    if max_seq_len or p.get("max_seq_len"):
+        return None
+    return meta_family(p)
+
+
 def config_from_meta(p: dict, vocab_size: int, where: Path, max_seq_len: int | None = None
                      ) -> ModelConfig:
     """ModelConfig from Meta's params.json (vocab_size there is often -1: the weights decide);

@@ -4,6 +4,7 @@ from GAIR's files once and read back as random-access sources."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import shutil
 from pathlib import Path
@@ -13,7 +14,7 @@ import tensorflow_datasets as tfds
 from limajax import __version__
 from limajax.data.gair import SPLITS, PrepareOptions, read_gair_dir, select
 from limajax.errors import UserError
-from limajax.files import read_json, staged_dir
+from limajax.files import read_json, staged_dir, write_json
 
 
 class Lima(tfds.core.GeneratorBasedBuilder):
@@ -83,7 +84,50 @@ def prepare(input_dir: str | Path, output_dir: str | Path,
                     input_dir if input_dir.is_dir() else input_dir.parent)),
             )
         shutil.rmtree(tmp / "downloads", ignore_errors=True)
+        record_checksums(dataset_dir(tmp))
     return dict(builder.info.metadata)
+
+
+# The prepared files' sha256, beside what TFDS records (dataset_info.json counts examples and
+# bytes per split; ArrayRecord's own chunk hashes fail only when the damaged chunk is read,
+# after training has started): every reader checks them first (newcomer trial, issue 17).
+CHECKSUMS = "checksums"  # in metadata.json: {file name: sha256}
+
+
+def _files(version_dir: Path, split: str | None = None) -> list[Path]:
+    return sorted(version_dir.glob(f"*-{split or '*'}.array_record-*"))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def record_checksums(version_dir: Path) -> None:
+    metadata = read_json(version_dir / "metadata.json")
+    metadata[CHECKSUMS] = {f.name: _sha256(f) for f in _files(version_dir)}
+    write_json(version_dir / "metadata.json", metadata)
+
+
+def check_checksums(version_dir: Path, split: str) -> None:
+    """A split's files must be those `prepare` wrote: a corrupted or altered one is named in one
+    line before anything reads it. A dataset prepared before checksums were recorded is read
+    as it is."""
+    recorded = read_metadata(version_dir).get(CHECKSUMS)
+    if recorded is None:
+        return
+    for f in _files(version_dir, split):
+        if recorded.get(f.name) != _sha256(f):
+            raise UserError(f"{f}: its sha256 is not the one `limajax data prepare` recorded "
+                            "in metadata.json (the file is corrupted or was altered); prepare "
+                            "the dataset again")
+    missing = sorted(n for n in recorded if f"-{split}." in n and not (version_dir / n).is_file())
+    if missing:
+        raise UserError(f"{version_dir / missing[0]}: missing (`limajax data prepare` wrote it); "
+                        "prepare the dataset again")
 
 
 def dataset_dir(data_dir: str | Path) -> Path:
@@ -118,6 +162,7 @@ def load(data_dir: str | Path, split: str = "train"):
     if split not in builder.info.splits:
         have = ", ".join(builder.info.splits)
         raise UserError(f"{data_dir}: no {split!r} split (it has: {have})")
+    check_checksums(dataset_dir(data_dir), split)
     return builder.as_data_source(split=split)
 
 

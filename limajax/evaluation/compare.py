@@ -50,12 +50,13 @@ class Running:
 
 def compare(a_path: str, b_path: str, judge: judge_lib.Judge, output: str, *,
             orders: str = "both", template_path: str | None = None,
-            progress: bool = True) -> dict:
-    """Judge every shared prompt of A and B; returns the outcome counts and the run's figures."""
+            progress: bool = True, common: bool = False) -> dict:
+    """Judge every shared prompt of A and B (ids in one file only: see pair_samples); returns
+    the outcome counts and the run's figures."""
     template = judge_lib.load_template("pairwise", template_path)
     judge.api_key()  # a missing key variable is a mistake to report before anything else
     a, b = read_samples(a_path), read_samples(b_path)
-    pairs = pair_samples(a, b, a_path, b_path)
+    pairs, left_out = pair_samples(a, b, a_path, b_path, common=common)
     out = JudgmentFile(output, PAIR_KEY, PAIR_FINGERPRINT)
     wanted = ORDERS if orders == "both" else ORDERS[:1]
     jobs, cached = [], []
@@ -80,7 +81,7 @@ def compare(a_path: str, b_path: str, judge: judge_lib.Judge, output: str, *,
     result = judge_lib.run(jobs, judge, template, out, progress=progress, on_row=running.add)
     return {"prompts": len(pairs), "judged": result.done, "cached": len(cached),
             "retries": result.retries, "unparsed": result.unparsed, "seconds": result.seconds,
-            "outcomes": running.counts, "torn_line_dropped": out.torn,
+            "outcomes": running.counts, "torn_line_dropped": out.torn, "left_out": left_out,
             "failed": {a_path: a.failed, b_path: b.failed}}
 
 

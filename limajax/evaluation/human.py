@@ -22,9 +22,11 @@ def left_side(seed: int, ident: str) -> str:
     return random.Random(f"{seed}:{ident}").choice(SIDES)
 
 
-def _items(a_path, b_path, seed):
+def _items(a_path, b_path, seed, common):
+    """(the sheet's items, pair_samples' note on the ids only one file has, the failed rows
+    left out of each file)."""
     a, b = read_samples(a_path), read_samples(b_path)
-    pairs = pair_samples(a, b, a_path, b_path)
+    pairs, left_out = pair_samples(a, b, a_path, b_path, common=common)
     items = []
     for sa, sb in pairs:
         left = left_side(seed, sa.id)
@@ -33,17 +35,19 @@ def _items(a_path, b_path, seed):
                       "left_text": shown[0].response, "right_text": shown[1].response,
                       "prompt_sha": sha256(sa.prompt), "a_sha": sha256(sa.response),
                       "b_sha": sha256(sb.response)})
-    return items, {a_path: a.failed, b_path: b.failed}
+    return items, left_out, {a_path: a.failed, b_path: b.failed}
 
 
 def sheet_template() -> str:
     return resources.files("limajax.evaluation").joinpath("templates/sheet.html").read_text()
 
 
-def annotate(a_path: str, b_path: str, output: str, *, seed: int = 0) -> tuple[int, dict]:
-    """Write the sheet for every prompt both files answered; returns the number of items and
-    the failed rows left out of each file (read_samples)."""
-    items, failed = _items(a_path, b_path, seed)
+def annotate(a_path: str, b_path: str, output: str, *, seed: int = 0, common: bool = False
+             ) -> tuple[int, str | None, dict]:
+    """Write the sheet for every prompt both files answered; returns the number of items, the
+    note on the ids only one file has (refused unless `common`) and the failed rows left out
+    of each file (read_samples)."""
+    items, left_out, failed = _items(a_path, b_path, seed, common)
     page = sheet_template()
     data = {"a": a_path, "b": b_path, "seed": seed, "items": items}
     # The sheet's identity: its items and its wording; the browser keeps work under it.
@@ -52,17 +56,20 @@ def annotate(a_path: str, b_path: str, output: str, *, seed: int = 0) -> tuple[i
     blob = json.dumps(data, ensure_ascii=False).replace("</", "<\\/")
     with staged_file(output) as f:
         f.write(page.replace("/*SHEET*/", blob, 1))
-    return len(items), failed
+    return len(items), left_out, failed
 
 
-def labels_to_judgments(labels_path: str, a_path: str, b_path: str, output: str) -> int:
+def labels_to_judgments(labels_path: str, a_path: str, b_path: str, output: str, *,
+                        common: bool = False) -> tuple[int, str | None]:
     """Append one judgment per labelled item (order "AB" when A's answer was on the left),
-    checking the labels belong to these sample files; returns how many were new."""
+    checking the labels belong to these sample files; returns how many were new and the note
+    on the ids only one file has (refused unless `common`)."""
     labels = read_json(labels_path)
     for field in ("sheet", "seed", "labels"):
         if field not in labels:
             raise UserError(f"{labels_path}: no {field!r}; expected the JSON the sheet exports")
-    items = {it["id"]: it for it in _items(a_path, b_path, labels["seed"])[0]}
+    items, left_out, _ = _items(a_path, b_path, labels["seed"], common)
+    items = {it["id"]: it for it in items}
     template = sha256(sheet_template())
     out = JudgmentFile(output, PAIR_KEY, PAIR_FINGERPRINT)
     new = 0
@@ -93,4 +100,4 @@ def labels_to_judgments(labels_path: str, a_path: str, b_path: str, output: str)
                     "len_b": len(item["right_text" if left == "A" else "left_text"]),
                     "retries": 0, "sheet": labels["sheet"], "time": time.time()})
         new += 1
-    return new
+    return new, left_out

@@ -57,6 +57,7 @@ class Samples(dict):
     prompt), so that no refusal is ever judged as if it were an answer."""
 
     failed: int = 0
+    failed_ids: frozenset = frozenset()  # their ids: pair_samples counts them as announced
 
 
 def read_samples(path: str, *, several_per_id: bool = False) -> Samples:
@@ -69,6 +70,7 @@ def read_samples(path: str, *, several_per_id: bool = False) -> Samples:
             raise UserError(f"{where}: expected a JSON object")
         if "failed" in row:
             samples.failed += 1
+            samples.failed_ids = samples.failed_ids | {str(row.get("id"))}
             continue
         for field, kind in (("id", (str, int)), ("conversations", list), ("response", str)):
             if not isinstance(row.get(field), kind) or isinstance(row.get(field), bool):
@@ -92,16 +94,35 @@ def read_samples(path: str, *, several_per_id: bool = False) -> Samples:
     return samples
 
 
-def pair_samples(a: dict, b: dict, a_path: str, b_path: str) -> list[tuple[Sample, Sample]]:
-    """The prompts both files answered, in A's order; their prompts must be the same."""
+def pair_samples(a: dict, b: dict, a_path: str, b_path: str, *, common: bool = False
+                 ) -> tuple[list[tuple[Sample, Sample]], str | None]:
+    """(the prompts both files answered, in A's order; a note naming the ids only one file has,
+    or None). Ids in one file only are refused unless `common` (--common) makes leaving them
+    out deliberate: a pair is never dropped without a word. Paired prompts must be the same."""
     pairs = [(sa, b[i]) for i, sa in a.items() if i in b]
     if not pairs:
         raise UserError(f"{a_path} and {b_path} have no prompt id in common (ids like "
                         f"{next(iter(a))!r} vs {next(iter(b))!r})")
+    # An id whose row in the other file failed (an endpoint refused it) is announced by the
+    # failed rows' notice, not here.
+    only = [(path, [i for i in x if i not in y and i not in getattr(y, "failed_ids", ())])
+            for path, x, y in ((a_path, a, b), (b_path, b, a))]
+    note = None
+    if any(ids for _, ids in only):
+        note = (f"{len(pairs)} prompt ids are in both files; " + "; ".join(
+            f"{len(ids)} only in {path}{_few(ids)}" for path, ids in only if ids))
+        if not common:
+            raise UserError(f"{note}: pass --common to judge only the shared ones")
     for sa, sb in pairs:
         if sa.conversations != sb.conversations:
             raise UserError(f"{sb.where}: id {sa.id!r} has another prompt than {sa.where}")
-    return pairs
+    return pairs, note
+
+
+def _few(ids: list[str], most: int = 5) -> str:
+    """The ids themselves when few, else the first of them."""
+    shown = ", ".join(ids[:most]) + (", ..." if len(ids) > most else "")
+    return f" ({shown})"
 
 
 class JudgmentFile:

@@ -9,7 +9,7 @@ import itertools
 import math
 from pathlib import Path
 
-from limajax import sampling, scoring
+from limajax import perplexity, sampling
 from limajax.errors import UserError
 from limajax.evaluation import judge as judge_lib
 from limajax.evaluation.compare import compare
@@ -46,7 +46,7 @@ def _perplexity(workdir: str, epoch: int, texts: Path, path: Path, mesh: str) ->
     """The epoch's perplexity on the dev dialogues, from an earlier run's scores if complete
     (`score_file` writes its output whole or not at all)."""
     if not path.exists():
-        scoring.score_file(workdir, str(texts), str(path), mesh, epoch=epoch)
+        perplexity.score_file(workdir, str(texts), str(path), mesh, epoch=epoch)
     logprobs = [lp for _, _, row in read_jsonl(path) for lp in row["logprobs"]]
     return math.exp(-sum(logprobs) / max(len(logprobs), 1))
 
@@ -54,8 +54,17 @@ def _perplexity(workdir: str, epoch: int, texts: Path, path: Path, mesh: str) ->
 def select(workdir: str, epochs: list[int], prompts: str, judge: judge_lib.Judge, *,
            method: str = "pairwise", perplexity: bool = False, output_dir: str | None = None,
            settings: sampling.Settings | None = None, mesh: str = "1x1",
-           template_path: str | None = None, progress: bool = True) -> dict:
-    """Sample the dev prompts from every epoch, judge the epochs, write selection.json."""
+           template_path: str | None = None, progress: bool = True,
+           fallback: str | None = None) -> dict:
+    """Sample the dev prompts from every epoch, judge the epochs, write selection.json.
+
+    An epoch without a single readable verdict is "not judged" and ranks after every judged
+    one; if none is judged, nothing is chosen from no evidence: NothingJudged, unless
+    `fallback` is "perplexity" (the lowest dev perplexity is chosen, and selection.json says
+    so)."""
+    if fallback not in (None, "perplexity"):
+        raise UserError(f"--fallback {fallback!r}: expected perplexity")
+    perplexity = perplexity or fallback == "perplexity"
     out = Path(output_dir) if output_dir else Path(workdir) / "selection"
     out.mkdir(parents=True, exist_ok=True)
     settings = settings or sampling.Settings()
@@ -101,11 +110,30 @@ def select(workdir: str, epochs: list[int], prompts: str, judge: judge_lib.Judge
         for e in epochs:
             scores[e]["perplexity"] = _perplexity(workdir, e, texts_path,
                                                   out / f"ppl-e{e}.jsonl", mesh)
-    ranking = sorted(({"epoch": e, **v} for e, v in scores.items()),
-                     key=lambda r: -1.0 if r["score"] is None else -r["score"])
+    rows = [{"epoch": e, **v, "judged": v["score"] is not None} for e, v in scores.items()]
+    # Judged epochs by score, best first; the epochs without evidence after them, never level
+    # with a perfect score (sorted() is stable: they keep the order of --epochs).
+    ranking = sorted(rows, key=lambda r: (not r["judged"], -(r["score"] or 0.0)))
+    best, chosen_by = ranking[0]["epoch"], "score"
+    if not ranking[0]["judged"]:
+        if fallback == "perplexity":
+            best = min(rows, key=lambda r: r["perplexity"])["epoch"]
+            chosen_by = "perplexity (no epoch was judged)"
+        else:
+            best, chosen_by = None, "nothing: no epoch was judged"
     selection = {"workdir": str(workdir), "epochs": epochs, "method": method, "score": what,
-                 "judge": judge.model, "best": ranking[0]["epoch"], "ranking": ranking,
+                 "judge": judge.model, "best": best, "chosen_by": chosen_by, "ranking": ranking,
                  "samples": {str(e): str(p) for e, p in samples.items()},
                  "evidence": evidence, "settings": settings.to_dict()}
     write_json(out / "selection.json", selection)
+    if best is None:
+        raise NothingJudged(
+            f"no epoch was judged: not one verdict of {judge.model} could be read (see the "
+            f"raw answers in {out}/{'judgments' if method == 'pairwise' else 'ratings'}-*.jsonl)"
+            f"; nothing is chosen ({out / 'selection.json'} has \"best\": null); use another "
+            "judge, or pass --fallback perplexity to choose by dev perplexity")
     return {**selection, "selection_json": str(out / "selection.json")}
+
+
+class NothingJudged(UserError):
+    """`select` found no evidence to choose an epoch by."""

@@ -7,14 +7,13 @@ order.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from limajax import sharding
 from limajax.checkpoint import load_for_inference
 from limajax.errors import UserError
-from limajax.files import append_jsonl, drop_torn_last_line, read_jsonl, staged_file
+from limajax.files import append_jsonl, drop_torn_last_line, read_jsonl, write_jsonl
 from limajax.formats import FIELDS, read_dialogues
 from limajax.progress import bar as progress_bar
 from limajax.sampling.sampler import (
@@ -118,13 +117,9 @@ def sample_file(source: str, prompts_path: str, output_path: str, settings: Sett
 def in_input_order(output: Path, rows: list[dict]) -> None:
     """Rewrite the finished output atomically with its rows in the prompts' order."""
     place = {str(row["id"]): n for n, row in enumerate(rows)}
-    # split at "\n" only, as read_jsonl does: an answer may hold U+2028, which splitlines cuts
-    lines = [line + "\n" for line in output.read_text(encoding="utf-8").split("\n")
-             if line.strip()]
-    keyed = [(json.loads(line), line) for line in lines]
-    keyed.sort(key=lambda x: (place.get(str(x[0]["id"]), len(place)), x[0]["sample"]))
-    with staged_file(output) as f:
-        f.write("".join(line for _, line in keyed))
+    answers = [row for _, _, row in read_jsonl(output)]
+    answers.sort(key=lambda r: (place.get(str(r["id"]), len(place)), r["sample"]))
+    write_jsonl(output, answers)
 
 
 def sample_text(source: str, text: str, settings: Settings, *, epoch: int | None = None,

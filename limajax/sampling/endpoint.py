@@ -21,7 +21,7 @@ from pathlib import Path
 
 from limajax import endpoint as client_lib
 from limajax.errors import UserError
-from limajax.files import append_jsonl, read_jsonl, staged_file
+from limajax.files import append_jsonl, read_jsonl, write_jsonl
 from limajax.progress import bar as progress_bar
 from limajax.sampling.answers import answered, in_input_order, read_prompts
 from limajax.sampling.sampler import Settings
@@ -53,11 +53,8 @@ def messages(conversations: list[str]) -> list[dict]:
 
 def without(output: Path, keys: set[tuple[str, int]]) -> None:
     """Rewrite `output` atomically without the rows of `keys` (failed rows to ask again)."""
-    drop = {n for _, n, row in read_jsonl(output) if (str(row["id"]), int(row["sample"])) in keys}
-    lines = output.read_text(encoding="utf-8").split("\n")  # read_jsonl's lines, numbered alike
-    with staged_file(output) as f:
-        f.write("".join(line + "\n" for n, line in enumerate(lines, 1)
-                        if n not in drop and line.strip()))
+    write_jsonl(output, [row for _, _, row in read_jsonl(output)
+                         if (str(row["id"]), int(row["sample"])) not in keys])
 
 
 def answer_file(ep: client_lib.Endpoint, prompts_path: str, output_path: str, sent: dict, *,
