@@ -275,3 +275,10 @@ def test_any_io_error_while_saving_stops_training_in_one_line(run, cli, tmp_path
     # while Orbax renamed in the background depends on the machine's load.
     monkeypatch.setattr(async_path, "rename", rename)
     _resumes_exactly(run, cli, w)
+
+
+def test_one_epoch_is_said_in_the_singular():
+    from limajax.train import finished_message
+
+    assert finished_message(Path("w"), 1).startswith("done: the checkpoint of epoch 1 in w/")
+    assert finished_message(Path("w"), 3).startswith("done: one checkpoint per epoch (1-3) in")
