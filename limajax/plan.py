@@ -260,21 +260,30 @@ def _compile(config: TrainConfig, device_memory: int, t: int, mesh: Mesh,
     b = config.data.batch_size
     batch = {k: jax.ShapeDtypeStruct((b, t), jnp.float32 if k == "loss_mask" else jnp.int32,
                                      sharding=setup.batch_sharding) for k in BATCH_KEYS}
+    arguments = per_device_bytes((setup.abstract_state, batch))
     t0 = time.perf_counter()
-    with sharding.activate(mesh):
-        compiled = step.lower(setup.abstract_state, batch).compile()
+    try:
+        with sharding.activate(mesh):
+            compiled = step.lower(setup.abstract_state, batch).compile()
+        mem = compiled.memory_analysis()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        sizes = (mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
+                 mem.temp_size_in_bytes)
+    except jax.errors.JaxRuntimeError as e:
+        # The TPU compiler refuses a program past the chip's HBM, naming its temporaries
+        # ("HLO temporaries (139.75G) exceeds available HBM (95.74G)"): that is a plan too.
+        found = re.search(r"HLO temporaries \(([\d.]+)G\)", str(e))
+        if "RESOURCE_EXHAUSTED" not in str(e) or found is None:
+            raise
+        cost, sizes = None, (arguments, 0, 0, int(float(found.group(1)) * 2**30))
     seconds = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
     return Plan(config, mesh.size, t, device_memory,
                 params=per_device_bytes(setup.abstract_state.params),
                 opt_state=per_device_bytes(setup.abstract_state.opt_state),
                 batch=per_device_bytes(batch),
-                compiled_arguments=mem.argument_size_in_bytes,
-                compiled_outputs=mem.output_size_in_bytes,
-                compiled_aliased=mem.alias_size_in_bytes,
-                compiled_temp=mem.temp_size_in_bytes,
+                compiled_arguments=sizes[0], compiled_outputs=sizes[1],
+                compiled_aliased=sizes[2], compiled_temp=sizes[3],
                 analytic=analytic_memory(config, mesh, t, platform), compile_seconds=seconds,
                 kernel=attention.choose(config.model.attention, platform),
                 platform=platform, target=target, cost=dict(cost) if cost else None)

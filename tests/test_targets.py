@@ -143,3 +143,16 @@ def test_lima_65b_fits_one_8x_h200_node():
     assert params == pytest.approx(65.36e9 * 4 / 8 / 2**30, rel=0.01)  # float32 masters
     total = _gib(out, "total")[0]
     assert total <= 125 and "device memory 124.96 GiB usable: fits" in out
+
+
+@needs_tpu
+def test_a_program_past_the_tpu_hbm_is_does_not_fit_not_a_traceback():
+    """libtpu's compiler refuses a program past the chip's HBM (RESOURCE_EXHAUSTED, naming its
+    temporaries): plan reports that as its answer, exit 3 (the one-node 65B recipe on 8 v5p
+    chips of 95 GiB)."""
+    proc = _plan("--config", ROOT / "configs" / "lima_65b_h200.py", "--target", "v5p-16",
+                 "--set", "model.remat=full")
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert "device memory 95.00 GiB usable: DOES NOT FIT" in proc.stdout
+    assert _gib(proc.stdout, "temporaries")[0] > 95
