@@ -7,13 +7,16 @@ from __future__ import annotations
 import dataclasses
 import queue
 import sys
+import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from jax.sharding import Mesh
 
 from limajax import sharding
 from limajax.checkpoint import load_for_inference
 from limajax.errors import UserError
+from limajax.files import append_jsonl, drop_torn_last_line, read_jsonl
 from limajax.model import Llama
 from limajax.sampling import Engine, Job, Request, Settings, TextStream
 from limajax.sampling.sampler import check_prompt
@@ -79,12 +82,38 @@ def implied(old: Settings, new: Settings, words: Sequence[str]) -> str | None:
             + (f": {', and '.join(why)}" if why else "") + ")")
 
 
+def record_conversation(path: str | Path, turns: Sequence[str], settings: Sequence[Settings],
+                        checkpoint: dict, dropped: int = 0) -> dict:
+    """Append one finished conversation to `path` as a GAIR-style row (LIMA §6: graded turn by
+    turn with `rate --per-turn`): id "chat-N" (N = its place in the file), every turn, the
+    sampling settings (one dict, or one per answer if /settings changed them), the checkpoint
+    and how many turns the context had to drop. Returns the row."""
+    path = Path(path)
+    drop_torn_last_line(path)  # a chat killed mid-write: keep the complete rows
+    n = sum(1 for _ in read_jsonl(path)) if path.exists() else 0
+    used = [s.to_dict() for s in settings]
+    row = {"id": f"chat-{n + 1}", "conversations": list(turns), "source": "chat",
+           "settings": used[0] if all(u == used[0] for u in used) else used,
+           "checkpoint": checkpoint, "context_dropped_turns": dropped, "time": time.time()}
+    append_jsonl(path, row)
+    return row
+
+
 def converse(model: Llama, tokenizer: Tokenizer, mesh: Mesh, settings: Settings,
-             read: Callable[[str], str], write: Callable[[str], None]) -> None:
+             read: Callable[[str], str], write: Callable[[str], None],
+             record: Callable[[list[str], list[Settings], int], None] | None = None) -> None:
     """The conversation loop: `read(prompt)` gives the user's line (EOFError ends it), `write`
-    shows text as it comes."""
+    shows text as it comes; `record(turns, settings per answer, turns dropped)` gets each
+    finished conversation (at /reset and at the end)."""
     engine = Engine(model, tokenizer, mesh, max_batch=1, steps_per_call=4)
     limit, turns, answered = engine.cache_length, [], 0
+    whole, used, dropped_all = [], [], 0  # the conversation as said, for `record`
+
+    def finished():
+        nonlocal whole, used, dropped_all
+        if record is not None and whole:
+            record(whole, used, dropped_all)
+        whole, used, dropped_all = [], [], 0
     write(f"limajax chat: {HELP}\n")
     try:
         while True:
@@ -102,6 +131,7 @@ def converse(model: Llama, tokenizer: Tokenizer, mesh: Mesh, settings: Settings,
                 return
             if line == "/reset":
                 turns = []
+                finished()
                 write("(the conversation is forgotten)\n")
                 continue
             if line.split()[0] == "/settings":
@@ -128,13 +158,15 @@ def converse(model: Llama, tokenizer: Tokenizer, mesh: Mesh, settings: Settings,
             if dropped:
                 write(f"(the conversation outgrew the {limit}-token context: the oldest "
                       f"{dropped} turns are dropped)\n")
-                turns = turns[dropped:]
+                turns, dropped_all = turns[dropped:], dropped_all + dropped
             answer = stream_answer(engine, tokenizer, Request(ids, settings, "chat", answered),
                                    write)
             turns += [line, answer]
+            whole, used = whole + [line, answer], used + [settings]
             answered += 1
     finally:
         engine.close()
+        finished()
 
 
 def stream_answer(engine: Engine, tokenizer: Tokenizer, request: Request,
@@ -157,14 +189,20 @@ def stream_answer(engine: Engine, tokenizer: Tokenizer, request: Request,
 
 
 def chat(source: str, settings: Settings, *, epoch: int | None = None, mesh_spec: str = "1x1",
-         read: Callable[[str], str] = input, write: Callable[[str], None] | None = None) -> None:
-    """`limajax chat`: load the model and talk."""
+         read: Callable[[str], str] = input, write: Callable[[str], None] | None = None,
+         record_path: str | None = None) -> None:
+    """`limajax chat`: load the model and talk; with `record_path`, each finished conversation
+    is appended there (record_conversation)."""
     mesh = sharding.inference_mesh(mesh_spec)
     model, tokenizer = load_for_inference(source, mesh, epoch=epoch)
     if tokenizer.eot_id is None:
         raise UserError(f"{source}: the model has no EOT token, so it cannot hold LIMA's "
                         "dialogue format (use `limajax sample --raw` for a base model)")
-    converse(model, tokenizer, mesh, settings, read, write or echo)
+    checkpoint = {"path": str(source), "epoch": epoch}
+    record = None if record_path is None else (
+        lambda turns, used, dropped: record_conversation(record_path, turns, used, checkpoint,
+                                                         dropped))
+    converse(model, tokenizer, mesh, settings, read, write or echo, record)
 
 
 def echo(text: str) -> None:

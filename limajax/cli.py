@@ -287,7 +287,7 @@ def score(model_dir, workdir, epoch, input_path, output_path, mesh, batch_size, 
     from limajax import sharding
 
     sharding.start(mesh)  # before anything touches the devices
-    from limajax.scoring import score_file
+    from limajax.perplexity import score_file
 
     source, epoch = model_source(model_dir, workdir, epoch)
     summary = score_file(source, input_path, output_path, mesh, batch_size, epoch=epoch,
@@ -495,16 +495,21 @@ def sample_endpoint(model_dir, workdir, prompts_path, output_path, text, tempera
 @main.command()
 @model_source_options
 @sampling_options
+@click.option("--record", "record_path", default=None,
+              type=click.Path(dir_okay=False, path_type=str),
+              help="Append each finished conversation (at /reset and at the end) to this JSONL "
+              "file as a GAIR row with the settings and checkpoint, for `rate --per-turn` "
+              "(LIMA §6).")
 @user_errors
 def chat(model_dir, workdir, epoch, temperature, top_p, repetition_penalty, max_new_tokens,
-         greedy, seed, mesh):
+         greedy, seed, mesh, record_path):
     """Talk with the model in LIMA's dialogue format, the answer streaming in as it is made.
 
     /reset forgets the conversation, /settings shows (and `/settings temperature=0.5` changes)
     the sampling settings, /exit or Ctrl-D quits, Ctrl-C stops an answer. When the history
     outgrows the context, the oldest turns are dropped (and it says so).
 
-    Example: limajax chat --workdir runs/lima-65b --epoch 7
+    Example: limajax chat --workdir runs/lima-65b --epoch 7 [--record conversations.jsonl]
     """
     settings = sampling_settings(temperature, top_p, repetition_penalty, max_new_tokens, greedy,
                                  seed)
@@ -514,7 +519,7 @@ def chat(model_dir, workdir, epoch, temperature, top_p, repetition_penalty, max_
     sharding.start(mesh)  # before anything touches the devices
     from limajax.chat import chat as chat_lib
 
-    chat_lib(source, settings, epoch=epoch, mesh_spec=mesh)
+    chat_lib(source, settings, epoch=epoch, mesh_spec=mesh, record_path=record_path)
 
 
 # --- serve: an OpenAI-compatible HTTP server with continuous batching (limajax.serving) -----------
@@ -856,9 +861,13 @@ def annotate(a_path, b_path, common, output, seed):
               help="Ratings JSONL, appended to as ratings arrive; a rerun skips what is there.")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False, path_type=str),
               help="Also write the summary as JSON.")
+@click.option("--per-turn", is_flag=True,
+              help="Grade every assistant turn of conversations (`chat --record` rows): the "
+              "share of each grade per turn and the conversations at Pass or better through "
+              "turn k (LIMA §6).")
 @judge_options()
 @user_errors(interrupted=JUDGING_INTERRUPTED)
-def rate(samples_path, rubric, output, json_path, judge_url, judge_model, api_key_env,
+def rate(samples_path, rubric, output, json_path, per_turn, judge_url, judge_model, api_key_env,
          concurrency, timeout, judge_max_tokens, max_retries, template_path, progress):
     """Rate each answer on its own: Fail / Pass / Excellent, or helpfulness 1-6 with the mean
     and its 95% bootstrap interval over prompts.
@@ -872,7 +881,7 @@ def rate(samples_path, rubric, output, json_path, judge_url, judge_model, api_ke
 
     s = rate_lib(samples_path, rubric, _judge(judge_url, judge_model, api_key_env, concurrency,
                                               timeout, judge_max_tokens, max_retries),
-                 output, template_path=template_path, progress=progress)
+                 output, template_path=template_path, progress=progress, per_turn=per_turn)
     failed_notice(s["failed"])
     if rubric == "grade":
         figures = ", ".join(f"{g} {s['counts'][g]} ({s['percent'][g] or 0:.0f}%)"
@@ -883,6 +892,15 @@ def rate(samples_path, rubric, output, json_path, judge_url, judge_model, api_ke
                    f"{s['prompts']} prompts")
     click.echo(f"{s['ratings']} ratings: {figures}, unparsed {s['unparsed']} "
                f"({s['judged']} rated now) -> {output}")
+    for t in s.get("per_turn", []):
+        through = t["through"]
+        stay = ("-" if through["percent"] is None else
+                f"{through['pass_or_better']}/{through['conversations']} "
+                f"({through['percent']:.0f}%, 95% {through['ci95'][0]:.0f}-"
+                f"{through['ci95'][1]:.0f}%)")
+        shares = ", ".join(f"{g} {t['counts'][g]}" for g in t["counts"])
+        click.echo(f"turn {t['turn']}: {shares}; Pass or better through turn {t['turn']}: "
+                   f"{stay}")
     if json_path:
         write_json(json_path, s)
 

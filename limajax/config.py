@@ -17,6 +17,7 @@ import runpy
 import traceback
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,28 @@ def pad_vocab(size: int, multiple: int = VOCAB_MULTIPLE) -> int:
     """The smallest multiple of `multiple` that holds `size` ids: the embedding's row count (the
     one rule for the padded vocabulary, review R2)."""
     return -(-size // multiple) * multiple
+
+
+MAX_LEN = 2048  # LIMA §3: "texts longer than 2048 tokens are trimmed"
+BUCKETS = (256, 512, 1024, 2048)
+
+
+def buckets_for(max_len: int) -> tuple[int, ...]:
+    """The lengths sequences of at most `max_len` tokens are padded to: 256, doubling below
+    max_len, then max_len itself. One rule for training, perplexity and sampling: a handful of
+    shapes compile, and a short text is never padded past twice its bucket."""
+    out = [BUCKETS[0]]
+    while out[-1] < max_len:
+        out.append(out[-1] * 2)
+    return (*[b for b in out if b < max_len], max_len)
+
+
+def bucket_length(length: int, buckets: Sequence[int] = BUCKETS) -> int:
+    """The smallest bucket that holds `length` tokens: a handful of shapes to compile."""
+    for b in sorted(buckets):
+        if length <= b:
+            return b
+    raise ValueError(f"{length} tokens do not fit the largest bucket {max(buckets)}")
 
 
 def check_types(obj, where: str) -> None:
@@ -249,7 +272,7 @@ class DataConfig:
     path: str | None = None  # prepared dataset directory; None: the embedded sample data
     batch_size: int = 32  # global batch, in examples
     micro_batch_size: int | None = None  # gradient accumulation when set (must divide batch)
-    max_len: int = 2048  # LIMA §3: texts longer than 2048 tokens are trimmed
+    max_len: int = MAX_LEN
     train_on_prompt: bool = False  # loss on user turns too (LIMA does not say; default: off)
     # Lay each step's dialogues into as few rows as hold them (segment ids keep them apart):
     # the same loss and gradient as one dialogue per row, without computing the padding.

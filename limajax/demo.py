@@ -25,7 +25,7 @@ import numpy as np
 import sentencepiece as spm
 from flax import nnx
 
-from limajax import convert, data, sampling, scoring, sharding, train
+from limajax import convert, data, perplexity, sampling, sharding, train
 from limajax.checkpoint import load_for_inference, save_epoch_model_dir
 from limajax.config import load_recipe
 from limajax.evaluation.compare import compare
@@ -135,7 +135,7 @@ def run_demo(workdir: str | Path, *, epochs: int | None = None, overwrite: bool 
                                for i, r in enumerate(rows)))
 
     banner("6. limajax score: the random model on the held-out sample prompts")
-    before = scoring.score_file(workdir / "base", prompts, workdir / "scores-base.jsonl", "1x1")
+    before = perplexity.score_file(workdir / "base", prompts, workdir / "scores-base.jsonl", "1x1")
     print(f"perplexity {before['ppl']:.1f} over {before['tokens']} tokens", file=sys.stderr)
 
     banner("7. limajax train --config configs/tiny.py --init base --mesh 2x4 (LIMA §3 recipe)")
@@ -147,7 +147,7 @@ def run_demo(workdir: str | Path, *, epochs: int | None = None, overwrite: bool 
 
     banner("8. the last epoch as a model directory, scored on the same prompts")
     save_epoch_model_dir(workdir / "run", run.epochs, workdir / "lima", command="demo")
-    after = scoring.score_file(workdir / "lima", prompts, workdir / "scores-lima.jsonl", "1x1")
+    after = perplexity.score_file(workdir / "lima", prompts, workdir / "scores-lima.jsonl", "1x1")
     figures.update(ppl_before=before["ppl"], ppl_after=after["ppl"])
     print(f"training loss {figures['first_loss']:.3f} -> {figures['last_loss']:.3f}; "
           f"held-out perplexity {before['ppl']:.1f} -> {after['ppl']:.1f}", file=sys.stderr)

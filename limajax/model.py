@@ -274,3 +274,11 @@ class Llama(nnx.Module):
         if cache is None:
             return logits
         return logits, KVCache(*layer_caches)
+
+
+def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """-log p(target) per position; logits [B, T, V] float32, padded vocab at -inf."""
+    # logsumexp minus the target's logit, picked by a one-hot mask: its gradient is a select,
+    # not the scatter a gather's would be (slow on CPU, and awkward on a vocab-sharded axis).
+    hit = jnp.arange(logits.shape[-1]) == targets[..., None]
+    return jax.nn.logsumexp(logits, axis=-1) - jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)

@@ -30,7 +30,7 @@ import sentencepiece as spm
 import tokenizers
 from sentencepiece import sentencepiece_model_pb2 as sp_model_pb2
 
-from limajax.config import pad_vocab
+from limajax.config import MAX_LEN, pad_vocab
 from limajax.errors import UserError
 from limajax.files import read_json, write_json
 
@@ -39,7 +39,6 @@ HF_TOKENIZER_FILE = "tokenizer.json"  # Hugging Face tokenizers (Llama 3)
 TOKENIZER_FILES = (TOKENIZER_FILE, HF_TOKENIZER_FILE)  # in the order a directory is searched
 TOKENS_FILE = "tokens.json"
 EOT_PIECE = "<|eot_id|>"  # Llama 3's end of turn: LIMA's EOT where a tokenizer has it
-MAX_LEN = 2048  # LIMA §3: "texts longer than 2048 tokens are trimmed"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,6 +29,7 @@ from limajax import attention, data, optim, sharding
 from limajax.checkpoint import resolve_init
 from limajax.config import ModelConfig, TrainConfig
 from limajax.errors import UserError
+from limajax.model import token_nll
 from limajax.tokenizer import save_to
 from limajax.workdir import (
     CHECKPOINTS_DIR,
@@ -78,14 +79,6 @@ def dropout_rates(n_layers: int, top: float) -> jax.Array:
     """LIMA §3: residual dropout p = 0.0 at the bottom layer rising linearly to `top` at the
     last (Megatron-LLM's --lima_dropout: linspace(0, top, L))."""
     return jnp.linspace(0.0, top, n_layers, dtype=jnp.float32)
-
-
-def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """-log p(target) per position; logits [B, T, V] float32, padded vocab at -inf."""
-    # logsumexp minus the target's logit, picked by a one-hot mask: its gradient is a select,
-    # not the scatter a gather's would be (slow on CPU, and awkward on a vocab-sharded axis).
-    hit = jnp.arange(logits.shape[-1]) == targets[..., None]
-    return jax.nn.logsumexp(logits, axis=-1) - jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
 
 
 # --- the step -------------------------------------------------------------------------------
@@ -327,12 +320,8 @@ def train(config: TrainConfig, workdir: str | Path, loader: Loader, *, mesh: Mes
     follows DESIGN §3 (limajax/workdir.py).
     """
     mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
-    sharding.check(config, mesh)
-    m = config.model
-    log(attention.describe(m.attention, heads=(m.n_heads, m.n_kv_heads, mesh.shape["model"])))
     config, workdir = resolved_paths(config), Path(workdir)
     is_lead = jax.process_index() == 0
-    check_config(workdir, config)
     setup = build(config, mesh, loader.steps_per_epoch)
     if is_lead:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -508,15 +497,19 @@ def train_recipe(config: TrainConfig, workdir: str | Path, *, peak: float | None
                  progress: bool = True) -> list[dict]:
     """`limajax train`: settle the recipe's model, tokenizer and data, then train (or resume)
     in `workdir`."""
-    mesh = sharding.make_mesh(config.mesh)
+    mesh = sharding.make_mesh(config.mesh)  # the one parse of --mesh (start counted devices)
+    # The setup checks, once and before anything loads (train() trusts its caller).
     sharding.check(config, mesh)
-    attention.describe(config.model.attention)  # a kernel this platform lacks: fail first
+    m = config.model  # a kernel this platform lacks fails here
+    kernel = attention.describe(m.attention, heads=(m.n_heads, m.n_kv_heads, mesh.shape["model"]))
     if config.init is None and config.tokenizer is None and config.data.path is None:
         log(f"notice: a random model on the sample data: its tokenizer, {data.SAMPLE_TOKENIZER}")
         config = dataclasses.replace(config, tokenizer=str(data.SAMPLE_TOKENIZER))
-    config, tokenizer, init_params = resolve_init(config)
+    config, tokenizer, init_params = resolve_init(config)  # the parameters load in train()
     check_config(workdir, config)
-    loader = data.batches_for(config, tokenizer)
+    data_axis = mesh.shape["data"]
+    loader = data.batches_for(config, tokenizer, data_axis)
+    log(kernel)
     for line in sharding.replication_notices(config.model, mesh):
         log(line)
     steps, epochs = loader.steps_per_epoch, config.epochs
@@ -525,4 +518,4 @@ def train_recipe(config: TrainConfig, workdir: str | Path, *, peak: float | None
         f"mesh {config.mesh}")
     return train(config, workdir, loader, mesh=mesh, peak=peak, progress=progress,
                  init_params=init_params, tokenizer=tokenizer,
-                 dev=data.dev_batches_for(config, tokenizer))
+                 dev=data.dev_batches_for(config, tokenizer, data_axis))

@@ -110,7 +110,8 @@ class JudgeServer:
     def handle(self, h: BaseHTTPRequestHandler, body: dict) -> None:
         text = body["messages"][0]["content"]
         if "[Reply]" in text:  # a rating: grades and scale follow the answer's quality
-            marker = re.search(r"quality (\d)", text)
+            # the answer's own marker (a multi-turn question holds the earlier answers' too)
+            marker = re.search(r"quality (\d)", text.split("[Reply]", 1)[1])
             # a model's answer (select) has none: its length in characters decides, 1-3
             q = int(marker.group(1)) if marker else 1 + min(2, len(
                 text.split("[Reply]\n", 1)[1].split("\n\n1 - ", 1)[0]) // 40)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from limajax import data
+from limajax.config import BUCKETS
 from limajax.errors import UserError
 from limajax.train import BATCH_KEYS as KEYS
 
@@ -105,7 +106,7 @@ def test_batches_use_the_smallest_bucket_that_holds_the_longest_row(source, tok,
     for b in loader(source, tok, batch_size=2, num_epochs=1, pack=False):
         longest = max(np.count_nonzero(t) for t in b["targets"])
         t = b["inputs"].shape[1]
-        assert t == min(x for x in data.BUCKETS if x >= longest)
+        assert t == min(x for x in BUCKETS if x >= longest)
         shapes.add(b["inputs"].shape)
     assert shapes == {(2, 256), (2, 512), (2, 1024), (2, 2048)}
 

@@ -8,8 +8,9 @@ import pytest
 import train_support as ts
 from flax import nnx
 
-from limajax import data, sharding, train
-from limajax.config import apply_overrides, preset
+from limajax import data, sharding
+from limajax.config import BUCKETS, apply_overrides, preset
+from limajax.model import token_nll
 
 T = 256  # rows of 256 tokens: real LIMA dialogues, the longer ones trimmed as in training
 
@@ -47,7 +48,7 @@ def loss_and_grads(config, mesh, batch):
     def loss(params, b):
         logits = nnx.merge(graphdef, params)(b["inputs"], b["positions"],
                                              segment_ids=b["segment_ids"])
-        return jnp.sum(train.token_nll(logits, b["targets"]) * b["loss_mask"]) / jnp.sum(
+        return jnp.sum(token_nll(logits, b["targets"]) * b["loss_mask"]) / jnp.sum(
             b["loss_mask"])
 
     placed = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in batch.items()}
@@ -139,7 +140,7 @@ def test_lima_packed_epoch_costs_at_most_40_percent_of_padded(lima_dataset, llam
         batches = data.Batches(source, llama_tokenizer, batch_size=32, pack=pack,
                                process_index=0, process_count=1)
         shapes = batches.shapes(0, lengths)
-        assert len(shapes) == 33 and all(t in data.BUCKETS for _, t in shapes)
+        assert len(shapes) == 33 and all(t in BUCKETS for _, t in shapes)
         tokens[pack] = sum(r * t for r, t in shapes)
     assert tokens[False] == 2_162_688  # 32 of 33 batches need the 2048 bucket
     assert tokens[True] == 765_952  # 35.4% of the padded tokens: packed <= 40%

@@ -19,9 +19,9 @@ import pytest
 from conftest import STORIES_CONTEXT as CONTEXT  # tokens per slot
 
 from limajax.errors import UserError
+from limajax.perplexity import token_logprobs
 from limajax.sampling import Job, Request, Settings, TextStream, generate
 from limajax.sampling.sampler import stop_ids
-from limajax.scoring import token_logprobs
 from limajax.serving import api_key_from, running
 
 

@@ -13,6 +13,7 @@ from flax import nnx
 from limajax import data, optim, sharding, train, workdir
 from limajax.config import DataConfig, OptimConfig, TrainConfig, apply_overrides, preset
 from limajax.errors import UserError
+from limajax.model import token_nll
 
 
 def test_lima_step_count_and_schedule():
@@ -170,7 +171,7 @@ def test_loss_is_the_global_target_token_mean(step_setup):
     _, m = _one_step(config, mesh, params, batch)
     model = nnx.merge(sharding.abstract_model(config.model, mesh)[0], params)
     logits = model(batch["inputs"], batch["positions"], segment_ids=batch["segment_ids"])
-    nll = train.token_nll(logits, batch["targets"])
+    nll = token_nll(logits, batch["targets"])
     expected = float((nll * batch["loss_mask"]).sum() / batch["loss_mask"].sum())
     assert m["loss"] == pytest.approx(expected, rel=1e-5)
     assert m["target_tokens"] == batch["loss_mask"].sum()

@@ -23,13 +23,13 @@ def limajax_run(args, records, tokenizer, model_config, export_dir):
     import numpy as np
 
     from limajax import data, sharding, train
-    from limajax.config import DataConfig, TrainConfig
+    from limajax.config import DataConfig, TrainConfig, buckets_for
     from limajax.convert.hf import write_hf
 
     config = TrainConfig(model=model_config, epochs=1, dropout=0.0, mesh="1x1",
                          data=DataConfig(batch_size=32, micro_batch_size=8, max_len=2048))
     batches = data.Batches(records, tokenizer, batch_size=32, num_epochs=1, pack=True,
-                           buckets=data.buckets_for(2048), row_multiple=4, process_index=0,
+                           buckets=buckets_for(2048), row_multiple=4, process_index=0,
                            process_count=1, read_options=None)
     host_batches = list(batches)
     order = batches.order(0)

@@ -5,16 +5,13 @@
 
 gair.py reads and checks the input files (GAIR's schema or another format of
 limajax/formats.py); dataset.py is the TFDS builder; batches.py turns dialogues into packed,
-bucketed batches (and holds the one bucketing rule); stats.py reports.
+bucketed batches (bucketed by config.buckets_for); stats.py reports.
 """
 
 from limajax.data.batches import (
     BATCH_KEYS,
-    BUCKETS,
     Batches,
     batches_for,
-    bucket_length,
-    buckets_for,
     dev_batches_for,
     steps_per_epoch,
     training_source,
@@ -41,10 +38,9 @@ from limajax.data.gair import (
 )
 from limajax.data.stats import SplitStats, format_stats, inspect, plot_lengths
 
-__all__ = ["BATCH_KEYS", "BUCKETS", "MULTI_TURN", "SAMPLE_DATA", "SAMPLE_TOKENIZER", "SPLITS",
+__all__ = ["BATCH_KEYS", "MULTI_TURN", "SAMPLE_DATA", "SAMPLE_TOKENIZER", "SPLITS",
            "Batches",
-           "Lima", "PrepareOptions", "Row", "SplitStats", "batches_for", "bucket_length",
-           "buckets_for", "conversations",
+           "Lima", "PrepareOptions", "Row", "SplitStats", "batches_for", "conversations",
            "dataset_dir", "dev_batches_for", "format_stats", "inspect", "load", "plot_lengths",
            "prepare",
            "read_gair_dir", "read_gair_file", "read_metadata", "select", "split_names",

@@ -26,14 +26,12 @@ import grain
 import jax
 import numpy as np
 
-from limajax.config import TrainConfig
+from limajax.config import BUCKETS, MAX_LEN, TrainConfig, bucket_length, buckets_for
 from limajax.data.dataset import conversations, load, split_names
 from limajax.data.gair import SAMPLE_DATA, read_gair_file
 from limajax.errors import UserError
-from limajax.sharding import parse_mesh
-from limajax.tokenizer import MAX_LEN, Encoded, Tokenizer
+from limajax.tokenizer import Encoded, Tokenizer
 
-BUCKETS = (256, 512, 1024, 2048)
 # Packed row counts are one of these times the rows' multiple (at most 25% above the rows the
 # dialogues need, and four shapes per doubling): on LIMA at batch 32 and 2048 tokens a packed
 # epoch computes 38% of the padded tokens, against 34% with no rounding at all.
@@ -43,27 +41,9 @@ BATCH_KEYS = ("inputs", "targets", "loss_mask", "positions", "segment_ids")
 DEFAULT_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
 
 
-def buckets_for(max_len: int) -> tuple[int, ...]:
-    """The lengths sequences of at most `max_len` tokens are padded to: 256, doubling below
-    max_len, then max_len itself. One rule for training, scoring and sampling: a handful of
-    shapes compile, and a short text is never padded past twice its bucket."""
-    out = [BUCKETS[0]]
-    while out[-1] < max_len:
-        out.append(out[-1] * 2)
-    return (*[b for b in out if b < max_len], max_len)
-
-
 def steps_per_epoch(num_examples: int, batch_size: int, drop_remainder: bool = False) -> int:
     """Global batches in one pass over the data; a short last batch counts unless dropped."""
     return num_examples // batch_size if drop_remainder else math.ceil(num_examples / batch_size)
-
-
-def bucket_length(length: int, buckets: Sequence[int] = BUCKETS) -> int:
-    """The smallest bucket that holds `length` tokens: a handful of shapes to compile."""
-    for b in sorted(buckets):
-        if length <= b:
-            return b
-    raise ValueError(f"{length} tokens do not fit the largest bucket {max(buckets)}")
 
 
 def pack(lengths: Sequence[int], row_len: int) -> list[list[int]]:
@@ -238,23 +218,22 @@ def training_source(config: TrainConfig):
     return [{"conversations": list(r.conversations)} for r in rows]
 
 
-def batches_for(config: TrainConfig, tokenizer: Tokenizer) -> Batches:
-    """The Batches a training run's recipe asks for."""
+def batches_for(config: TrainConfig, tokenizer: Tokenizer, data_axis: int) -> Batches:
+    """The Batches a training run's recipe asks for, on a mesh whose data axis has `data_axis`
+    devices (rows come in multiples of it times the accumulation steps)."""
     d = config.data
-    data_axis, _ = parse_mesh(config.mesh)
     return Batches(training_source(config), tokenizer, batch_size=d.batch_size, seed=d.seed,
                    num_epochs=config.epochs, max_len=d.max_len, buckets=buckets_for(d.max_len),
                    train_on_prompts=d.train_on_prompt, pack=d.pack,
                    row_multiple=data_axis * d.accumulation_steps)
 
 
-def dev_batches_for(config: TrainConfig, tokenizer: Tokenizer) -> Batches | None:
+def dev_batches_for(config: TrainConfig, tokenizer: Tokenizer, data_axis: int) -> Batches | None:
     """One pass over the dataset's dev split, batched like training (LIMA App. B compares dev
     perplexity with quality across epochs), or None if it has none."""
     d = config.data
     if d.path is None or "dev" not in split_names(d.path):
         return None
-    data_axis, _ = parse_mesh(config.mesh)
     return Batches(load(d.path, "dev"), tokenizer, batch_size=d.batch_size, seed=d.seed,
                    num_epochs=1, max_len=d.max_len, buckets=buckets_for(d.max_len),
                    train_on_prompts=d.train_on_prompt, pack=d.pack,

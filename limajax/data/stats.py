@@ -9,10 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-from limajax.data.batches import BUCKETS, Batches, buckets_for
+from limajax.config import BUCKETS, MAX_LEN, buckets_for
+from limajax.data.batches import Batches
 from limajax.data.dataset import conversations, load, split_names
 from limajax.errors import UserError
-from limajax.tokenizer import MAX_LEN, Tokenizer
+from limajax.tokenizer import Tokenizer
 
 
 @dataclasses.dataclass(frozen=True)

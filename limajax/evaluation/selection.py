@@ -9,7 +9,7 @@ import itertools
 import math
 from pathlib import Path
 
-from limajax import sampling, scoring
+from limajax import perplexity, sampling
 from limajax.errors import UserError
 from limajax.evaluation import judge as judge_lib
 from limajax.evaluation.compare import compare
@@ -46,7 +46,7 @@ def _perplexity(workdir: str, epoch: int, texts: Path, path: Path, mesh: str) ->
     """The epoch's perplexity on the dev dialogues, from an earlier run's scores if complete
     (`score_file` writes its output whole or not at all)."""
     if not path.exists():
-        scoring.score_file(workdir, str(texts), str(path), mesh, epoch=epoch)
+        perplexity.score_file(workdir, str(texts), str(path), mesh, epoch=epoch)
     logprobs = [lp for _, _, row in read_jsonl(path) for lp in row["logprobs"]]
     return math.exp(-sum(logprobs) / max(len(logprobs), 1))
 

@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from limajax import sharding
-from limajax.data import bucket_length, buckets_for
+from limajax.config import bucket_length, buckets_for
 from limajax.model import Llama
 from limajax.sampling.sampler import (
     FINISH_REASONS,

@@ -26,10 +26,10 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from limajax import sharding
-from limajax.data import bucket_length, buckets_for
+from limajax.config import MAX_LEN, bucket_length, buckets_for
 from limajax.errors import UserError
 from limajax.model import KVCache, Llama, constrain
-from limajax.tokenizer import MAX_LEN, Tokenizer
+from limajax.tokenizer import Tokenizer
 
 FINISH_REASONS = ("", "eot", "eos", "length")  # a row's finish code indexes this; 0 = running
 RUNNING, EOT, EOS, LENGTH = range(4)

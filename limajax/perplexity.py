@@ -18,13 +18,12 @@ from jax.sharding import Mesh
 
 from limajax import sharding
 from limajax.checkpoint import load_for_inference
-from limajax.data import bucket_length, buckets_for
+from limajax.config import bucket_length, buckets_for
 from limajax.errors import UserError
 from limajax.files import json_line, read_jsonl, staged_file
-from limajax.model import Llama
+from limajax.model import Llama, token_nll
 from limajax.progress import progress
 from limajax.tokenizer import Tokenizer
-from limajax.train import token_nll
 
 
 def read_texts(path: str | Path) -> list[dict]:
