@@ -63,6 +63,25 @@ def change(settings: Settings, words: Sequence[str]) -> Settings:
     return new
 
 
+def implied(old: Settings, new: Settings, words: Sequence[str]) -> str | None:
+    """What a /settings change set besides the names it gave, and why, e.g. for
+    `temperature=0`: "(this also sets repetition_penalty=1.0, greedy=True: temperature 0 means
+    greedy, whose default repetition penalty is 1.0)"; None if nothing else changed."""
+    named = {w.partition("=")[0].replace("-", "_") for w in words}
+    before, after = old.to_dict(), new.to_dict()
+    also = [k for k in after if after[k] != before[k] and k not in named]
+    if not also:
+        return None
+    why = []
+    if "greedy" in also:
+        why.append("temperature 0 means greedy" if new.greedy else "temperature > 0 samples")
+    if "repetition_penalty" in also:
+        why.append(f"{'greedy' if new.greedy else 'sampling'}'s default repetition penalty is "
+                   f"{after['repetition_penalty']}")
+    return (f"(this also sets {', '.join(f'{k}={after[k]}' for k in also)}"
+            + (f": {', and '.join(why)}" if why else "") + ")")
+
+
 def record_conversation(path: str | Path, turns: Sequence[str], settings: Sequence[Settings],
                         checkpoint: dict, dropped: int = 0) -> dict:
     """Append one finished conversation to `path` as a GAIR-style row (LIMA §6: graded turn by
@@ -103,6 +122,9 @@ def converse(model: Llama, tokenizer: Tokenizer, mesh: Mesh, settings: Settings,
             except EOFError:
                 write("\n")
                 return
+            except KeyboardInterrupt:  # the conversation is kept: only /exit or Ctrl-D quit
+                write("\n(Ctrl-C stops an answer; /exit or Ctrl-D quits)\n")
+                continue
             if not line:
                 continue
             if line == "/exit":
@@ -114,7 +136,11 @@ def converse(model: Llama, tokenizer: Tokenizer, mesh: Mesh, settings: Settings,
                 continue
             if line.split()[0] == "/settings":
                 try:
-                    settings = change(settings, line.split()[1:])
+                    new = change(settings, line.split()[1:])
+                    note = implied(settings, new, line.split()[1:])
+                    settings = new
+                    if note:
+                        write(f"{note}\n")
                 except UserError as e:
                     write(f"error: {e}\n")
                 shown = ", ".join(f"{k}={v}" for k, v in settings.to_dict().items())

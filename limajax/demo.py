@@ -122,7 +122,8 @@ def run_demo(workdir: str | Path, *, epochs: int | None = None, overwrite: bool 
     print(f"{workdir / 'base'}: {config.n_params:,} parameters, vocabulary {tokens.vocab_size} "
           f"(EOT {tokens.eot_id})", file=sys.stderr)
 
-    banner("4. limajax export --to hf (loads in transformers)")
+    banner("4. limajax export --to hf (safetensors, config.json and tokenizer as transformers "
+           "reads them; the demo does not load them: transformers is a test dependency)")
     convert.export("hf", workdir / "base", workdir / "base-hf")
 
     banner("5. limajax data prepare (the embedded sample dialogues)")

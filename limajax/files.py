@@ -253,8 +253,23 @@ def damaged_is_one_line(what: str):
     try:
         yield
     except Exception as e:
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise UserError(f"{what} ({reason})") from None
+        raise UserError(f"{what} ({error_reason(e)})") from None
+
+
+def error_reason(error: BaseException) -> str:
+    """The part of an Orbax / TensorStore error a person can read: its first line without
+    TensorStore's `[tensorstore_spec=...]` annotations and without Python reprs (`<bound method
+    ...>`, `<... at 0x...>`), and of its chain of "context: cause" clauses the last two (the
+    file and what is wrong with it)."""
+    text = str(error).strip()
+    if not text:
+        return type(error).__name__
+    text = text.splitlines()[0]
+    text = re.sub(r"\s*\[\w[\w ]*(\[\d+\])?=.*$", "", text)  # annotations run to the end
+    text = re.sub(r"<[^<>]* at 0x[0-9a-f]+>", "", text)  # innermost reprs first
+    text = re.sub(r"<bound method[^>]*>?", "", text).strip().rstrip(":").strip()
+    clauses = text.split(": ")
+    return ": ".join(clauses[-2:])[:300] or type(error).__name__
 
 
 def quiet_orbax() -> None:

@@ -483,7 +483,9 @@ def _end_epoch(run: _Run, epoch: int, records: list[dict], seconds: float, elaps
 
 def finished_message(workdir: Path, epochs: int) -> str:
     """Where the run's checkpoints are and the commands that use them (score, sample, export)."""
-    return (f"done: one checkpoint per epoch (1-{epochs}) in {workdir / CHECKPOINTS_DIR}; "
+    which = "the checkpoint of epoch 1" if epochs == 1 else \
+        f"one checkpoint per epoch (1-{epochs})"
+    return (f"done: {which} in {workdir / CHECKPOINTS_DIR}; "
             f"LIMA §3 picks one of epochs 5-10 by dev perplexity and samples. Use epoch N with\n"
             f"  limajax score --workdir {workdir} --epoch N --input TEXTS.jsonl --output "
             f"SCORES.jsonl\n"
@@ -541,9 +543,10 @@ def train_recipe(config: TrainConfig, workdir: str | Path, *, peak: float | None
     log(kernel)
     for line in sharding.replication_notices(config.model, mesh):
         log(line)
-    log(f"{config.model.n_params / 1e6:,.2f}M parameters, {loader.steps_per_epoch} steps per "
-        f"epoch x {config.epochs} epochs, global batch {config.data.batch_size}, mesh "
-        f"{config.mesh}; {loader.trimmed()} of {len(loader.source)} dialogues trimmed at "
+    steps, epochs = loader.steps_per_epoch, config.epochs
+    log(f"{config.model.n_params / 1e6:,.2f}M parameters, {steps} step{'s' * (steps != 1)} per "
+        f"epoch x {epochs} epoch{'s' * (epochs != 1)}, global batch {config.data.batch_size}, "
+        f"mesh {config.mesh}; {loader.trimmed()} of {len(loader.source)} dialogues trimmed at "
         f"{config.data.max_len} tokens (LIMA §3 keeps their beginning)")
     return train(config, workdir, loader, mesh=mesh, peak=peak, progress=progress,
                  init_params=init_params, tokenizer=tokenizer,

@@ -37,6 +37,7 @@ from limajax.errors import UserError
 from limajax.files import (
     append_jsonl,
     damaged_is_one_line,
+    error_reason,
     quiet_orbax,
     read_json,
     read_jsonl,
@@ -270,11 +271,10 @@ def _save_reason(error: BaseException) -> str:
     first line of the message."""
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
-    text = str(error)
-    code = re.search(r"\[os_error_code='(\d+)'\]", text)
+    code = re.search(r"\[os_error_code='(\d+)'\]", str(error))
     if code:
         return os.strerror(int(code.group(1)))
-    return text.strip().splitlines()[0][:200] if text.strip() else type(error).__name__
+    return error_reason(error)
 
 
 def _size(path: Path) -> int:

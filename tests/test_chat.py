@@ -48,3 +48,26 @@ def test_settings_changes_are_checked():
         change(Settings(), ["colour=blue"])
     with pytest.raises(UserError, match="not a number"):
         change(Settings(), ["top_p=high"])
+
+
+def test_ctrl_c_at_the_prompt_keeps_the_conversation_and_settings_say_what_follows(stories):
+    """Ctrl-C at `you>` once quit chat and lost the conversation; `/settings temperature=0`
+    switched greedy and the penalty without a word (issue 17 item 10)."""
+    from limajax.chat import chat
+
+    said = []
+    lines = iter(["Tell me a story.", KeyboardInterrupt, "/settings temperature=0",
+                  "And then?", "/exit"])
+
+    def read(prompt):
+        line = next(lines)
+        if line is KeyboardInterrupt:
+            raise KeyboardInterrupt
+        return line
+
+    chat(str(stories / "model"), Settings(max_new_tokens=6), read=read, write=said.append)
+    out = "".join(said)
+    assert "(Ctrl-C stops an answer; /exit or Ctrl-D quits)" in out
+    assert out.count("lima> ") == 2  # the conversation went on after the Ctrl-C
+    assert ("(this also sets repetition_penalty=1.0, greedy=True: temperature 0 means greedy, "
+            "and greedy's default repetition penalty is 1.0)") in out

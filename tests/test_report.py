@@ -157,3 +157,20 @@ def test_a_judge_never_read(tmp_path, cli):
     assert c["counts"]["unparsed"] == 5 and c["percent"]["a_wins"] is None
     assert c["ci95"]["a_wins"] is None
     assert png_size(tmp_path / "f.png") == figure_size(1)
+
+
+def test_the_chart_names_the_judge_the_prompts_and_the_models(tmp_path):
+    """issue 17 item 9 / issue 16 item 5: a title with the judge and n, the legend naming the
+    sample files ("lima wins", not "A wins"), and a chart with nothing read saying why."""
+    from limajax.evaluation.report import build, chart_words
+
+    read = write(tmp_path / "j.jsonl", [judgment(i, o, v) for i, v in
+                                        enumerate(["A", "B", "tie"]) for o in ("AB", "BA")])
+    words = chart_words(build([str(read)]))
+    assert words == {"title": "judged by gpt-4, 3 prompts", "a": "lima", "b": "gpt4",
+                     "note": None}
+    unread = write(tmp_path / "u.jsonl", [judgment(i, o, "unparsed", judge="tiny")
+                                          for i in range(4) for o in ("AB", "BA")])
+    words = chart_words(build([str(unread)]))
+    assert words["note"] == "no verdict could be read from tiny's answers"
+    assert words["title"] == "judged by tiny, 4 prompts"

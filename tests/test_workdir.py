@@ -128,7 +128,9 @@ def test_resume_passes_over_a_damaged_checkpoint(run, cli, tmp_path):
     i = args.index("--workdir")
     r = cli(*args[:i + 1], w, *args[i + 2:])
     assert r.exit_code == 0, r.output
-    assert f"notice: {w / 'checkpoints' / '10'}: damaged checkpoint" in r.stderr
+    assert f"notice: {w / 'checkpoints' / '10'}: damaged checkpoint (Error reading Byte range" \
+        in r.stderr and "of local file" in r.stderr  # the file and what is wrong, no reprs
+    assert "<bound method" not in r.stderr and "tensorstore_spec" not in r.stderr
     assert "resuming from the checkpoint at step 5: epoch 2, batch 1 next" in r.stderr
     assert "Traceback" not in r.stderr
     # The damaged one is kept aside and epoch 2 is saved again: a good checkpoint, not the old one.
@@ -275,3 +277,25 @@ def test_any_io_error_while_saving_stops_training_in_one_line(run, cli, tmp_path
     # while Orbax renamed in the background depends on the machine's load.
     monkeypatch.setattr(async_path, "rename", rename)
     _resumes_exactly(run, cli, w)
+
+
+def test_one_epoch_is_said_in_the_singular():
+    from limajax.train import finished_message
+
+    assert finished_message(Path("w"), 1).startswith("done: the checkpoint of epoch 1 in w/")
+    assert finished_message(Path("w"), 3).startswith("done: one checkpoint per epoch (1-3) in")
+
+
+def test_an_orbax_error_reads_as_its_file_and_its_fault():
+    """TensorStore's messages end in JSON specs and may hold Python reprs (a damaged
+    checkpoint's notice once showed `<bound method pybind11_detail_function_record_v1_...`)."""
+    from limajax.files import error_reason
+
+    e = ValueError('DATA_LOSS: Error opening "zarr" driver: Error reading local file "/w/d/1f": '
+                   'checksum mismatch <bound method pybind11_detail_function_record_v1_system '
+                   "of <x object at 0x7f00>> [tensorstore_spec='{\"driver\": 1}'] "
+                   "[source locations='a.cc:1']")
+    assert error_reason(e) == 'Error reading local file "/w/d/1f": checksum mismatch'
+    assert error_reason(ValueError("x: <bound method pybind11_detail_function_record_v1_li")) \
+        == "x"
+    assert error_reason(KeyError("params")) == "'params'"

@@ -145,6 +145,28 @@ def figure_size(bars: int) -> tuple[int, int]:
     return int(FIGURE_WIDTH_IN * DPI), int((1.4 + BAR_HEIGHT_IN * bars) * DPI)
 
 
+def chart_words(summary: dict) -> dict:
+    """What the chart says besides its bars (tests check it): a title naming the judge(s) and
+    how many prompts, the legend's names for the two sides (the sample files' names when every
+    bar compares the same two, else A and B), and, when no verdict was read at all, why the bars
+    are empty."""
+    cs = summary["comparisons"]
+    judges = sorted({c["judge"] for c in cs})
+    counts = sorted({c["n"] for c in cs})
+    prompts = f"{counts[0]} prompts" if len(counts) == 1 else \
+        f"{counts[0]}-{counts[-1]} prompts per comparison"
+    sides = [sorted({name(c[k]) for c in cs}) for k in ("a", "b")]
+    a, b = (s[0] if len(s) == 1 else k for s, k in zip(sides, "AB", strict=True))
+    if a == b:  # two files of the same name in other directories
+        a, b = f"A ({a})", f"B ({b})"
+    unread = [c["judge"] for c in cs if c["counts"]["unparsed"] == c["n"]]
+    note = None
+    if len(unread) == len(cs):
+        note = f"no verdict could be read from {', '.join(sorted(set(unread)))}'s answers"
+    return {"title": f"judged by {', '.join(judges)}, {prompts}", "a": a, "b": b,
+            "note": note}
+
+
 def plot(summary: dict, path: str) -> None:
     """A horizontal stacked bar per comparison, A wins / tie / B wins, as LIMA's Figure 1: shares
     of the prompts with a verdict, or, if some have none, of all prompts with a fourth segment
@@ -159,8 +181,9 @@ def plot(summary: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(width / DPI, height / DPI), dpi=DPI)
     labels = [f"{name(c['a'])} vs {name(c['b'])}" + (f" ({c['judge']})" if len(
         {x["judge"] for x in cs}) > 1 else "") for c in cs]
-    segments = [("a_wins", "A wins", "#4c72b0"), ("ties", "Tie", "#c7c7c7"),
-                ("b_wins", "B wins", "#dd8452")]
+    words = chart_words(summary)
+    segments = [("a_wins", f"{words['a']} wins", "#4c72b0"), ("ties", "Tie", "#c7c7c7"),
+                ("b_wins", f"{words['b']} wins", "#dd8452")]
     if any(c["counts"]["unparsed"] for c in cs):
         segments.append(("unparsed", "No verdict read", "#ffffff"))
     left = [0.0] * len(cs)
@@ -178,8 +201,13 @@ def plot(summary: dict, path: str) -> None:
     ax.set_xlim(0, 100)
     ax.invert_yaxis()
     ax.set_xlabel("% of prompts" + (" with a verdict" if len(segments) == 3 else "") +
-                  " (A = the first sample file)")
-    ax.legend(ncol=len(segments), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+                  (" (A = the first sample file)" if words["a"] == "A" else ""))
+    ax.legend(ncol=len(segments), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False,
+              fontsize=9)
+    fig.suptitle(words["title"], fontsize=10)
+    if words["note"]:
+        ax.text(50, (len(cs) - 1) / 2, words["note"], ha="center", va="center", fontsize=9,
+                bbox={"facecolor": "white", "edgecolor": "#888888"})
     fig.tight_layout()
     with staged_file(path) as f:
         f.close()  # staged_file's text handle is not for binary: matplotlib writes its path
