@@ -170,6 +170,13 @@ class ModelConfig:
         embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         return self.n_layers * layer + embed + d
 
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (PaLM, Chowdhery et al. 2022, App. B): 6 x the parameters
+        that multiply (all but the embedding lookup) + 12 x layers x dim x sequence for
+        attention."""
+        matmul_params = self.n_params - (0 if self.tie_embeddings else self.vocab_size * self.dim)
+        return 6.0 * matmul_params + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
+
     def replace(self, **changes) -> ModelConfig:
         """A copy with `changes`; the sizes this config derived are derived again (R1)."""
         rederive = {name: None for name in self._derived if name not in changes}

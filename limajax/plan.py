@@ -19,7 +19,7 @@ from limajax import attention, sharding, targets
 from limajax.config import TrainConfig
 from limajax.errors import UserError
 from limajax.targets import Target
-from limajax.train import BATCH_KEYS, KNOWN_PEAKS, build, flops_per_token, make_train_step
+from limajax.train import BATCH_KEYS, KNOWN_PEAKS, build, make_train_step
 
 LIMA_EXAMPLES = 1000  # LIMA §2: the training set a whole run's estimate is for
 # `model.remat: auto` tries these cheapest first: "none" saves every activation, "dots" the
@@ -91,7 +91,7 @@ class Plan:
         kind = self.target.device_kind if self.target else None
         peak = KNOWN_PEAKS.get(kind, {}).get(c.model.dtype)
         mfu = ("MFU unknown" if peak is None else
-               f"MFU {tokens * flops_per_token(c.model, self.seq_len) / (peak * self.devices):.0%}")
+               f"MFU {tokens * c.model.flops_per_token(self.seq_len) / (peak * self.devices):.0%}")
         steps = math.ceil(LIMA_EXAMPLES / c.data.batch_size) * c.epochs
         return [f"estimates (the {self.platform} compiler's cost model, not a measurement): "
                 f"step {step:.3g} s, {tokens:,.0f} tokens/s at full rows, {mfu}; {c.epochs} "

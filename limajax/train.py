@@ -243,14 +243,6 @@ def put_batch(batch: Batch, setup: Setup) -> dict[str, jax.Array]:
 # --- what a step costs: FLOPs, peaks, MFU ---------------------------------------------------
 
 
-def flops_per_token(model: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token (PaLM, Chowdhery et al. 2022, App. B): 6 x the parameters that
-    multiply (all but the embedding lookup) + 12 x layers x dim x sequence for attention."""
-    matmul_params = model.n_params - (0 if model.tie_embeddings else model.vocab_size * model.dim)
-    attention = 12 * model.n_layers * model.n_heads * model.head_dim * seq_len
-    return 6.0 * matmul_params + attention
-
-
 # Dense (no sparsity) peak FLOP/s per chip from the vendors' data sheets, by compute dtype.
 # float32 matmuls run at TF32 on NVIDIA tensor cores and as bfloat16 passes on TPUs at JAX's
 # default precision, so those are their float32 peaks. Longer names first: "H100 PCIe" before
@@ -317,45 +309,23 @@ def train(config: TrainConfig, workdir: str | Path, loader: Loader, *, mesh: Mes
     iteration). `init_params`: None (random), a params dict, or mesh -> params (loaded only if
     there is no checkpoint to resume). `tokenizer`: copied into the workdir so its epochs need
     nothing else. `dev`: one pass of the dev split, scored at every epoch's end. The workdir
-    follows DESIGN §3 (limajax/workdir.py).
+    follows DESIGN §3 (limajax/workdir.py). The setup checks are train_recipe's.
     """
     mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
     config, workdir = resolved_paths(config), Path(workdir)
-    is_lead = jax.process_index() == 0
     setup = build(config, mesh, loader.steps_per_epoch)
-    if is_lead:
+    if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-    manager = checkpoint_manager(workdir, config.max_to_keep)
-    writer = None
+    manager, writer = checkpoint_manager(workdir, config.max_to_keep), None
     try:
-        restored = restore_latest(manager, setup.abstract_state)
-        if restored is not None:
-            state, meta, damaged = restored
-            for error in damaged.values():
-                log(f"notice: {error}; using the one before")
-            for path in set_aside(manager, damaged, lead=is_lead):
-                log(f"notice: the damaged checkpoint is kept as {path}; its epoch is trained again")
-            latest, position = meta["step"], meta["data"]
-            if position["epoch"] >= config.epochs:
-                log(f"the run in {workdir} is complete ({config.epochs} epochs, step {latest})")
-            else:
-                log(f"resuming from the checkpoint at step {latest}: epoch "
-                    f"{position['epoch'] + 1}, batch {position['index'] + 1} next")
-        else:
-            params = init_params(mesh) if callable(init_params) else init_params
-            state, position = init_state(setup, params), {"epoch": 0, "index": 0}
+        state, position = _start(setup, workdir, manager, init_params)
         step = int(jax.device_get(state.step))
-        if is_lead:
-            write_config(workdir, config)
-            if tokenizer is not None:
-                save_to(workdir, tokenizer.path, tokenizer.spec)
-            truncate_metrics(workdir, step)  # a killed run's steps past the checkpoint
-            writer = tensorboard_writer(workdir, step)
+        writer = _bookkeep(config, workdir, tokenizer, step)
         train_step = make_train_step(setup)
         evaluate = make_eval_step(setup) if dev is not None else None
-        peak_flops_total, peak_source = peak_flops(config.model.dtype, peak)
-        if peak_flops_total is None:
-            log(f"notice: MFU is {peak_source}; metrics.jsonl records it as null (pass "
+        run = _Run(config, workdir, manager, writer, *peak_flops(config.model.dtype, peak))
+        if run.peak is None:
+            log(f"notice: MFU is {run.peak_source}; metrics.jsonl records it as null (pass "
                 "--peak-flops FLOP/s to know it)")
         loader.set_state(position)
         batches = iter(loader)
@@ -365,80 +335,50 @@ def train(config: TrainConfig, workdir: str | Path, loader: Loader, *, mesh: Mes
             it (what a checkpoint taken after its step records)."""
             return put_batch(next(batches), setup), loader.get_state()
 
-        steps_per_epoch, logged = loader.steps_per_epoch, []
-        pending = []  # (step, epoch, batch shape, metrics still on the devices)
+        logged, pending = [], []  # pending: (step, epoch, batch shape, metrics on the devices)
         start = window = time.perf_counter()
         upcoming = fetch() if position["epoch"] < config.epochs else None
-        for epoch in range(position["epoch"], config.epochs):
-            first = position["index"] if epoch == position["epoch"] else 0
-            bar = tqdm(total=steps_per_epoch, initial=first, unit="step", leave=False,
-                       desc=f"epoch {epoch + 1}/{config.epochs}",
-                       disable=not (progress and is_lead and sys.stderr.isatty()))
-            epoch_losses = []
-            for index in range(first, steps_per_epoch):
-                batch, after = upcoming
-                with sharding.activate(mesh):  # dispatched; the host does not wait for it
+        with sharding.activate(mesh):  # steps are dispatched; the host does not wait for them
+            for epoch in range(position["epoch"], config.epochs):
+                first = position["index"] if epoch == position["epoch"] else 0
+                bar = tqdm(total=loader.steps_per_epoch, initial=first, unit="step", leave=False,
+                           desc=f"epoch {epoch + 1}/{config.epochs}", disable=not (
+                               progress and jax.process_index() == 0 and sys.stderr.isatty()))
+                epoch_start, epoch_records = time.perf_counter(), []
+                for index in range(first, loader.steps_per_epoch):
+                    batch, after = upcoming
                     state, metrics = train_step(state, batch)
-                step += 1
-                pending.append((step, epoch + 1, batch["inputs"].shape, metrics))
-                end_of_epoch = index + 1 == steps_per_epoch
-                every = config.save_every_steps
-                mid_save = bool(every and step % every == 0) and not end_of_epoch
-                if not (mid_save or end_of_epoch):
-                    upcoming = fetch()  # host -> devices while the step runs
-                bar.update()
-                if mid_save or end_of_epoch or step % config.log_every_steps == 0:
-                    # Metrics reach the host at the log cadence and before every checkpoint,
-                    # so a NaN stops the run before its state is kept.
-                    now = time.perf_counter()
-                    records, bad = host_metrics(pending, (now - window) / len(pending),
-                                                config.model, peak_flops_total, now - start)
-                    pending, window = [], now
-                    check_saves(manager)  # a failed save stops the run now, not an epoch later
-                    for record in records:
-                        if is_lead and record["step"] % config.log_every_steps == 0:
-                            log_metrics(workdir, writer, record)
-                    logged += records
-                    epoch_losses += [r["loss"] for r in records if r["epoch"] == epoch + 1]
-                    if bad is not None:
-                        finish_saves(manager)
-                        good = manager.latest_step()
-                        raise Diverged(
-                            f"the loss is {bad['loss']} at step {bad['step']} (epoch "
-                            f"{bad['epoch']}); stopped; " + (
-                                "no checkpoint was saved before it (lower optim.lr?)"
-                                if good is None else f"the last good checkpoint is "
-                                f"step {good} in {workdir / CHECKPOINTS_DIR}"))
-                    bar.set_postfix(loss=f"{records[-1]['loss']:.4f}",
-                                    tok_s=f"{records[-1]['tokens_per_sec']:.0f}")
-                if mid_save:
-                    save_state(manager, state, {
-                        "step": step, "epoch": epoch, "end_of_epoch": False, "data": after,
-                        "config": config.to_dict()})
+                    step += 1
+                    pending.append((step, epoch + 1, batch["inputs"].shape, metrics))
+                    end_of_epoch = index + 1 == loader.steps_per_epoch
+                    every = config.save_every_steps
+                    mid_save = bool(every and step % every == 0) and not end_of_epoch
+                    if not (mid_save or end_of_epoch):
+                        upcoming = fetch()  # host -> devices while the step runs
+                    bar.update()
+                    if mid_save or end_of_epoch or step % config.log_every_steps == 0:
+                        now = time.perf_counter()
+                        records = _flush(run, pending, now - window, now - start, bar)
+                        pending, window = [], now
+                        logged += records
+                        epoch_records += records
+                    if mid_save:
+                        save_state(manager, state, {
+                            "step": step, "epoch": epoch, "end_of_epoch": False, "data": after,
+                            "config": config.to_dict()})
+                        upcoming = fetch()  # after the save: a kill here leaves it started
+                bar.close()
+                seconds = time.perf_counter() - epoch_start  # before the dev pass
+                loss = None if evaluate is None else dev_loss(setup, evaluate, state.params, dev)
+                _end_epoch(run, epoch, epoch_records, seconds, time.perf_counter() - start, loss)
+                # The epoch's checkpoint, after what reports it (LIMA §3: one per epoch).
+                save_state(manager, state, {
+                    "step": step, "epoch": epoch + 1, "end_of_epoch": True, "data": after,
+                    "config": config.to_dict()})
+                if epoch + 1 < config.epochs:
                     upcoming = fetch()  # after the save: a kill here leaves it started
-            bar.close()
-            dev_text = ""
-            if evaluate is not None:  # LIMA App. B: dev perplexity beside quality, per epoch
-                loss = dev_loss(setup, evaluate, state.params, dev)
-                dev_text = f", dev loss {loss:.4f} (perplexity {math.exp(loss):.2f})"
-                if is_lead:
-                    log_metrics(workdir, writer, {"step": step, "epoch": epoch + 1,
-                                                  "dev_loss": loss, "dev_ppl": math.exp(loss)})
-            if is_lead:
-                last = logged[-1]
-                log(f"epoch {epoch + 1}/{config.epochs}: step {step}, mean loss "
-                    f"{np.mean(epoch_losses):.4f}{dev_text}, lr {last['lr']:.3g}, "
-                    f"{last['tokens_per_sec']:.0f} tokens/s, {mfu_text(last['mfu'], peak_source)}, "
-                    f"{time.perf_counter() - start:.1f} s")
-                plot_curves(workdir)
-            # The epoch's checkpoint, after what reports it (LIMA §3: one per epoch).
-            save_state(manager, state, {
-                "step": step, "epoch": epoch + 1, "end_of_epoch": True, "data": after,
-                "config": config.to_dict()})
-            if epoch + 1 < config.epochs:
-                upcoming = fetch()  # after the save: a kill here leaves it started
         finish_saves(manager)  # "done" only once the last checkpoint is written
-        if is_lead and logged:
+        if logged:
             log(finished_message(workdir, config.epochs))
         return logged
     finally:
@@ -448,6 +388,97 @@ def train(config: TrainConfig, workdir: str | Path, loader: Loader, *, mesh: Mes
             manager.close()
         if writer is not None:
             writer.close()
+
+
+class _Run(NamedTuple):
+    """What the loop's bookkeeping writes to: the workdir, its checkpoints and the peak."""
+
+    config: TrainConfig
+    workdir: Path
+    manager: Any
+    writer: Any
+    peak: float | None
+    peak_source: str
+
+
+def _start(setup: Setup, workdir: Path, manager, init_params) -> tuple[TrainState, dict]:
+    """The state to train from and the data position of its next batch: the latest good
+    checkpoint (a damaged one is set aside, its epoch trained again), or a fresh state."""
+    config = setup.config
+    restored = restore_latest(manager, setup.abstract_state)
+    if restored is None:
+        params = init_params(setup.mesh) if callable(init_params) else init_params
+        return init_state(setup, params), {"epoch": 0, "index": 0}
+    state, meta, damaged = restored
+    for error in damaged.values():
+        log(f"notice: {error}; using the one before")
+    for path in set_aside(manager, damaged, lead=jax.process_index() == 0):
+        log(f"notice: the damaged checkpoint is kept as {path}; its epoch is trained again")
+    latest, position = meta["step"], meta["data"]
+    if position["epoch"] >= config.epochs:
+        log(f"the run in {workdir} is complete ({config.epochs} epochs, step {latest})")
+    else:
+        log(f"resuming from the checkpoint at step {latest}: epoch "
+            f"{position['epoch'] + 1}, batch {position['index'] + 1} next")
+    return state, position
+
+
+def _bookkeep(config: TrainConfig, workdir: Path, tokenizer, step: int):
+    """The workdir's files for a session starting at `step` (the lead's): the config, the
+    tokenizer, metrics.jsonl cut back to the checkpoint, and a TensorBoard writer (or None)."""
+    if jax.process_index() != 0:
+        return None
+    write_config(workdir, config)
+    if tokenizer is not None:
+        save_to(workdir, tokenizer.path, tokenizer.spec)
+    truncate_metrics(workdir, step)  # a killed run's steps past the checkpoint
+    return tensorboard_writer(workdir, step)
+
+
+def _flush(run: _Run, pending: list, seconds: float, elapsed: float, bar) -> list[dict]:
+    """The pending steps' metrics, brought to the host in one sync (at the log cadence and
+    before every checkpoint, so a NaN stops the run before its state is kept); the records at
+    the cadence go to metrics.jsonl."""
+    config = run.config
+    records, bad = host_metrics(pending, seconds / len(pending), config.model, run.peak, elapsed)
+    check_saves(run.manager)  # a failed save stops the run now, not an epoch later
+    for record in records:
+        if jax.process_index() == 0 and record["step"] % config.log_every_steps == 0:
+            log_metrics(run.workdir, run.writer, record)
+    if bad is not None:
+        finish_saves(run.manager)
+        good = run.manager.latest_step()
+        raise Diverged(
+            f"the loss is {bad['loss']} at step {bad['step']} (epoch {bad['epoch']}); "
+            "stopped; " + ("no checkpoint was saved before it (lower optim.lr?)" if good is None
+                           else f"the last good checkpoint is step {good} in "
+                           f"{run.workdir / CHECKPOINTS_DIR}"))
+    bar.set_postfix(loss=f"{records[-1]['loss']:.4f}",
+                    tok_s=f"{records[-1]['tokens_per_sec']:.0f}")
+    return records
+
+
+def _end_epoch(run: _Run, epoch: int, records: list[dict], seconds: float, elapsed: float,
+               dev: float | None) -> None:
+    """The epoch's line: its mean loss, dev loss (LIMA App. B: dev perplexity beside quality,
+    per epoch), and its tokens/s and MFU over the epoch's wall time (compilation included in
+    the first), not the last step's; then the curves."""
+    if jax.process_index() != 0:
+        return
+    config, step = run.config, records[-1]["step"]
+    dev_text = ""
+    if dev is not None:
+        dev_text = f", dev loss {dev:.4f} (perplexity {math.exp(dev):.2f})"
+        log_metrics(run.workdir, run.writer, {"step": step, "epoch": epoch + 1,
+                                              "dev_loss": dev, "dev_ppl": math.exp(dev)})
+    tokens = sum(r["rows"] * r["seq_len"] for r in records)
+    flops = sum(r["rows"] * r["seq_len"] * config.model.flops_per_token(r["seq_len"])
+                for r in records)
+    mfu = None if run.peak is None else flops / seconds / run.peak
+    log(f"epoch {epoch + 1}/{config.epochs}: step {step}, mean loss "
+        f"{np.mean([r['loss'] for r in records]):.4f}{dev_text}, lr {records[-1]['lr']:.3g}, "
+        f"{tokens / seconds:.0f} tokens/s, {mfu_text(mfu, run.peak_source)}, {elapsed:.1f} s")
+    plot_curves(run.workdir)
 
 
 def finished_message(workdir: Path, epochs: int) -> str:
@@ -477,7 +508,7 @@ def host_metrics(pending: list, seconds_per_step: float, model: ModelConfig,
         records.append({
             "step": step, "epoch": epoch, "loss": float(m["loss"]), "lr": float(m["lr"]),
             "grad_norm": float(m["grad_norm"]), "tokens_per_sec": tokens_per_sec,
-            "mfu": None if peak is None else tokens_per_sec * flops_per_token(model, t) / peak,
+            "mfu": None if peak is None else tokens_per_sec * model.flops_per_token(t) / peak,
             "time": elapsed, "seq_len": t, "rows": rows,
             "target_tokens": int(m["target_tokens"])})
     return records, None
@@ -515,7 +546,8 @@ def train_recipe(config: TrainConfig, workdir: str | Path, *, peak: float | None
     steps, epochs = loader.steps_per_epoch, config.epochs
     log(f"{config.model.n_params / 1e6:,.2f}M parameters, {steps} step{'s' * (steps != 1)} per "
         f"epoch x {epochs} epoch{'s' * (epochs != 1)}, global batch {config.data.batch_size}, "
-        f"mesh {config.mesh}")
+        f"mesh {config.mesh}; {loader.trimmed()} of {len(loader.source)} dialogues trimmed at "
+        f"{config.data.max_len} tokens (LIMA §3 keeps their beginning)")
     return train(config, workdir, loader, mesh=mesh, peak=peak, progress=progress,
                  init_params=init_params, tokenizer=tokenizer,
                  dev=data.dev_batches_for(config, tokenizer, data_axis))

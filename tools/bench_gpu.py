@@ -89,7 +89,7 @@ def measure(model: ModelConfig, kernel: str, batches, steps: int, peak: float) -
     tokens_per_s = rows * t / seconds
     return {"kernel": kernel, "rows": rows, "seq_len": t, "step_s": seconds,
             "tokens_per_s": tokens_per_s, "real_tokens_per_s": real / seconds,
-            "mfu": tokens_per_s * train.flops_per_token(model, t) / peak,
+            "mfu": tokens_per_s * model.flops_per_token(t) / peak,
             "compile_and_warmup_s": compile_s, "loss": first_loss,
             "final_loss": float(metrics["loss"])}
 

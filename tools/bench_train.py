@@ -47,7 +47,7 @@ def bench_limajax(args, dtype: str = "float32") -> dict:
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
     return {"median_s": statistics.median(times), "loss": float(m["loss"]),
-            "flops_per_token": train.flops_per_token(model, args.seq), "n_params": model.n_params}
+            "flops_per_token": model.flops_per_token(args.seq), "n_params": model.n_params}
 
 
 def bench_torch(args) -> dict:

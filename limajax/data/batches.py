@@ -139,6 +139,11 @@ class Batches:
             conversations(record), max_len=self.max_len, train_on_prompts=self.train_on_prompts
         )
 
+    def trimmed(self) -> int:
+        """How many dialogues are longer than max_len, so that training sees only their
+        beginning (LIMA §3); encodes every dialogue once."""
+        return sum(self.encode(self.source[i]).trimmed for i in range(len(self.source)))
+
     def layout(self, lengths: Sequence[int]) -> tuple[int, list[list[int]]]:
         """(T, rows): the bucket length and which dialogues (by index in the global batch) each
         row of the global batch holds; rows past the dialogues are all padding."""
