@@ -777,13 +777,16 @@ JUDGING_INTERRUPTED = ("interrupted: finished judgments are saved; rerun the sam
               help="Judgments JSONL, appended to as judgments arrive; a rerun skips what is "
               "there.")
 @click.option("--orders", type=click.Choice(["both", "one"]), default="both", show_default=True,
-              help="both: each pair judged with A shown first and with B shown first.")
+              help="both: each pair judged with A shown first and with B shown first; one: "
+              "each pair once, the answer shown first drawn from (--seed, id) as annotate does.")
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="With --orders one: which answer each prompt shows first.")
 @click.option("--human", "labels_path", default=None,
               type=click.Path(dir_okay=False, path_type=str),
               help="Instead of a judge: the labels exported from `limajax annotate`'s sheet.")
 @judge_options(required=False)
 @user_errors(interrupted=JUDGING_INTERRUPTED)
-def compare(a_path, b_path, common, output, judge_url, judge_model, api_key_env, orders,
+def compare(a_path, b_path, common, output, judge_url, judge_model, api_key_env, orders, seed,
             concurrency, timeout, judge_max_tokens, max_retries, template_path, labels_path,
             progress):
     """Ask a judge LIMA §4.1's question for every prompt both sample files answered: is A
@@ -810,7 +813,7 @@ def compare(a_path, b_path, common, output, judge_url, judge_model, api_key_env,
     r = compare_lib(a_path, b_path, _judge(judge_url, judge_model, api_key_env, concurrency,
                                            timeout, judge_max_tokens, max_retries),
                     output, orders=orders, template_path=template_path, progress=progress,
-                    common=common)
+                    common=common, seed=seed)
     say_left_out(r["left_out"])
     if r["torn_line_dropped"]:
         click.echo(f"notice: dropped the unfinished last line of {output} (a run was killed "

@@ -8,7 +8,7 @@ import shutil
 import pytest
 from judge_server import write_samples
 
-from limajax.evaluation.human import left_side
+from limajax.evaluation.judgments import shown_first as left_side
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 

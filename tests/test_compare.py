@@ -14,6 +14,7 @@ import time
 import pytest
 from judge_server import JudgeServer, pairwise_case, write_samples
 
+from limajax.evaluation import judgments
 from limajax.evaluation.judgments import combine
 from limajax.evaluation.verdicts import parse_grade, parse_pairwise, parse_scale
 
@@ -296,3 +297,20 @@ def test_rate_with_nothing_read_has_no_interval():
     assert all(s["percent"][g] is None and s["ci95"][g] is None for g in s["percent"])
     read = summarize([{"id": "p1", "rating": "Pass"}], "grade")
     assert read["ci95"]["Pass"] == [100.0, 100.0]
+
+
+def test_orders_one_draws_each_prompts_order_from_the_seed(tmp_path, cli):
+    """--orders one: each pair judged once, in the order annotate would show it (drawn from
+    (seed, id)), so A is not always first; the verdict still names the files."""
+    specs = [(f"p{i}", 3, 1, "") for i in range(12)]  # A better everywhere, an honest judge
+    a, b, _ = pairwise_case(tmp_path, specs)
+    for seed in (0, 1):
+        out = tmp_path / f"one-{seed}.jsonl"
+        with JudgeServer() as srv:
+            r = cli(*compare_args(a, b, out, srv.url, "--orders", "one", "--seed", seed))
+        assert r.exit_code == 0, r.output
+        rows = lines(out)
+        assert {x["id"]: x["order"] for x in rows} == {
+            i: judgments.one_order(seed, i) for i, *_ in specs}
+        assert {x["order"] for x in rows} == {"AB", "BA"}
+        assert all(x["verdict"] == "A" for x in rows)

@@ -11,6 +11,7 @@ from limajax.evaluation.judgments import (
     ORDERS,
     JudgmentFile,
     combine,
+    one_order,
     pair_samples,
     read_samples,
     sha256,
@@ -50,7 +51,7 @@ class Running:
 
 def compare(a_path: str, b_path: str, judge: judge_lib.Judge, output: str, *,
             orders: str = "both", template_path: str | None = None,
-            progress: bool = True, common: bool = False) -> dict:
+            progress: bool = True, common: bool = False, seed: int = 0) -> dict:
     """Judge every shared prompt of A and B (ids in one file only: see pair_samples); returns
     the outcome counts and the run's figures."""
     template = judge_lib.load_template("pairwise", template_path)
@@ -58,13 +59,12 @@ def compare(a_path: str, b_path: str, judge: judge_lib.Judge, output: str, *,
     a, b = read_samples(a_path), read_samples(b_path)
     pairs, left_out = pair_samples(a, b, a_path, b_path, common=common)
     out = JudgmentFile(output, PAIR_KEY, PAIR_FINGERPRINT)
-    wanted = ORDERS if orders == "both" else ORDERS[:1]
     jobs, cached = [], []
     for sa, sb in pairs:
         fingerprint = {"judge": judge.model, "template": template.sha,
                        "prompt_sha": sha256(sa.prompt), "a_sha": sha256(sa.response),
                        "b_sha": sha256(sb.response)}
-        for order in wanted:
+        for order in ORDERS if orders == "both" else (one_order(seed, sa.id),):
             if out.check((sa.id, order), fingerprint):
                 cached.append(out.done[(sa.id, order)])
                 continue
@@ -77,7 +77,7 @@ def compare(a_path: str, b_path: str, judge: judge_lib.Judge, output: str, *,
                 record=_recorder(sa.id, order, fingerprint, a_path, b_path,
                                  len(sa.response), len(sb.response))))
 
-    running = Running(len(wanted), cached)
+    running = Running(len(ORDERS) if orders == "both" else 1, cached)
     result = judge_lib.run(jobs, judge, template, out, progress=progress, on_row=running.add)
     return {"prompts": len(pairs), "judged": result.done, "cached": len(cached),
             "retries": result.retries, "unparsed": result.unparsed, "seconds": result.seconds,

@@ -4,22 +4,19 @@
 from __future__ import annotations
 
 import json
-import random
 import time
 from importlib import resources
 
 from limajax.errors import UserError
 from limajax.evaluation.compare import PAIR_FINGERPRINT, PAIR_KEY
-from limajax.evaluation.judgments import JudgmentFile, pair_samples, read_samples, sha256
+from limajax.evaluation.judgments import (
+    JudgmentFile,
+    pair_samples,
+    read_samples,
+    sha256,
+    shown_first,
+)
 from limajax.files import read_json, staged_file
-
-SIDES = ("A", "B")
-
-
-def left_side(seed: int, ident: str) -> str:
-    """Which file's answer the sheet shows on the left for this prompt: drawn from (seed, id)
-    alone, so it is the same however the files are ordered or subset."""
-    return random.Random(f"{seed}:{ident}").choice(SIDES)
 
 
 def _items(a_path, b_path, seed, common):
@@ -29,7 +26,7 @@ def _items(a_path, b_path, seed, common):
     pairs, left_out = pair_samples(a, b, a_path, b_path, common=common)
     items = []
     for sa, sb in pairs:
-        left = left_side(seed, sa.id)
+        left = shown_first(seed, sa.id)
         shown = (sa, sb) if left == "A" else (sb, sa)
         items.append({"id": sa.id, "prompt": sa.prompt, "left": left,
                       "left_text": shown[0].response, "right_text": shown[1].response,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import random
 from pathlib import Path
 
 from limajax.errors import UserError
@@ -21,6 +22,19 @@ from limajax.formats import check_conversations
 from limajax.tokenizer import prompt_turns
 
 ORDERS = ("AB", "BA")  # "AB": file A's answer shown first; "BA": shown second
+
+
+def shown_first(seed: int, ident) -> str:
+    """Which file's answer ("A" or "B") is shown first for this prompt when only one order is
+    asked (compare --orders one; annotate's left side): drawn from (seed, id) alone, so it is
+    the same however the files are ordered or subset, and neither file holds the first place
+    (a judge's position preference, AlpacaEval's seeded order)."""
+    return random.Random(f"{seed}:{ident}").choice(("A", "B"))
+
+
+def one_order(seed: int, ident) -> str:
+    """The order of `shown_first`: "AB" or "BA"."""
+    return "AB" if shown_first(seed, ident) == "A" else "BA"
 VERDICTS = ("A", "B", "tie", "unparsed")  # always naming the files, never the position
 # The fields a pairwise line must have (report reads them; compare writes them all).
 PAIRWISE_FIELDS = ("id", "order", "verdict", "raw", "judge", "template", "prompt_sha", "a_sha",
