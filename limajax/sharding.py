@@ -148,16 +148,17 @@ def whole_rows(batch_size: int, mesh: Mesh) -> int:
 
 
 def spec_for(names: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh,
-             replicated: list[str] | None = None) -> PartitionSpec:
+             replicated: list[tuple[str, int, str]] | None = None) -> PartitionSpec:
     """Logical names -> PartitionSpec; a dimension its mesh axis does not divide is replicated
-    (e.g. LLaMA-33B's 52 heads on a model axis of 8) and, if asked, reported."""
+    (e.g. LLaMA-33B's 52 heads on a model axis of 8) and, if asked, reported as (logical
+    name, size, mesh axis) in `replicated`."""
     rules = dict(RULES)
     axes = []
     for name, size in zip(names, shape, strict=True):
         axis = rules.get(name) if name is not None else None
         if axis is not None and size % mesh.shape[axis]:
             if replicated is not None:
-                replicated.append(f"{name} ({size}) over {axis} ({mesh.shape[axis]})")
+                replicated.append((name, size, axis))
             axis = None
         axes.append(axis)
     return PartitionSpec(*axes)
@@ -182,7 +183,8 @@ def _is_variable(x) -> bool:
     return isinstance(x, nnx.Variable)
 
 
-def state_shardings(state: nnx.State, mesh: Mesh, replicated: list[str] | None = None):
+def state_shardings(state: nnx.State, mesh: Mesh,
+                    replicated: list[tuple[str, int, str]] | None = None):
     """NamedShardings for every variable of an (abstract) model state, from its logical names."""
 
     def sharding(v: nnx.Variable):
@@ -205,10 +207,12 @@ def replication_notices(config: ModelConfig, mesh: Mesh) -> list[str]:
         if not dropped:
             continue
         kept = int(np.prod([mesh.shape[a] for a in spec if a is not None]))
-        lost = int(np.prod([mesh.shape[r.rsplit(" over ", 1)[1].split()[0]] for r in dropped]))
+        lost = int(np.prod([mesh.shape[axis] for _, _, axis in dropped]))
+        what = ", ".join(f"{n} ({size}) over {axis} ({mesh.shape[axis]})"
+                         for n, size, axis in dropped)
         per_device = int(np.prod(shape)) * itemsize / kept
         name = ".".join(str(getattr(k, "key", k)) for k in path)
-        lines.append(f"notice: {name} {list(shape)}: {', '.join(dropped)} does not divide, so it "
+        lines.append(f"notice: {name} {list(shape)}: {what} does not divide, so it "
                      f"is replicated there: +{(per_device - per_device / lost) / 2**20:,.2f} MiB "
                      f"per device ({config.param_dtype}; AdamW's two moments add twice that in "
                      "training)")
@@ -249,7 +253,8 @@ def cache_shardings(config: ModelConfig, batch: int, length: int, mesh: Mesh) ->
 # --- models placed on a mesh ---------------------------------------------------------------------
 
 
-def abstract_model(config: ModelConfig, mesh: Mesh, replicated: list[str] | None = None):
+def abstract_model(config: ModelConfig, mesh: Mesh,
+                   replicated: list[tuple[str, int, str]] | None = None):
     """(graphdef, abstract param state with shardings): a model's plan, nothing allocated."""
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0))))
     shardings = state_shardings(state, mesh, replicated)

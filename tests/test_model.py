@@ -197,6 +197,6 @@ def test_every_preset_shards_on_a_simulated_8x8_mesh():
         80, 1024, 1, 128]
     # 33B's 52 heads cannot split 8 ways: they are replicated, and said so.
     assert sorted(plans["llama1-33b"]["replicated"]) == (
-        ["heads (52) over model (8)"] * 2 + ["kv_heads (52) over model (8)"] * 2)
+        [["heads", 52, "model"]] * 2 + [["kv_heads", 52, "model"]] * 2)
     # Every other LLaMA divides evenly; the CPU-sized tiny model's 4 kv heads are replicated.
     assert {name for name in PRESETS if plans[name]["replicated"]} == {"llama1-33b", "tiny"}
