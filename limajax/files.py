@@ -301,6 +301,7 @@ def quiet_orbax() -> None:
 
     sys.unraisablehook, sys.excepthook = unraisable, excepthook
     logging.getLogger("absl").addFilter(_OrbaxErrors())
+    logging.getLogger("asyncio").addFilter(_OrbaxFutures())
 
 
 def _aftermath(error: BaseException | None) -> bool:
@@ -315,6 +316,20 @@ class _OrbaxErrors(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in
                     record.pathname)
+
+
+class _OrbaxFutures(logging.Filter):
+    """Drops asyncio's "exception was never retrieved" records of Orbax's own futures (a failed
+    background save's writes, reported at exit): limajax has already said it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        tb = getattr(error, "__traceback__", None)
+        while tb is not None:
+            if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+                return False
+            tb = tb.tb_next
+        return True
 
 
 _quiet = False
