@@ -41,6 +41,7 @@ from limajax.tokenizer import (
     TokenSpec,
     load_from,
     save_to,
+    tokenizer_file,
 )
 from limajax.workdir import read_config, restore_epoch_params
 
@@ -192,7 +193,7 @@ def load_model(source: str | Path, shardings=None, *, epoch: int | None = None):
     sharding.abstract_params."""
     if epoch is None:
         params, config, tokens = load_model_dir(source, shardings)
-        return params, config, tokens, load_from(source)[1]
+        return params, config, tokens, tokenizer_file(source)  # tokens.json read above
     run = read_config(source)
     params = restore_epoch_params(source, epoch, abstract_params(run.model, shardings))
     # The tokenizer copied into the workdir (R6); a workdir from before that: the run's.
