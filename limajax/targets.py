@@ -120,6 +120,11 @@ def compile_only_devices(target: Target) -> list:
         os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
         os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
         os.environ.setdefault("TPU_ACCELERATOR_TYPE", target.name.replace("v5e", "v5litepod"))
+        # libtpu takes /tmp/libtpu_lockfile so that two processes never drive the same chips;
+        # a second process that loads it meanwhile fails ("ABORTED: Internal error when
+        # accessing libtpu multi-process lockfile"), which two plans or CI's tests running at
+        # once hit. Compile-only devices open no chip, so the lock protects nothing here.
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         return list(topologies.get_topology_desc(
             platform="tpu", topology_name=target.topology).devices)
     if not _installed("jax_plugins.xla_cuda12"):

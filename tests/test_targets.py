@@ -156,3 +156,28 @@ def test_a_program_past_the_tpu_hbm_is_does_not_fit_not_a_traceback():
     assert "Traceback" not in proc.stderr
     assert "device memory 95.00 GiB usable: DOES NOT FIT" in proc.stdout
     assert _gib(proc.stdout, "temporaries")[0] > 95
+
+
+@needs_tpu
+def test_two_processes_get_tpu_devices_at_once():
+    """libtpu locks /tmp/libtpu_lockfile for the process that drives the chips; compile-only
+    devices open none, so a plan beside another libtpu process (a second plan, CI's tests) must
+    not fail with "Internal error when accessing libtpu multi-process lockfile"."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import os, sys, time\n"
+         "os.environ.update(TPU_SKIP_MDS_QUERY='1', TPU_WORKER_HOSTNAMES='localhost')\n"
+         "from jax.experimental import topologies\n"
+         "topologies.get_topology_desc(platform='tpu', topology_name='v5e:2x4')\n"
+         "print('holding', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, env={"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"})
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        proc = subprocess.run(
+            [sys.executable, "-c", "from limajax import targets\n"
+             "print(len(targets.compile_only_devices(targets.TARGETS['v5e-8'])))"],
+            capture_output=True, text=True, timeout=120, cwd=ROOT,
+            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"})
+        assert proc.returncode == 0 and proc.stdout.strip() == "8", proc.stderr[-2000:]
+    finally:
+        holder.kill()
+        holder.wait()
