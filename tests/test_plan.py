@@ -131,3 +131,19 @@ def test_sample_shape_and_context_are_checked():
     config = load_recipe(ROOT / "configs" / "tiny.py", [], mesh="2x4")
     with pytest.raises(UserError, match="this model's context is 2048 tokens"):
         plan.plan_sample(config, 8, 4096, 2**30)
+
+
+def test_plan_sample_in_the_cli(cli):
+    """The cli's --sample: the sampler's report, exit 3 when it does not fit, and its mistakes
+    as one line each."""
+    tiny = ROOT / "configs" / "tiny.py"
+    r = cli("plan", "--config", tiny, "--sample", "8x512", "--device-memory", "1GiB")
+    assert r.exit_code == 0, r.output
+    assert "plan --sample:" in r.stdout and "8 rows x 512 tokens" in r.stdout
+    assert cli("plan", "--config", tiny, "--sample", "8x512", "--device-memory",
+               "1MiB").exit_code == 3
+    for args, message in ((("--sample", "8"), "expected BATCHxCONTEXT"),
+                          (("--sample", "8x512", "--seq-len", "64"), "--seq-len is the train")):
+        r = cli("plan", "--config", tiny, *args)
+        assert r.exit_code == 2 and message in r.stderr, r.output
+        assert r.stderr.strip().count("\n") == 0, r.stderr

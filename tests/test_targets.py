@@ -181,3 +181,17 @@ def test_two_processes_get_tpu_devices_at_once():
     finally:
         holder.kill()
         holder.wait()
+
+
+@needs_tpu
+def test_sample_plan_by_the_tpu_compiler_with_estimates():
+    """`plan --sample` with --target: the sampler's prefill and decode step compiled by
+    libtpu for a v5e 2x4 slice, with its cost model's prefill time and decode tokens/s."""
+    proc = _plan("--config", TINY, "--target", "v5e-8", "--sample", "8x512", "--set",
+                 "model.dtype=bfloat16")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "8 rows x 512 tokens (cache 512 slots" in out and "by the tpu compiler" in out
+    assert re.search(r"estimates \(the tpu compiler's cost model, not a measurement\): prefill "
+                     r"of 8 x 512 tokens [\d.e-]+ s; decode step [\d.e-]+ ms over the full "
+                     r"cache, [\d,]+ tokens/s", out), out
