@@ -370,7 +370,12 @@ class SamplePlan:
         """Prefill time and decode tokens/s from the compiler's cost model."""
         pre, step = self.prefill.optimal_seconds, self.decode.optimal_seconds
         if pre is None or step is None:
-            return [f"estimates: none (the {self.platform} compiler gives no cost model here)"]
+            given = [f"{name} {c.cost['optimal_seconds']:.3g}" for name, c in
+                     (("prefill", self.prefill), ("decode", self.decode))
+                     if "optimal_seconds" in (c.cost or {})]
+            why = (f"its cost model gives no valid time: optimal_seconds {', '.join(given)}"
+                   if given else "it gives no cost model here")
+            return [f"estimates: none (the {self.platform} compiler: {why})"]
         return [f"estimates (the {self.platform} compiler's cost model, not a measurement): "
                 f"prefill of {self.batch} x {self.cache_length} tokens {pre:.3g} s; decode "
                 f"step {step * 1e3:.3g} ms over the full cache, {self.batch / step:,.0f} "

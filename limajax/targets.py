@@ -1,7 +1,7 @@
 """Accelerator slices `limajax plan --target` compiles for, without the hardware: compile-only
 devices from the accelerator's own compiler (jax-stack-notes §10; MaxText's train_compile.py).
 
-TPU slices are libtpu topologies (`jax[tpu]`); GPU hosts are XLA's CUDA compiler (`jax[cuda12]`)
+TPU slices are libtpu topologies (`jax[tpu]`); GPU hosts are XLA's CUDA compiler (`cuda-plan` extra)
 given a device description (a GpuTargetConfigProto in text form, shipped in limajax/gpu_specs/,
 derived from XLA's own xla/tools/hlo_opt/gpu_specs: each file says how). Cloud TPU names count
 TensorCores for v5p (two per chip: v5p-8 is 4 chips) and chips for v5e and v6e. v4 is left
@@ -56,7 +56,8 @@ class Target:
 
     @property
     def extra(self) -> str:
-        return "tpu" if self.platform == "tpu" else "cuda"
+        """The pip extra with its compiler: cuda-plan compiles for a GPU, cuda runs on one."""
+        return "tpu" if self.platform == "tpu" else "cuda-plan"
 
 
 _GIB = 2**30

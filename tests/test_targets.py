@@ -20,7 +20,7 @@ def _has(module: str) -> bool:
 
 needs_tpu = pytest.mark.skipif(not _has("libtpu"), reason='needs pip install "limajax[tpu]"')
 needs_cuda = pytest.mark.skipif(not _has("jax_plugins.xla_cuda12"),
-                                reason='needs pip install "limajax[cuda]"')
+                                reason='needs pip install "limajax[cuda-plan]"')
 
 
 def _plan(*args, timeout=600):
@@ -66,7 +66,7 @@ def test_a_mesh_of_another_size_than_the_target_is_one_line(cli):
                                 "(try --mesh 1x16 or 2x8 or 4x4 or 8x2, ...)")
 
 
-@pytest.mark.parametrize("target, extra", [("v5e-8", "tpu"), ("h200x8", "cuda")])
+@pytest.mark.parametrize("target, extra", [("v5e-8", "tpu"), ("h200x8", "cuda-plan")])
 def test_a_missing_extra_names_it(cli, monkeypatch, target, extra):
     monkeypatch.setattr(targets, "_installed", lambda module: False)
     r = cli("plan", "--config", TINY, "--target", target)

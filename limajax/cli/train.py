@@ -113,7 +113,7 @@ def plan(config_path, mesh, target, list_targets, device_memory, seq_len, sample
     """Compile the real train step ahead of time and print its memory per device (parameters,
     optimiser state, compiler temporaries) against the device's, beside an analytic estimate.
     Exit code 3 if it does not fit. With --target, the accelerator's own compiler does it on
-    compile-only devices (pip install "limajax[tpu]" or "limajax[cuda]"), with its cost model's
+    compile-only devices (pip install "limajax[tpu]" or "limajax[cuda-plan]"), with its cost model's
     step-time estimates where it has one.
 
     Example: limajax plan --config configs/lima_65b_h200.py --target h200x8
