@@ -85,6 +85,13 @@ def compare(a_path: str, b_path: str, judge: judge_lib.Judge, output: str, *,
             "failed": {a_path: a.failed, b_path: b.failed}}
 
 
+def format_summary(r: dict, output: str) -> str:
+    o = r["outcomes"]
+    return (f"{r['prompts']} prompts: A {o['A']}, tie {o['tie']}, B {o['B']}, unparsed "
+            f"{o['unparsed']} ({r['judged']} judged now, {r['cached']} already in {output}, "
+            f"{r['retries']} retries) -> {output}")
+
+
 def _recorder(id_, order, fingerprint, a_path, b_path, len_a, len_b):
     def record(position, raw, reasks, retries):
         return {"id": id_, "order": order, "verdict": to_files(position, order), "raw": raw,
