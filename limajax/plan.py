@@ -10,14 +10,17 @@ import dataclasses
 import math
 import re
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jax.sharding import Mesh
 
 from limajax import attention, sharding, targets
-from limajax.config import TrainConfig
+from limajax.config import MAX_LEN, ModelConfig, TrainConfig, bucket_length, buckets_for
 from limajax.errors import UserError
+from limajax.sampling import sampler
 from limajax.targets import Target
 from limajax.train import BATCH_KEYS, KNOWN_PEAKS, build, make_train_step
 
@@ -260,30 +263,212 @@ def _compile(config: TrainConfig, device_memory: int, t: int, mesh: Mesh,
     b = config.data.batch_size
     batch = {k: jax.ShapeDtypeStruct((b, t), jnp.float32 if k == "loss_mask" else jnp.int32,
                                      sharding=setup.batch_sharding) for k in BATCH_KEYS}
-    arguments = per_device_bytes((setup.abstract_state, batch))
+    c = compile_memory(step, mesh, setup.abstract_state, batch)
+    return Plan(config, mesh.size, t, device_memory,
+                params=per_device_bytes(setup.abstract_state.params),
+                opt_state=per_device_bytes(setup.abstract_state.opt_state),
+                batch=per_device_bytes(batch),
+                compiled_arguments=c.arguments, compiled_outputs=c.outputs,
+                compiled_aliased=c.aliased, compiled_temp=c.temp,
+                analytic=analytic_memory(config, mesh, t, platform), compile_seconds=c.seconds,
+                kernel=attention.choose(config.model.attention, platform),
+                platform=platform, target=target, cost=c.cost)
+
+
+@dataclasses.dataclass(frozen=True)
+class Compiled:
+    """Per-device bytes of one compiled program as its compiler assigns them, and its cost
+    model (None where the compiler has none)."""
+
+    arguments: int
+    outputs: int
+    aliased: int  # outputs written into donated arguments
+    temp: int
+    seconds: float  # compile time
+    cost: dict | None = None
+    out_shardings: Any = None
+
+    @property
+    def total(self) -> int:
+        """What the program needs at its peak: inputs + outputs not written in place +
+        temporaries."""
+        return self.arguments + self.outputs - self.aliased + self.temp
+
+    @property
+    def optimal_seconds(self) -> float | None:
+        seconds = (self.cost or {}).get("optimal_seconds")
+        return float(seconds) if seconds and seconds > 0 else None
+
+
+def compile_memory(jitted, mesh: Mesh, *abstract_args) -> Compiled:
+    """Lower and compile `jitted` on abstract sharded arguments (nothing allocated) and read
+    its memory and cost analyses."""
     t0 = time.perf_counter()
     try:
         with sharding.activate(mesh):
-            compiled = step.lower(setup.abstract_state, batch).compile()
+            compiled = jitted.lower(*abstract_args).compile()
         mem = compiled.memory_analysis()
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
         sizes = (mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
                  mem.temp_size_in_bytes)
+        outs = compiled.output_shardings
     except jax.errors.JaxRuntimeError as e:
         # The TPU compiler refuses a program past the chip's HBM, naming its temporaries
         # ("HLO temporaries (139.75G) exceeds available HBM (95.74G)"): that is a plan too.
         found = re.search(r"HLO temporaries \(([\d.]+)G\)", str(e))
         if "RESOURCE_EXHAUSTED" not in str(e) or found is None:
             raise
-        cost, sizes = None, (arguments, 0, 0, int(float(found.group(1)) * 2**30))
-    seconds = time.perf_counter() - t0
-    return Plan(config, mesh.size, t, device_memory,
-                params=per_device_bytes(setup.abstract_state.params),
-                opt_state=per_device_bytes(setup.abstract_state.opt_state),
-                batch=per_device_bytes(batch),
-                compiled_arguments=sizes[0], compiled_outputs=sizes[1],
-                compiled_aliased=sizes[2], compiled_temp=sizes[3],
-                analytic=analytic_memory(config, mesh, t, platform), compile_seconds=seconds,
-                kernel=attention.choose(config.model.attention, platform),
-                platform=platform, target=target, cost=dict(cost) if cost else None)
+        cost, outs = None, None
+        sizes = (per_device_bytes(abstract_args), 0, 0, int(float(found.group(1)) * 2**30))
+    return Compiled(*sizes, seconds=time.perf_counter() - t0, cost=dict(cost) if cost else None,
+                    out_shardings=outs)
+
+
+# --- `plan --sample BATCHxCONTEXT`: the sampler's prefill and decode step -------------------
+
+
+def parse_sample(text: str) -> tuple[int, int]:
+    """'8x2048' -> (rows, context tokens)."""
+    m = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", text.lower())
+    if not m or not int(m.group(1)) or not int(m.group(2)):
+        raise UserError(f"--sample {text!r}: expected BATCHxCONTEXT with positive integers, "
+                        "e.g. 8x2048 (rows decoded together x prompt + answer tokens)")
+    return int(m.group(1)), int(m.group(2))
+
+
+@dataclasses.dataclass
+class SamplePlan:
+    """Per-device memory of LIMA's sampler (sampling/sampler.py) on an inference mesh: the
+    prefill of `batch` prompts into a KV cache of `cache_length` slots, and one decode step
+    over that cache, each compiled by the mesh's compiler."""
+
+    model: ModelConfig
+    mesh: str
+    devices: int
+    batch: int
+    context: int
+    cache_length: int  # the cache bucket the sampler pads `context` to
+    device_memory: int
+    params: int
+    cache: int  # the KV cache: 2 x layers x rows x slots x K/V heads x head_dim per shard
+    state: int  # the rest of the decode state (tokens, seen ids, logits, log-probs)
+    prefill: Compiled
+    decode: Compiled
+    platform: str
+    target: Target | None = None
+
+    @property
+    def total(self) -> int:
+        return max(self.prefill.total, self.decode.total)
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.device_memory
+
+    def estimates(self) -> list[str]:
+        """Prefill time and decode tokens/s from the compiler's cost model."""
+        pre, step = self.prefill.optimal_seconds, self.decode.optimal_seconds
+        if pre is None or step is None:
+            given = [f"{name} {c.cost['optimal_seconds']:.3g}" for name, c in
+                     (("prefill", self.prefill), ("decode", self.decode))
+                     if "optimal_seconds" in (c.cost or {})]
+            why = (f"its cost model gives no valid time: optimal_seconds {', '.join(given)}"
+                   if given else "it gives no cost model here")
+            return [f"estimates: none (the {self.platform} compiler: {why})"]
+        return [f"estimates (the {self.platform} compiler's cost model, not a measurement): "
+                f"prefill of {self.batch} x {self.cache_length} tokens {pre:.3g} s; decode "
+                f"step {step * 1e3:.3g} ms over the full cache, {self.batch / step:,.0f} "
+                "tokens/s"]
+
+    def format(self) -> str:
+        m = self.model
+        rows = [
+            f"plan --sample: {m.n_params / 1e9:,.2f}B parameters, mesh {self.mesh} "
+            f"({self.devices} devices), {self.batch} rows x {self.context} tokens (cache "
+            f"{self.cache_length} slots; prefill of prompts that fill it), params "
+            f"{m.param_dtype}, compute and cache {m.dtype}, attention xla (the cached path)",
+            f"{'per device':<34}{'prefill':>14}{'decode step':>14}",
+            f"{'  parameters':<34}{gib(self.params):>14}{gib(self.params):>14}",
+            f"{'  KV cache':<34}{gib(self.cache):>14}{gib(self.cache):>14}",
+            f"{'  other decode state':<34}{gib(self.state):>14}{gib(self.state):>14}",
+            f"{'  compiled: arguments':<34}{gib(self.prefill.arguments):>14}"
+            f"{gib(self.decode.arguments):>14}",
+            f"{'  compiled: temporaries':<34}{gib(self.prefill.temp):>14}"
+            f"{gib(self.decode.temp):>14}",
+            f"{'  compiled: outputs not in place':<34}"
+            f"{gib(self.prefill.outputs - self.prefill.aliased):>14}"
+            f"{gib(self.decode.outputs - self.decode.aliased):>14}",
+            f"{'  total':<34}{gib(self.prefill.total):>14}{gib(self.decode.total):>14}",
+        ]
+        verdict = (("fits" if self.fits else "DOES NOT FIT")
+                   + f" ({self.total / self.device_memory:.0%} used at the larger)")
+        seconds = self.prefill.seconds + self.decode.seconds
+        t = self.target
+        if t is None:
+            rows += [f"device memory {gib(self.device_memory)}: {verdict}; compiled in "
+                     f"{seconds:.1f} s by the CPU compiler, a stand-in for the accelerator's; "
+                     "--target compiles with the accelerator's own"]
+        else:
+            rows += [f"target {t.name}: {t.devices} devices on {t.hosts} host(s), "
+                     f"{gib(t.memory)} per device ({t.memory_source}); runtime reserve: "
+                     f"{t.reserve_text}",
+                     f"device memory {gib(self.device_memory)} usable: {verdict}; compiled in "
+                     f"{seconds:.1f} s by the {t.platform} compiler",
+                     *self.estimates()]
+        return "\n".join(rows)
+
+
+def plan_sample(config: TrainConfig, batch: int, context: int,
+                device_memory: int | None = None, *, mesh: Mesh | None = None,
+                target: Target | None = None) -> SamplePlan:
+    """Compile the sampler's prefill and one decode step, as `sample` and `serve` run them
+    (run_batch: rows over `data`, the model and its cache over `model`), on abstract inputs:
+    nothing is allocated. `batch` is rounded up to whole rows per data shard and `context` to
+    the sampler's cache bucket, as `sample` does."""
+    if target is not None:
+        targets.check_mesh(target, config.mesh, sharding.mesh_devices(config.mesh))
+        if mesh is None:
+            mesh = sharding.make_mesh(config.mesh, targets.compile_only_devices(target))
+        device_memory = target.usable if device_memory is None else device_memory
+    mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
+    if device_memory is None:
+        raise UserError("plan: give --device-memory (or --target)")
+    m = config.model
+    limit = min(MAX_LEN, m.max_seq_len)  # sampler.context_length
+    if context > limit:
+        raise UserError(f"--sample ...x{context}: this model's context is {limit} tokens")
+    b = sharding.whole_rows(batch, mesh)
+    length = bucket_length(context, buckets_for(limit))
+    graphdef, abstract = sharding.abstract_model(m, mesh)
+    params = nnx.to_pure_dict(abstract)
+    rows = sharding.batch_sharding(mesh)
+
+    def row_array(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=rows)
+
+    knobs = sampler.Knobs(*(row_array((b,), dtype) for dtype in (
+        jnp.float32, jnp.float32, jnp.float32, jnp.bool_, jnp.bool_, jnp.bool_)))
+    prompts = (row_array((b, length), jnp.int32), row_array((b,), jnp.int32),
+               row_array((b,), jnp.int32), knobs, row_array((b, 2), jnp.uint32))
+
+    def prefill(params, *inputs):
+        return sampler.prefill(nnx.merge(graphdef, params), *inputs, cache_length=length)
+
+    pre = compile_memory(jax.jit(prefill), mesh, params, *prompts)
+    with sharding.activate(mesh):
+        shapes = jax.eval_shape(prefill, params, *prompts)
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                         shapes, pre.out_shardings)
+
+    def step(params, state, stops):
+        return sampler.step(nnx.merge(graphdef, params), state, stops)
+
+    stops = jax.ShapeDtypeStruct((2,), jnp.int32, sharding=sharding.replicated_sharding(mesh))
+    dec = compile_memory(jax.jit(step, donate_argnums=1), mesh, params, state, stops)
+    cache = per_device_bytes(state.cache)
+    platform = mesh.devices.flat[0].platform
+    return SamplePlan(m, config.mesh, mesh.size, b, context, length, device_memory,
+                      params=per_device_bytes(params), cache=cache,
+                      state=per_device_bytes(state) - cache, prefill=pre, decode=dec,
+                      platform=platform, target=target)

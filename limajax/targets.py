@@ -1,7 +1,7 @@
 """Accelerator slices `limajax plan --target` compiles for, without the hardware: compile-only
 devices from the accelerator's own compiler (jax-stack-notes §10; MaxText's train_compile.py).
 
-TPU slices are libtpu topologies (`jax[tpu]`); GPU hosts are XLA's CUDA compiler (`jax[cuda12]`)
+TPU slices are libtpu topologies (`jax[tpu]`); GPU hosts are XLA's CUDA compiler (`cuda-plan` extra)
 given a device description (a GpuTargetConfigProto in text form, shipped in limajax/gpu_specs/,
 derived from XLA's own xla/tools/hlo_opt/gpu_specs: each file says how). Cloud TPU names count
 TensorCores for v5p (two per chip: v5p-8 is 4 chips) and chips for v5e and v6e. v4 is left
@@ -56,7 +56,8 @@ class Target:
 
     @property
     def extra(self) -> str:
-        return "tpu" if self.platform == "tpu" else "cuda"
+        """The pip extra with its compiler: cuda-plan compiles for a GPU, cuda runs on one."""
+        return "tpu" if self.platform == "tpu" else "cuda-plan"
 
 
 _GIB = 2**30
@@ -120,6 +121,11 @@ def compile_only_devices(target: Target) -> list:
         os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
         os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
         os.environ.setdefault("TPU_ACCELERATOR_TYPE", target.name.replace("v5e", "v5litepod"))
+        # libtpu takes /tmp/libtpu_lockfile so that two processes never drive the same chips;
+        # a second process that loads it meanwhile fails ("ABORTED: Internal error when
+        # accessing libtpu multi-process lockfile"), which two plans or CI's tests running at
+        # once hit. Compile-only devices open no chip, so the lock protects nothing here.
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         return list(topologies.get_topology_desc(
             platform="tpu", topology_name=target.topology).devices)
     if not _installed("jax_plugins.xla_cuda12"):

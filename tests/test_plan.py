@@ -88,3 +88,62 @@ def test_replicated_tensors_are_named_with_their_cost(cli):
     assert all("kv_heads (4) over model (8) does not divide" in x and "+0.03 MiB per device" in x
                for x in notices[:2]), notices
     assert "mlp (172) over model (8)" in notices[2]
+
+
+def test_sample_plan_compiles_prefill_and_decode_with_the_kv_cache():
+    """`plan --sample`: the sampler's prefill and one decode step compiled on the inference
+    mesh. The KV cache is what it must be, 2 x layers x rows x slots x K/V heads x head_dim x
+    dtype size per shard (rows over data, K/V heads over model), the decode step updates the
+    donated state in place, and the rows and the context are rounded as `sample` rounds them."""
+    from limajax import plan
+    from limajax.config import load_recipe
+
+    config = load_recipe(ROOT / "configs" / "tiny.py", [
+        "model.dim=512", "model.n_layers=4", "model.n_heads=8", "model.n_kv_heads=4",
+        "model.dtype=bfloat16", "model.param_dtype=bfloat16"], mesh="2x4")
+    r = plan.plan_sample(config, 5, 1000, plan.parse_bytes("1GiB"))
+    assert (r.batch, r.cache_length) == (6, 1024)  # whole rows over data 2; the 1024 bucket
+    assert r.cache == 2 * 4 * (6 // 2) * 1024 * (4 // 4) * 64 * 2
+    m = config.model
+    assert r.params == pytest.approx(m.n_params * 2 / 8, rel=0.02)  # bf16, every weight split 8
+    assert r.decode.arguments >= r.params + r.cache + r.state
+    assert r.decode.aliased >= r.cache + r.state  # the donated state, written in place
+    assert r.prefill.outputs >= r.cache
+    assert r.fits and r.total == max(r.prefill.total, r.decode.total)
+    out = r.format()
+    assert "6 rows x 1000 tokens (cache 1024 slots" in out and "mesh 2x4 (8 devices)" in out
+    assert _gib(out, "KV cache") == [round(r.cache / 2**30, 2)] * 2
+    assert _gib(out, "total") == [round(r.prefill.total / 2**30, 2),
+                                  round(r.decode.total / 2**30, 2)]
+    assert "by the CPU compiler, a stand-in" in out
+    assert not plan.plan_sample(config, 5, 1000, 2 * 2**20).fits  # 2 MiB: exit 3 in the cli
+
+
+def test_sample_shape_and_context_are_checked():
+    from limajax import plan
+    from limajax.config import load_recipe
+    from limajax.errors import UserError
+
+    assert plan.parse_sample("8x2048") == (8, 2048)
+    for bad in ("8", "8x", "0x512", "8x2048x2", "ax512"):
+        with pytest.raises(UserError, match="expected BATCHxCONTEXT"):
+            plan.parse_sample(bad)
+    config = load_recipe(ROOT / "configs" / "tiny.py", [], mesh="2x4")
+    with pytest.raises(UserError, match="this model's context is 2048 tokens"):
+        plan.plan_sample(config, 8, 4096, 2**30)
+
+
+def test_plan_sample_in_the_cli(cli):
+    """The cli's --sample: the sampler's report, exit 3 when it does not fit, and its mistakes
+    as one line each."""
+    tiny = ROOT / "configs" / "tiny.py"
+    r = cli("plan", "--config", tiny, "--sample", "8x512", "--device-memory", "1GiB")
+    assert r.exit_code == 0, r.output
+    assert "plan --sample:" in r.stdout and "8 rows x 512 tokens" in r.stdout
+    assert cli("plan", "--config", tiny, "--sample", "8x512", "--device-memory",
+               "1MiB").exit_code == 3
+    for args, message in ((("--sample", "8"), "expected BATCHxCONTEXT"),
+                          (("--sample", "8x512", "--seq-len", "64"), "--seq-len is the train")):
+        r = cli("plan", "--config", tiny, *args)
+        assert r.exit_code == 2 and message in r.stderr, r.output
+        assert r.stderr.strip().count("\n") == 0, r.stderr

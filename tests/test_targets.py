@@ -20,7 +20,7 @@ def _has(module: str) -> bool:
 
 needs_tpu = pytest.mark.skipif(not _has("libtpu"), reason='needs pip install "limajax[tpu]"')
 needs_cuda = pytest.mark.skipif(not _has("jax_plugins.xla_cuda12"),
-                                reason='needs pip install "limajax[cuda]"')
+                                reason='needs pip install "limajax[cuda-plan]"')
 
 
 def _plan(*args, timeout=600):
@@ -66,7 +66,7 @@ def test_a_mesh_of_another_size_than_the_target_is_one_line(cli):
                                 "(try --mesh 1x16 or 2x8 or 4x4 or 8x2, ...)")
 
 
-@pytest.mark.parametrize("target, extra", [("v5e-8", "tpu"), ("h200x8", "cuda")])
+@pytest.mark.parametrize("target, extra", [("v5e-8", "tpu"), ("h200x8", "cuda-plan")])
 def test_a_missing_extra_names_it(cli, monkeypatch, target, extra):
     monkeypatch.setattr(targets, "_installed", lambda module: False)
     r = cli("plan", "--config", TINY, "--target", target)
@@ -156,3 +156,42 @@ def test_a_program_past_the_tpu_hbm_is_does_not_fit_not_a_traceback():
     assert "Traceback" not in proc.stderr
     assert "device memory 95.00 GiB usable: DOES NOT FIT" in proc.stdout
     assert _gib(proc.stdout, "temporaries")[0] > 95
+
+
+@needs_tpu
+def test_two_processes_get_tpu_devices_at_once():
+    """libtpu locks /tmp/libtpu_lockfile for the process that drives the chips; compile-only
+    devices open none, so a plan beside another libtpu process (a second plan, CI's tests) must
+    not fail with "Internal error when accessing libtpu multi-process lockfile"."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import os, sys, time\n"
+         "os.environ.update(TPU_SKIP_MDS_QUERY='1', TPU_WORKER_HOSTNAMES='localhost')\n"
+         "from jax.experimental import topologies\n"
+         "topologies.get_topology_desc(platform='tpu', topology_name='v5e:2x4')\n"
+         "print('holding', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, env={"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"})
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        proc = subprocess.run(
+            [sys.executable, "-c", "from limajax import targets\n"
+             "print(len(targets.compile_only_devices(targets.TARGETS['v5e-8'])))"],
+            capture_output=True, text=True, timeout=120, cwd=ROOT,
+            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"})
+        assert proc.returncode == 0 and proc.stdout.strip() == "8", proc.stderr[-2000:]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@needs_tpu
+def test_sample_plan_by_the_tpu_compiler_with_estimates():
+    """`plan --sample` with --target: the sampler's prefill and decode step compiled by
+    libtpu for a v5e 2x4 slice, with its cost model's prefill time and decode tokens/s."""
+    proc = _plan("--config", TINY, "--target", "v5e-8", "--sample", "8x512", "--set",
+                 "model.dtype=bfloat16")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "8 rows x 512 tokens (cache 512 slots" in out and "by the tpu compiler" in out
+    assert re.search(r"estimates \(the tpu compiler's cost model, not a measurement\): prefill "
+                     r"of 8 x 512 tokens [\d.e-]+ s; decode step [\d.e-]+ ms over the full "
+                     r"cache, [\d,]+ tokens/s", out), out

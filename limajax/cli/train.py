@@ -102,17 +102,25 @@ def train(config_path, mesh, init, data_dir, workdir, overrides, tokenizer, epoc
               "memory; 32GiB without --target).")
 @click.option("--seq-len", type=click.IntRange(min=1), default=None,
               help="Sequence length to plan for (default: the recipe's max_len).")
+@click.option("--sample", "sample_shape", default=None, metavar="BATCHxCONTEXT",
+              help="Plan the sampler instead (sample, serve): prefill and one decode step of "
+              "BATCH rows of CONTEXT tokens with their KV cache, e.g. 8x2048.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe value, e.g. --set model.remat=dots (repeatable).")
 @user_errors
-def plan(config_path, mesh, target, list_targets, device_memory, seq_len, overrides):
+def plan(config_path, mesh, target, list_targets, device_memory, seq_len, sample_shape,
+         overrides):
     """Compile the real train step ahead of time and print its memory per device (parameters,
     optimiser state, compiler temporaries) against the device's, beside an analytic estimate.
     Exit code 3 if it does not fit. With --target, the accelerator's own compiler does it on
-    compile-only devices (pip install "limajax[tpu]" or "limajax[cuda]"), with its cost model's
+    compile-only devices (pip install "limajax[tpu]" or "limajax[cuda-plan]"), with its cost model's
     step-time estimates where it has one.
 
     Example: limajax plan --config configs/lima_65b_h200.py --target h200x8
+
+    With --sample, the same for the sampler on the recipe's model: parameters, KV cache and
+    the compiler's temporaries of the prefill and of a decode step, with the cost model's
+    prefill time and decode tokens/s where it has one.
     """
     from limajax import targets
 
@@ -121,9 +129,14 @@ def plan(config_path, mesh, target, list_targets, device_memory, seq_len, overri
         return
     if config_path is None:
         raise UserError("plan needs --config RECIPE (or --list-targets)")
+    from limajax import plan as plan_lib
     from limajax import sharding
     from limajax.config import load_recipe
 
+    if sample_shape is not None and seq_len is not None:
+        raise UserError("--seq-len is the train step's; with --sample the context is "
+                        "BATCHxCONTEXT's")
+    sample = None if sample_shape is None else plan_lib.parse_sample(sample_shape)
     chosen = None if target is None else targets.find(target)
     config = load_recipe(config_path, overrides, mesh=mesh)
     if chosen is None:
@@ -133,7 +146,6 @@ def plan(config_path, mesh, target, list_targets, device_memory, seq_len, overri
         targets.check_mesh(chosen, config.mesh, sharding.mesh_devices(config.mesh))
         devices = targets.compile_only_devices(chosen)
     from limajax import attention
-    from limajax import plan as plan_lib
 
     memory = None if device_memory is None else plan_lib.parse_bytes(device_memory)
     if chosen is None and memory is None:
@@ -142,9 +154,12 @@ def plan(config_path, mesh, target, list_targets, device_memory, seq_len, overri
     m = config.model
     for line in sharding.replication_notices(m, mesh):
         click.echo(line, err=True)
-    click.echo(attention.describe(m.attention, mesh.devices.flat[0].platform,
-                                  (m.n_heads, m.n_kv_heads, mesh.shape["model"])), err=True)
-    report = plan_lib.plan(config, memory, seq_len=seq_len, mesh=mesh, target=chosen)
+    if sample is not None:
+        report = plan_lib.plan_sample(config, *sample, memory, mesh=mesh, target=chosen)
+    else:
+        click.echo(attention.describe(m.attention, mesh.devices.flat[0].platform,
+                                      (m.n_heads, m.n_kv_heads, mesh.shape["model"])), err=True)
+        report = plan_lib.plan(config, memory, seq_len=seq_len, mesh=mesh, target=chosen)
     click.echo(report.format())
     if not report.fits:
         sys.exit(DOES_NOT_FIT)
