@@ -21,7 +21,7 @@ from limajax import sharding
 from limajax.checkpoint import load_for_inference
 from limajax.config import bucket_length, buckets_for
 from limajax.errors import UserError
-from limajax.files import json_line, read_jsonl, staged_file
+from limajax.files import check_replaceable, json_line, read_jsonl, staged_file
 from limajax.model import Llama, token_nll
 from limajax.progress import progress
 from limajax.tokenizer import Tokenizer
@@ -75,11 +75,8 @@ def score_file(model_dir: str, input_path: str, output_path: str, mesh_spec: str
                batch_size: int = 8, epoch: int | None = None, overwrite: bool = False) -> dict:
     """`limajax score`: read texts, write scored rows atomically, return a summary (with how
     many texts were trimmed to the model's context). The output is checked before any work."""
-    output = Path(output_path)
-    if output.exists() and (not overwrite or output.is_dir()):
-        raise UserError(f"{output}: already exists (pass --overwrite to replace it)"
-                        if not output.is_dir() else f"{output}: is a directory (--output)")
-    output.parent.mkdir(parents=True, exist_ok=True)
+    check_replaceable(output_path, overwrite=overwrite)
+    Path(output_path).parent.mkdir(parents=True, exist_ok=True)
     rows = read_texts(input_path)
     mesh = sharding.inference_mesh(mesh_spec)
     model, tokenizer = load_for_inference(model_dir, mesh, epoch=epoch)

@@ -458,8 +458,12 @@ def plan_sample(config: TrainConfig, batch: int, context: int,
     pre = compile_memory(jax.jit(prefill), mesh, params, *prompts)
     with sharding.activate(mesh):
         shapes = jax.eval_shape(prefill, params, *prompts)
+    # The decode step takes the state as prefill lays it out; where the TPU compiler refused
+    # prefill (past its HBM) there is none, so as the sampler constrains it.
+    layout = pre.out_shardings or jax.tree.map(lambda _: rows, shapes)._replace(
+        cache=sharding.cache_shardings(m, b, length, mesh))
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                         shapes, pre.out_shardings)
+                         shapes, layout)
 
     def step(params, state, stops):
         return sampler.step(nnx.merge(graphdef, params), state, stops)

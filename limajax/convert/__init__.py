@@ -42,6 +42,7 @@ from limajax.errors import UserError
 from limajax.files import staged_dir
 from limajax.tokenizer import TokenSpec, save_to
 
+# __all__ repeats the imports: it is the package's public surface, which ruff checks (F401).
 __all__ = ["EOT_TEXT", "WEIGHTS", "Converted", "Weight", "allocate", "config_from_hf",
            "config_from_meta", "context_guess", "convert", "export", "extract", "hf_config",
            "init_eot",

@@ -39,6 +39,7 @@ from limajax.data.gair import (
 )
 from limajax.data.stats import SplitStats, format_stats, inspect, plot_lengths
 
+# __all__ repeats the imports: it is the package's public surface, which ruff checks (F401).
 __all__ = ["BATCH_KEYS", "MULTI_TURN", "SAMPLE_DATA", "SAMPLE_TOKENIZER", "SPLITS", "Batches",
            "Lima", "PrepareOptions", "Row", "SplitStats", "batches_for", "conversations",
            "dataset_dir", "dev_batches_for", "format_prepared", "format_stats", "inspect", "load",

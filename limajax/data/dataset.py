@@ -69,12 +69,9 @@ def prepare(input_dir: str | Path, output_dir: str | Path,
     """Build the dataset into `output_dir` atomically (all or nothing); returns its metadata."""
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     options = options or PrepareOptions()
-    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
-        raise UserError(f"{output_dir}: already exists and is not empty; choose a new --output")
-    # every input error before any output
+    # every input error before any output (data prepare has no --overwrite)
     select(read_gair_dir(input_dir, options.format, options.template)[0], options)
-    # overwrite: only an empty directory gets this far (checked above).
-    with staged_dir(output_dir, command="data prepare", overwrite=True) as tmp:
+    with staged_dir(output_dir, command="data prepare", overwrite=None) as tmp:
         tfds.disable_progress_bar()
         builder = Lima(data_dir=tmp, options=options, input_path=input_dir)
         with contextlib.redirect_stdout(io.StringIO()):  # tfds prints its own progress lines

@@ -160,6 +160,7 @@ def summarize(rows: list[dict], rubric: str, *, resamples: int = 2000, seed: int
     if not len(sums):
         out["mean"], out["ci95"] = None, None
         return out
+    # Apart from stats.bootstrap_counts: a mean over prompts is no category count to draw.
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(sums), size=(resamples, len(sums)))
     out["mean"] = float(sums.sum() / counts.sum())
