@@ -3,7 +3,8 @@
 Every command reads JSON and JSONL through `read_json` / `read_jsonl` (a bad line is reported
 as `file:line`), and writes through `write_json`, `staged_file` or `staged_dir`: the output is
 built beside its destination and renamed into place when complete, so an interrupted run never
-leaves something that looks finished (DESIGN §2, "errors are for people"). A damaged
+leaves something that looks finished (DESIGN §2, "errors are for people"); `staged_path` for
+writers that want a name. Whether an output may be replaced is `check_replaceable`. A damaged
 checkpoint read back is one line too (`damaged_is_one_line`).
 """
 
@@ -116,17 +117,24 @@ def drop_torn_last_line(path: str | Path) -> bool:
 
 
 @contextlib.contextmanager
-def staged_file(path: str | Path) -> Iterator[IO[str]]:
-    """A text file opened beside `path`, renamed onto it on success and removed on failure."""
+def staged_path(path: str | Path) -> Iterator[Path]:
+    """A path beside `path` to write to (by name, e.g. matplotlib's savefig, which then needs
+    its format: the name ends in .tmp), renamed onto `path` on success, removed on failure."""
     path = Path(path)
     remove_stale(path)
     tmp = path.with_name(f".{path.name}.{_OWNER}.tmp")
     try:
-        with tmp.open("w", encoding="utf-8") as f:
-            yield f
+        yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def staged_file(path: str | Path) -> Iterator[IO[str]]:
+    """A text file opened beside `path` (staged_path), closed before it is renamed onto it."""
+    with staged_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
+        yield f
 
 
 OUTPUT_MARKER = ".limajax-output.json"  # {"command": ...}: which command made a directory
@@ -164,17 +172,24 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def check_replaceable(final: str | Path, *, overwrite: bool, command: str) -> None:
-    """An existing `final` may be replaced only with `overwrite`, and only if it is empty or an
-    earlier run of the same `command` made it (its OUTPUT_MARKER says so), so a mistyped
-    --output or --workdir never deletes someone's files (newcomer F1)."""
+def check_replaceable(final: str | Path, *, overwrite: bool | None, command: str | None = None
+                      ) -> None:
+    """May a command write its output at `final`? Nothing there, or an empty directory, is
+    free. Anything else needs `overwrite` (None: the command has no --overwrite), and then a
+    file output (`command` None) replaces only a file, a directory output only what an earlier
+    run of the same `command` made (its OUTPUT_MARKER says so), so a mistyped --output or
+    --workdir never deletes someone's files (newcomer F1)."""
     final = Path(final)
-    if not (final.exists() or final.is_symlink()):
+    is_dir = final.is_dir() and not final.is_symlink()
+    if command is None and final.is_dir():
+        raise UserError(f"{final}: is a directory (--output)")
+    if not (final.exists() or final.is_symlink()) or (is_dir and not any(final.iterdir())):
         return
     if not overwrite:
-        raise UserError(f"{final}: already exists (pass --overwrite to replace it)")
-    if not final.is_dir() or final.is_symlink() or (
-            any(final.iterdir()) and made_by(final) != command):
+        raise UserError(f"{final}: already exists " + (
+            "and is not empty; choose a new --output" if overwrite is None else
+            "(pass --overwrite to replace it)"))
+    if command is not None and (not is_dir or made_by(final) != command):
         raise UserError(f"{final}: refusing to replace it: it is not an earlier output of "
                         f"`limajax {command}` (delete it yourself if you mean to)")
 
@@ -205,7 +220,8 @@ def share_like_umask(root: Path) -> None:
 
 
 @contextlib.contextmanager
-def staged_dir(final: str | Path, *, command: str, overwrite: bool = False) -> Iterator[Path]:
+def staged_dir(final: str | Path, *, command: str, overwrite: bool | None = False
+               ) -> Iterator[Path]:
     """Yield an empty temporary directory beside `final`; rename it to `final` on success.
 
     On any error the temporary directory is removed and `final` is untouched. An existing

@@ -8,6 +8,7 @@ it has seen the like of, and the same numbers as the reference implementation).
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from limajax import sharding
 from limajax.checkpoint import load_for_inference
 from limajax.config import bucket_length, buckets_for
 from limajax.errors import UserError
-from limajax.files import json_line, read_jsonl, staged_file
+from limajax.files import check_replaceable, json_line, read_jsonl, staged_file
 from limajax.model import Llama, token_nll
 from limajax.progress import progress
 from limajax.tokenizer import Tokenizer
@@ -74,11 +75,8 @@ def score_file(model_dir: str, input_path: str, output_path: str, mesh_spec: str
                batch_size: int = 8, epoch: int | None = None, overwrite: bool = False) -> dict:
     """`limajax score`: read texts, write scored rows atomically, return a summary (with how
     many texts were trimmed to the model's context). The output is checked before any work."""
-    output = Path(output_path)
-    if output.exists() and (not overwrite or output.is_dir()):
-        raise UserError(f"{output}: already exists (pass --overwrite to replace it)"
-                        if not output.is_dir() else f"{output}: is a directory (--output)")
-    output.parent.mkdir(parents=True, exist_ok=True)
+    check_replaceable(output_path, overwrite=overwrite)
+    Path(output_path).parent.mkdir(parents=True, exist_ok=True)
     rows = read_texts(input_path)
     mesh = sharding.inference_mesh(mesh_spec)
     model, tokenizer = load_for_inference(model_dir, mesh, epoch=epoch)
@@ -89,6 +87,14 @@ def score_file(model_dir: str, input_path: str, output_path: str, mesh_spec: str
             f.write(json_line(row))
             total_nll += -sum(row["logprobs"])
             total_tokens += len(row["logprobs"])
-    nll = total_nll / max(total_tokens, 1)
+    nll, limit = total_nll / max(total_tokens, 1), model.config.max_seq_len
+    if trimmed:
+        print(f"notice: {trimmed} of {len(rows)} texts are longer than the model's context "
+              f"({limit:,} tokens): scored on their first {limit:,} tokens", file=sys.stderr)
     return {"rows": len(rows), "tokens": total_tokens, "nll": nll, "ppl": math.exp(nll),
-            "trimmed": trimmed, "max_len": model.config.max_seq_len}
+            "trimmed": trimmed, "max_len": limit}
+
+
+def format_summary(s: dict, output: str) -> str:
+    return (f"scored {s['rows']} texts, {s['tokens']} tokens: nll {s['nll']:.4f}, perplexity "
+            f"{s['ppl']:.3f} -> {output}")

@@ -343,6 +343,7 @@ class Tokenizer:
                                    padded_vocab_size=pad_vocab(size))
         return Tokenizer(self.pieces, spec)
 
+    # One property per TokenSpec field on purpose: a __getattr__ would hide them from checkers.
     @property
     def bos_id(self) -> int:
         return self.spec.bos_id

@@ -257,6 +257,7 @@ def put_batch(batch: Batch, setup: Setup) -> dict[str, jax.Array]:
 # float32 matmuls run at TF32 on NVIDIA tensor cores and as bfloat16 passes on TPUs at JAX's
 # default precision, so those are their float32 peaks. Longer names first: "H100 PCIe" before
 # "H100". device_kind spellings: "TPU v5 lite" is v5e, "TPU v5" v5p, "TPU v6 lite" v6e.
+# The alias rows repeat their figures on purpose: each name a device reports reads as one row.
 KNOWN_PEAKS = {
     "NVIDIA H100 PCIe": {"bfloat16": 756e12, "float16": 756e12, "float32": 378e12},
     "NVIDIA H100": {"bfloat16": 989e12, "float16": 989e12, "float32": 495e12},

@@ -41,6 +41,7 @@ from limajax.files import (
     quiet_orbax,
     read_json,
     read_jsonl,
+    staged_path,
     write_json,
     write_jsonl,
 )
@@ -180,10 +181,9 @@ def plot_curves(workdir: str | Path) -> Path:
         axes[2].set(xlabel="epoch", ylabel="dev perplexity")
         axes[2].xaxis.get_major_locator().set_params(integer=True)
     path = Path(workdir) / CURVES_FILE
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with staged_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 

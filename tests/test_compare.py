@@ -314,3 +314,35 @@ def test_orders_one_draws_each_prompts_order_from_the_seed(tmp_path, cli):
             i: judgments.one_order(seed, i) for i, *_ in specs}
         assert {x["order"] for x in rows} == {"AB", "BA"}
         assert all(x["verdict"] == "A" for x in rows)
+
+
+def test_a_pairwise_line_names_the_files_whoever_judged(tmp_path):
+    """judgments.pairwise_line, the one line compare (an LLM judge) and compare --human write:
+    in either order the verdict and len_a / len_b name the files, not the positions, and both
+    kinds of line are what report reads."""
+    from limajax.evaluation import human, report
+    from limajax.evaluation.verdicts import FIRST, SECOND
+
+    specs = [(f"p{i}", 3, 1, "") for i in range(12)]
+    a, b, _ = pairwise_case(tmp_path, specs)
+    items, _, _ = human._items(str(a), str(b), 0, False)
+    assert {it["left"] for it in items} == {"A", "B"}  # both orders occur
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({"sheet": "s1", "seed": 0, "labels": [
+        {"id": it["id"], "left": it["left"], "choice": "left", "a_sha": it["a_sha"],
+         "b_sha": it["b_sha"]} for it in items]}))
+    people = tmp_path / "human.jsonl"
+    assert human.labels_to_judgments(str(labels), str(a), str(b), str(people))[0] == 12
+    len_a, len_b = (len(lines(x)[0]["response"]) for x in (a, b))
+    assert len_a != len_b
+    for row, it in zip(lines(people), items, strict=True):
+        assert row["verdict"] == it["left"] and row["order"] == judgments.one_order(0, it["id"])
+        assert (row["len_a"], row["len_b"], row["sheet"]) == (len_a, len_b, "s1")
+    fp = {"judge": "j", "template": "t", "prompt_sha": "p", "a_sha": "a", "b_sha": "b"}
+    llm = [judgments.pairwise_line("q", order, fp, "x.jsonl", "y.jsonl", 5, 7, position, "raw")
+           for order, position in (("AB", SECOND), ("BA", FIRST))]
+    assert [r["verdict"] for r in llm] == ["B", "B"]  # B's answer won in both orders
+    write_samples(tmp_path / "llm.jsonl", llm)
+    groups = report.read_judgments([str(people), str(tmp_path / "llm.jsonl")])
+    assert {k: sum(map(len, v.values())) for k, v in groups.items()} == {
+        (str(a), str(b)): 12, ("x.jsonl", "y.jsonl"): 2}

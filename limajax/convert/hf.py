@@ -15,7 +15,7 @@ from safetensors.numpy import save_file
 from tokenizers import AddedToken
 
 from limajax.config import ModelConfig, RopeScaling
-from limajax.convert.table import (
+from limajax.convert.table import (  # as in meta.py: each layout names what it uses
     EOT_TEXT,
     IGNORED,
     NUMPY_DTYPES,

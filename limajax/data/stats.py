@@ -13,6 +13,7 @@ from limajax.config import BUCKETS, MAX_LEN, buckets_for
 from limajax.data.batches import Batches
 from limajax.data.dataset import conversations, load, split_names
 from limajax.errors import UserError
+from limajax.files import staged_path
 from limajax.tokenizer import Tokenizer
 
 
@@ -154,7 +155,8 @@ def plot_lengths(stats: list[SplitStats], path: str | Path) -> None:
         ax.legend()
     fig.tight_layout()
     try:
-        fig.savefig(path)
+        with staged_path(path) as tmp:
+            fig.savefig(tmp, format=Path(path).suffix[1:] or "png")
     except OSError as e:
         raise UserError(f"{path}: cannot write the plot ({e.strerror})") from None
     finally:

@@ -4,29 +4,22 @@ of an LLM judge in both orders, each judgment appended to a judgment file as it 
 from __future__ import annotations
 
 import collections
-import time
+import functools
 
 from limajax.evaluation import judge as judge_lib
 from limajax.evaluation.judgments import (
     ORDERS,
+    PAIR_FINGERPRINT,
+    PAIR_KEY,
     JudgmentFile,
     combine,
     one_order,
     pair_samples,
+    pairwise_line,
     read_samples,
     sha256,
 )
-from limajax.evaluation.verdicts import FIRST, SECOND, parse_pairwise
-
-PAIR_KEY = ("id", "order")
-PAIR_FINGERPRINT = ("judge", "template", "prompt_sha", "a_sha", "b_sha")
-
-
-def to_files(position: str, order: str) -> str:
-    """A verdict naming a position ("A" = shown first) -> one naming the files."""
-    if position not in (FIRST, SECOND):
-        return position
-    return position if order == "AB" else {FIRST: "B", SECOND: "A"}[position]
+from limajax.evaluation.verdicts import parse_pairwise
 
 
 class Running:
@@ -74,8 +67,8 @@ def compare(a_path: str, b_path: str, judge: judge_lib.Judge, output: str, *,
                 prompt=template.fill(question=sa.prompt, answer_a=first.response,
                                      answer_b=second.response),
                 parse=parse_pairwise,
-                record=_recorder(sa.id, order, fingerprint, a_path, b_path,
-                                 len(sa.response), len(sb.response))))
+                record=functools.partial(pairwise_line, sa.id, order, fingerprint, a_path,
+                                         b_path, len(sa.response), len(sb.response))))
 
     running = Running(len(ORDERS) if orders == "both" else 1, cached)
     result = judge_lib.run(jobs, judge, template, out, progress=progress, on_row=running.add)
@@ -85,9 +78,9 @@ def compare(a_path: str, b_path: str, judge: judge_lib.Judge, output: str, *,
             "failed": {a_path: a.failed, b_path: b.failed}}
 
 
-def _recorder(id_, order, fingerprint, a_path, b_path, len_a, len_b):
-    def record(position, raw, reasks, retries):
-        return {"id": id_, "order": order, "verdict": to_files(position, order), "raw": raw,
-                "reasks": reasks, **fingerprint, "a": a_path, "b": b_path,
-                "len_a": len_a, "len_b": len_b, "retries": retries, "time": time.time()}
-    return record
+def format_summary(r: dict, output: str) -> str:
+    o = r["outcomes"]
+    return (f"{r['prompts']} prompts: A {o['A']}, tie {o['tie']}, B {o['B']}, unparsed "
+            f"{o['unparsed']} ({r['judged']} judged now, {r['cached']} already in {output}, "
+            f"{r['retries']} retries) -> {output}")
+

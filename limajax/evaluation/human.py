@@ -4,18 +4,21 @@
 from __future__ import annotations
 
 import json
-import time
 from importlib import resources
 
 from limajax.errors import UserError
-from limajax.evaluation.compare import PAIR_FINGERPRINT, PAIR_KEY
 from limajax.evaluation.judgments import (
+    PAIR_FINGERPRINT,
+    PAIR_KEY,
     JudgmentFile,
+    one_order,
     pair_samples,
+    pairwise_line,
     read_samples,
     sha256,
     shown_first,
 )
+from limajax.evaluation.verdicts import FIRST, NEITHER, SECOND
 from limajax.files import read_json, staged_file
 
 
@@ -85,16 +88,15 @@ def labels_to_judgments(labels_path: str, a_path: str, b_path: str, output: str,
                             f"{a_path} and {b_path} now")
         if choice not in ("left", "right", "neither"):
             raise UserError(f"{where}: choice {choice!r}; expected left, right or neither")
-        order = "AB" if left == "A" else "BA"
-        verdict = {"left": left, "right": "B" if left == "A" else "A", "neither": "tie"}[choice]
+        order = one_order(labels["seed"], ident)  # the order the sheet showed (checked above)
         fingerprint = {"judge": "human", "template": template, "prompt_sha": item["prompt_sha"],
                        "a_sha": item["a_sha"], "b_sha": item["b_sha"]}
         if out.check((ident, order), fingerprint):
             continue
-        out.append({"id": ident, "order": order, "verdict": verdict, "raw": choice,
-                    "reasks": [], **fingerprint, "a": a_path, "b": b_path,
-                    "len_a": len(item["left_text" if left == "A" else "right_text"]),
-                    "len_b": len(item["right_text" if left == "A" else "left_text"]),
-                    "retries": 0, "sheet": labels["sheet"], "time": time.time()})
+        shown = len(item["left_text"]), len(item["right_text"])
+        len_a, len_b = shown if order == "AB" else shown[::-1]
+        position = {"left": FIRST, "right": SECOND, "neither": NEITHER}[choice]
+        out.append(pairwise_line(ident, order, fingerprint, a_path, b_path, len_a, len_b,
+                                 position, choice, sheet=labels["sheet"]))
         new += 1
     return new, left_out

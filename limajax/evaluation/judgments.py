@@ -11,9 +11,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import random
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from limajax.errors import UserError
+from limajax.evaluation.verdicts import FIRST, SECOND
 from limajax.files import append_jsonl, drop_torn_last_line, read_jsonl
 
 # formats.py sits beside files.py (it imports only errors and files), so the evaluation can take
@@ -22,6 +26,15 @@ from limajax.formats import check_conversations
 from limajax.tokenizer import prompt_turns
 
 ORDERS = ("AB", "BA")  # "AB": file A's answer shown first; "BA": shown second
+# A pairwise verdict or a prompt's outcome, naming the files, never the position, the readable
+# three first (stats counts them in this order); and their names in summaries:
+VERDICTS = ("A", "tie", "B", "unparsed")
+OUTCOME_NAMES = dict(zip(VERDICTS, ("a_wins", "ties", "b_wins", "unparsed"), strict=True))
+# A pairwise line: its key, the fingerprint that must match for it to count as asked the same
+# way, and the fields report reads (compare and compare --human write them all: pairwise_line).
+PAIR_KEY = ("id", "order")
+PAIR_FINGERPRINT = ("judge", "template", "prompt_sha", "a_sha", "b_sha")
+PAIRWISE_FIELDS = (*PAIR_KEY, "verdict", "raw", *PAIR_FINGERPRINT, "a", "b")
 
 
 def shown_first(seed: int, ident) -> str:
@@ -35,10 +48,33 @@ def shown_first(seed: int, ident) -> str:
 def one_order(seed: int, ident) -> str:
     """The order of `shown_first`: "AB" or "BA"."""
     return "AB" if shown_first(seed, ident) == "A" else "BA"
-VERDICTS = ("A", "B", "tie", "unparsed")  # always naming the files, never the position
-# The fields a pairwise line must have (report reads them; compare writes them all).
-PAIRWISE_FIELDS = ("id", "order", "verdict", "raw", "judge", "template", "prompt_sha", "a_sha",
-                   "b_sha", "a", "b")
+
+
+def pairwise_line(ident, order: str, fingerprint: dict, a: str, b: str, len_a: int, len_b: int,
+                  position: str, raw, reasks=(), retries: int = 0, **extra) -> dict:
+    """One line of a pairwise judgment file, from an LLM judge (compare; judge.run passes the
+    last four) or a person (compare --human): the judge chose `position` (FIRST / SECOND shown,
+    NEITHER, or "unparsed") with the answers in `order`; the line's verdict names the file."""
+    if position in (FIRST, SECOND):
+        position = position if order == "AB" else {FIRST: "B", SECOND: "A"}[position]
+    return {"id": ident, "order": order, "verdict": position, "raw": raw, "reasks": list(reasks),
+            **fingerprint, "a": a, "b": b, "len_a": len_a, "len_b": len_b, "retries": retries,
+            **extra, "time": time.time()}
+
+
+def judgment_rows(paths, fields: tuple[str, ...], key) -> Iterator[tuple[str, dict]]:
+    """(where, row) for each line of the judgment files, each an object with `fields`; a line
+    whose `key(row)` repeats an earlier line's is refused (a judgment is never counted twice)."""
+    seen: dict = {}
+    for path in paths:
+        for where, _, row in read_jsonl(path):
+            if not isinstance(row, dict) or any(f not in row for f in fields):
+                raise UserError(f"{where}: not a judgment (expected the fields "
+                                f"{', '.join(fields)})")
+            if key(row) in seen:
+                raise UserError(f"{where}: repeats the judgment of {seen[key(row)]}")
+            seen[key(row)] = where
+            yield where, row
 
 
 def sha256(text: str) -> str:
@@ -105,6 +141,10 @@ def read_samples(path: str, *, several_per_id: bool = False) -> Samples:
     if not samples:
         why = f" ({samples.failed} failed rows, which hold no answer)" if samples.failed else ""
         raise UserError(f"{path}: no samples{why}")
+    if samples.failed:  # compare, annotate and rate never leave rows out silently
+        print(f"notice: left out {samples.failed} failed rows of {path} (prompts the endpoint "
+              "refused: they hold no answer; `limajax sample --endpoint ... --retry-failed` "
+              "asks again)", file=sys.stderr)
     return samples
 
 
@@ -127,6 +167,7 @@ def pair_samples(a: dict, b: dict, a_path: str, b_path: str, *, common: bool = F
             f"{len(ids)} only in {path}{_few(ids)}" for path, ids in only if ids))
         if not common:
             raise UserError(f"{note}: pass --common to judge only the shared ones")
+        print(f"notice: {note}; only the shared ones are used (--common)", file=sys.stderr)
     for sa, sb in pairs:
         if sa.conversations != sb.conversations:
             raise UserError(f"{sb.where}: id {sa.id!r} has another prompt than {sa.where}")
@@ -151,16 +192,15 @@ class JudgmentFile:
         self.done: dict[tuple, dict] = {}
         self.where: dict[tuple, str] = {}
         self.torn = drop_torn_last_line(path)
-        if not Path(path).exists():
-            return
-        for where, _, row in read_jsonl(path):
-            if not isinstance(row, dict) or any(f not in row for f in key_fields + fingerprint):
-                raise UserError(f"{where}: not a judgment (expected the fields "
-                                f"{', '.join(key_fields + fingerprint)})")
-            key = tuple(str(row[f]) for f in key_fields)
-            if key in self.done:
-                raise UserError(f"{where}: repeats the judgment of {self.where[key]}")
-            self.done[key], self.where[key] = row, where
+        if self.torn:
+            print(f"notice: dropped the unfinished last line of {path} (a run was killed while "
+                  "writing it)", file=sys.stderr)
+        if Path(path).exists():
+            for where, row in judgment_rows([path], key_fields + fingerprint, self.key):
+                self.done[self.key(row)], self.where[self.key(row)] = row, where
+
+    def key(self, row: dict) -> tuple:
+        return tuple(str(row[f]) for f in self.key_fields)
 
     def check(self, key: tuple, expected: dict) -> bool:
         """True if `key` is already judged with exactly `expected`'s judge, template and hashes;
@@ -177,8 +217,7 @@ class JudgmentFile:
 
     def append(self, row: dict) -> None:
         append_jsonl(self.path, row)
-        key = tuple(str(row[f]) for f in self.key_fields)
-        self.done[key] = row
+        self.done[self.key(row)] = row
 
 
 def combine(by_order: dict[str, str]) -> str:

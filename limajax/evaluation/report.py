@@ -9,28 +9,20 @@ from pathlib import Path
 
 from limajax.errors import UserError
 from limajax.evaluation import stats
-from limajax.evaluation.judgments import PAIRWISE_FIELDS, VERDICTS
-from limajax.files import read_jsonl, staged_file, write_json
+from limajax.evaluation.judgments import ORDERS, PAIRWISE_FIELDS, VERDICTS, judgment_rows
+from limajax.files import staged_file, staged_path, write_json
 
 
 def read_judgments(paths: list[str]) -> dict:
     """{(a, b): {(judge, template): [rows]}}, every line checked; `where` added to each row."""
     groups: dict = collections.defaultdict(lambda: collections.defaultdict(list))
-    seen: dict = {}
-    for path in paths:
-        for where, _, row in read_jsonl(path):
-            if not isinstance(row, dict) or any(f not in row for f in PAIRWISE_FIELDS):
-                raise UserError(f"{where}: not a pairwise judgment (expected the fields "
-                                f"{', '.join(PAIRWISE_FIELDS)})")
-            if row["verdict"] not in VERDICTS or row["order"] not in ("AB", "BA"):
-                raise UserError(f"{where}: verdict {row['verdict']!r} / order {row['order']!r}; "
-                                f"expected one of {VERDICTS} / AB, BA")
-            judge = (row["judge"], row["template"])
-            key = (row["a"], row["b"], judge, str(row["id"]), row["order"])
-            if key in seen:
-                raise UserError(f"{where}: repeats the judgment of {seen[key]}")
-            seen[key] = where
-            groups[(row["a"], row["b"])][judge].append({**row, "where": where})
+    for where, row in judgment_rows(paths, PAIRWISE_FIELDS, lambda r: (
+            r["a"], r["b"], r["judge"], r["template"], str(r["id"]), r["order"])):
+        if row["verdict"] not in VERDICTS or row["order"] not in ORDERS:
+            raise UserError(f"{where}: verdict {row['verdict']!r} / order {row['order']!r}; "
+                            f"expected one of {', '.join(VERDICTS)} / {', '.join(ORDERS)}")
+        groups[(row["a"], row["b"])][(row["judge"], row["template"])].append(
+            {**row, "where": where})
     if not groups:
         raise UserError(f"{', '.join(paths)}: no judgments")
     return groups
@@ -209,10 +201,20 @@ def plot(summary: dict, path: str) -> None:
         ax.text(50, (len(cs) - 1) / 2, words["note"], ha="center", va="center", fontsize=9,
                 bbox={"facecolor": "white", "edgecolor": "#888888"})
     fig.tight_layout()
-    with staged_file(path) as f:
-        f.close()  # staged_file's text handle is not for binary: matplotlib writes its path
-        fig.savefig(f.name, format="png", dpi=DPI)
+    with staged_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI)
     plt.close(fig)
+
+
+def format_summary(summary: dict) -> str:
+    """report's lines on the terminal: one per comparison."""
+    lines = []
+    for c in summary["comparisons"]:
+        k, good = c["counts"], c["as_good_or_better"]["percent"]
+        lines.append(f"{c['a']} vs {c['b']} ({c['judge']}): {c['n']} prompts, A {k['a_wins']}, "
+                     f"tie {k['ties']}, B {k['b_wins']}, unparsed {k['unparsed']}; A as good or "
+                     "better " + ("-" if good is None else f"{good:.1f}%"))
+    return "\n".join(lines)
 
 
 def report(paths: list[str], output: str, *, plot_path: str | None = None,

@@ -13,6 +13,7 @@ from limajax import perplexity, sampling
 from limajax.errors import UserError
 from limajax.evaluation import judge as judge_lib
 from limajax.evaluation.compare import compare
+from limajax.evaluation.judgments import OUTCOME_NAMES
 from limajax.evaluation.rate import rate
 from limajax.files import json_line, read_jsonl, staged_file, write_json
 
@@ -88,8 +89,7 @@ def select(workdir: str, epochs: list[int], prompts: str, judge: judge_lib.Judge
             judged[ea] += o["A"] + o["tie"] + o["B"]
             judged[eb] += o["A"] + o["tie"] + o["B"]
             evidence.append({"a": ea, "b": eb, "judgments": str(path),
-                             "counts": {"a_wins": o["A"], "ties": o["tie"], "b_wins": o["B"],
-                                        "unparsed": o["unparsed"]}})
+                             "counts": {name: o[k] for k, name in OUTCOME_NAMES.items()}})
         scores = {e: {"score": points[e] / judged[e] if judged[e] else None,
                       "points": points[e], "prompts_judged": judged[e]} for e in epochs}
         what = "share of its pairwise comparisons won (a tie counts half)"
@@ -133,6 +133,15 @@ def select(workdir: str, epochs: list[int], prompts: str, judge: judge_lib.Judge
             f"; nothing is chosen ({out / 'selection.json'} has \"best\": null); use another "
             "judge, or pass --fallback perplexity to choose by dev perplexity")
     return {**selection, "selection_json": str(out / "selection.json")}
+
+
+def format_summary(s: dict) -> str:
+    """select's report: each epoch's score (or "not judged") and perplexity, then the choice."""
+    lines = [f"epoch {r['epoch']}: " + (f"{r['score']:.3f}" if r["judged"] else "not judged")
+             + (f", perplexity {r['perplexity']:.2f}" if "perplexity" in r else "")
+             for r in s["ranking"]]
+    by = s["score"] if s["chosen_by"] == "score" else s["chosen_by"]
+    return "\n".join([*lines, f"best: epoch {s['best']} ({by}) -> {s['selection_json']}"])
 
 
 class NothingJudged(UserError):

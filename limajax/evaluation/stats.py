@@ -9,9 +9,9 @@ import dataclasses
 
 import numpy as np
 
-from limajax.evaluation.judgments import combine
+from limajax.evaluation.judgments import OUTCOME_NAMES, VERDICTS, combine
 
-OUTCOMES = ("A", "tie", "B", "unparsed")
+READ = VERDICTS[:3]  # the outcomes a verdict was read for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +59,7 @@ def summarize(ps: list[Prompt], *, resamples: int = 2000, seed: int = 0) -> dict
     bootstrap interval; "as good or better" (A wins + ties, LIMA's headline figure); unparsed;
     the position-disagreement rate; mean lengths and the win rates split by the longer side."""
     c = collections.Counter(p.outcome for p in ps)
-    counts = [c[o] for o in OUTCOMES]
+    counts = [c[o] for o in VERDICTS]
     draws = bootstrap_counts(counts, resamples, seed).astype(np.float64)
     parsed = draws[:, :3].sum(axis=1, keepdims=True)
     shares = 100 * draws[:, :3] / np.maximum(parsed, 1)
@@ -75,10 +75,9 @@ def summarize(ps: list[Prompt], *, resamples: int = 2000, seed: int = 0) -> dict
     disagree = sum(len(set(p.by_order.values())) > 1 for p in both)
     return {
         "n": len(ps),
-        "counts": {"a_wins": c["A"], "ties": c["tie"], "b_wins": c["B"],
-                   "unparsed": c["unparsed"]},
-        "percent": {"a_wins": pct(c["A"]), "ties": pct(c["tie"]), "b_wins": pct(c["B"])},
-        "ci95": {"a_wins": ci(shares[:, 0]), "ties": ci(shares[:, 1]), "b_wins": ci(shares[:, 2])},
+        "counts": {OUTCOME_NAMES[o]: c[o] for o in VERDICTS},
+        "percent": {OUTCOME_NAMES[o]: pct(c[o]) for o in READ},
+        "ci95": {OUTCOME_NAMES[o]: ci(shares[:, i]) for i, o in enumerate(READ)},
         "as_good_or_better": {"percent": pct(c["A"] + c["tie"]),
                               "ci95": ci(shares[:, 0] + shares[:, 1])},
         "position_disagreement": {"rate": disagree / len(both) if both else None,
@@ -98,9 +97,8 @@ def length_split(ps: list[Prompt]) -> dict:
                          ("b_longer", lambda p: p.len_b > p.len_a)):
         group = [p.outcome for p in sized if longer(p) and p.outcome != "unparsed"]
         c = collections.Counter(group)
-        out[side] = {"n": len(group), **{k: (100 * c[o] / len(group) if group else None)
-                                         for k, o in (("a_wins", "A"), ("ties", "tie"),
-                                                      ("b_wins", "B"))}}
+        out[side] = {"n": len(group), **{OUTCOME_NAMES[o]: 100 * c[o] / len(group) if group
+                                         else None for o in READ}}
     return out
 
 

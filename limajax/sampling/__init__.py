@@ -12,5 +12,6 @@ from limajax.sampling.answers import read_prompts, sample_file, sample_text
 from limajax.sampling.engine import Engine, Job, TextStream
 from limajax.sampling.sampler import Completion, Request, Settings, generate
 
+# __all__ repeats the imports: it is the package's public surface, which ruff checks (F401).
 __all__ = ["Completion", "Engine", "Job", "Request", "Settings", "TextStream", "generate",
            "read_prompts", "sample_file", "sample_text"]
