@@ -8,6 +8,7 @@ it has seen the like of, and the same numbers as the reference implementation).
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -86,6 +87,14 @@ def score_file(model_dir: str, input_path: str, output_path: str, mesh_spec: str
             f.write(json_line(row))
             total_nll += -sum(row["logprobs"])
             total_tokens += len(row["logprobs"])
-    nll = total_nll / max(total_tokens, 1)
+    nll, limit = total_nll / max(total_tokens, 1), model.config.max_seq_len
+    if trimmed:
+        print(f"notice: {trimmed} of {len(rows)} texts are longer than the model's context "
+              f"({limit:,} tokens): scored on their first {limit:,} tokens", file=sys.stderr)
     return {"rows": len(rows), "tokens": total_tokens, "nll": nll, "ppl": math.exp(nll),
-            "trimmed": trimmed, "max_len": model.config.max_seq_len}
+            "trimmed": trimmed, "max_len": limit}
+
+
+def format_summary(s: dict, output: str) -> str:
+    return (f"scored {s['rows']} texts, {s['tokens']} tokens: nll {s['nll']:.4f}, perplexity "
+            f"{s['ppl']:.3f} -> {output}")

@@ -98,7 +98,7 @@ def test_faults_refusals_and_retry_failed(tmp_path, cli):
                         judge.url, "--judge-model", "judge-1", "--no-progress")
         assert rated.exit_code == 0, rated.output
         assert f"left out 2 failed rows of {out}" in rated.output
-        assert rated.output.strip().splitlines()[-1].startswith("6 ratings")
+        assert rated.stdout.strip().splitlines()[-1].startswith("6 ratings")
 
         # --retry-failed asks exactly the refused ones again, once each
         srv.refusing = False

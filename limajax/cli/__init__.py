@@ -44,15 +44,20 @@ def user_errors(fn=None, *, interrupted: str = "interrupted; nothing partial is 
     return wrapper
 
 
-def model_source_options(fn):
-    """--model MODEL_DIR, or --workdir W --epoch N (DESIGN §3: a training epoch serves wherever a
-    model directory does)."""
-    fn = click.option("--epoch", type=click.IntRange(min=1), default=None,
-                      help="With --workdir: the checkpoint that ends this epoch.")(fn)
-    fn = click.option("--workdir", default=None, type=click.Path(path_type=str),
-                      help="A training workdir (with --epoch) instead of --model.")(fn)
-    return click.option("--model", "model_dir", default=None, type=click.Path(path_type=str),
-                        help="A model directory (from `limajax convert`).")(fn)
+def options(*decorators):
+    """Several click options as one decorator, listed by --help in this order."""
+    return lambda fn: functools.reduce(lambda f, option: option(f), reversed(decorators), fn)
+
+
+# --model MODEL_DIR, or --workdir W --epoch N (DESIGN §3: a training epoch serves wherever a model
+# directory does).
+model_source_options = options(
+    click.option("--model", "model_dir", default=None, type=click.Path(path_type=str),
+                 help="A model directory (from `limajax convert`)."),
+    click.option("--workdir", default=None, type=click.Path(path_type=str),
+                 help="A training workdir (with --epoch) instead of --model."),
+    click.option("--epoch", type=click.IntRange(min=1), default=None,
+                 help="With --workdir: the checkpoint that ends this epoch."))
 
 
 def model_source(model_dir, workdir, epoch) -> tuple[str, int | None]:
@@ -65,7 +70,22 @@ def model_source(model_dir, workdir, epoch) -> tuple[str, int | None]:
     return (model_dir, None) if workdir is None else (workdir, epoch)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class Group(click.Group):
+    """`limajax`: a mistake in a command's options (a bad value, a missing or unknown option) is
+    one line and exit code 2, as a UserError is (DESIGN §3), not click's usage block; --help,
+    and a missing or unknown command, stay click's (their usage lists the commands)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as e:
+            if e.ctx is None or isinstance(e.ctx.command, click.Group):
+                raise
+            click.echo(f"error: {e.format_message()}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="limajax")
 def main():
     """limajax: LIMA (Less Is More for Alignment) in JAX.
@@ -99,37 +119,48 @@ progress_option = click.option("--progress/--no-progress", default=True, show_de
                                help="Show a progress bar.")
 
 
-def sampling_options(fn):
-    """The knobs of LIMA §4.1's sampler, shared by sample and chat."""
-    for decorator in reversed([
-        click.option("--temperature", type=float, default=None,
-                     help="Softmax temperature; 0 means greedy. Default: LIMA §4.1's 0.7."),
-        click.option("--top-p", type=float, default=None,
-                     help="Nucleus sampling: keep the most probable tokens up to this mass. "
-                     "Default: LIMA §4.1's 0.9."),
-        click.option("--repetition-penalty", type=float, default=None,
-                     help="CTRL's penalty on every token already in the context, prompt "
-                     "included (LIMA §4.1: 1.2). Default: 1.2, or 1.0 with --greedy."),
-        click.option("--repetition-penalty-scope", type=click.Choice(["context", "generated"]),
-                     default="context", show_default=True, expose_value=False,
-                     callback=lambda ctx, _, v: ctx.meta.__setitem__("penalty_scope", v),
-                     help="Which ids the penalty counts: the whole context, prompt included "
-                     "(transformers' processor; limajax's default), or only the answer's "
-                     "(LIMA §4.1's wording: 'previously generated tokens')."),
-        click.option("--max-new-tokens", type=click.IntRange(min=1), default=2048,
-                     show_default=True,
-                     help="Stop an answer after this many tokens (never past 2048 in all)."),
-        click.option("--greedy", is_flag=True,
-                     help="Take the most probable token (no temperature or top-p)."),
-        click.option("--seed", type=int, default=0, show_default=True,
-                     help="Draws depend only on (seed, prompt id, sample index)."),
-        click.option("--mesh", default="1x1", show_default=True, help="DATAxMODEL device mesh."),
-    ]):
-        fn = decorator(fn)
-    return fn
+def mesh_option(default: str | None = "1x1"):
+    recipe = " (default: the recipe's)" if default is None else ""
+    return click.option("--mesh", default=default, show_default=default is not None,
+                        help=f"DATAxMODEL device mesh{recipe}.")
+
+
+def start_devices(mesh: str, *multi_host) -> None:
+    """sharding.start before any other library module is imported, so that none can reach JAX's
+    devices before the mesh's are ready (on a CPU host they are simulated, DESIGN §4)."""
+    from limajax import sharding
+
+    sharding.start(mesh, *multi_host)
+
+
+# The knobs of LIMA §4.1's sampler, shared by sample, chat and select.
+sampling_options = options(
+    click.option("--temperature", type=float, default=None,
+                 help="Softmax temperature; 0 means greedy. Default: LIMA §4.1's 0.7."),
+    click.option("--top-p", type=float, default=None,
+                 help="Nucleus sampling: keep the most probable tokens up to this mass. "
+                 "Default: LIMA §4.1's 0.9."),
+    click.option("--repetition-penalty", type=float, default=None,
+                 help="CTRL's penalty on every token already in the context, prompt "
+                 "included (LIMA §4.1: 1.2). Default: 1.2, or 1.0 with --greedy."),
+    click.option("--repetition-penalty-scope", type=click.Choice(["context", "generated"]),
+                 default="context", show_default=True, expose_value=False,
+                 callback=lambda ctx, _, v: ctx.meta.__setitem__("penalty_scope", v),
+                 help="Which ids the penalty counts: the whole context, prompt included "
+                 "(transformers' processor; limajax's default), or only the answer's "
+                 "(LIMA §4.1's wording: 'previously generated tokens')."),
+    click.option("--max-new-tokens", type=click.IntRange(min=1), default=2048,
+                 show_default=True,
+                 help="Stop an answer after this many tokens (never past 2048 in all)."),
+    click.option("--greedy", is_flag=True,
+                 help="Take the most probable token (no temperature or top-p)."),
+    click.option("--seed", type=int, default=0, show_default=True,
+                 help="Draws depend only on (seed, prompt id, sample index)."),
+    mesh_option())
 
 
 def sampling_settings(temperature, top_p, repetition_penalty, max_new_tokens, greedy, seed):
+    """Called after start_devices where a command starts devices: it imports the sampler."""
     from limajax.sampling import Settings  # resolves None to LIMA §4.1's values
 
     return Settings(temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty,
@@ -176,10 +207,10 @@ def demo(workdir, epochs, overwrite):
 
     Example: limajax demo --workdir runs/demo
     """
-    from limajax import sharding
-    from limajax.demo import recipe, run_demo
+    from limajax.sample_data import tiny  # the demo's recipe; it imports only limajax.config
 
-    sharding.start(recipe().mesh)  # simulated on a CPU host
+    start_devices(tiny.config.mesh)
+    from limajax.demo import run_demo
 
     run_demo(workdir, epochs=epochs, overwrite=overwrite)
 

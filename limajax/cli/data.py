@@ -48,18 +48,7 @@ def data_prepare(input_dir, fmt, template, output_dir, dev_from_train, seed, sam
         format=fmt, template=template,
     )
     metadata = data_lib.prepare(input_dir or data_lib.SAMPLE_DATA, output_dir, options)
-    click.echo(f"prepared {data_lib.dataset_dir(output_dir)}")
-    click.echo("  " + ", ".join(f"{k}: {v:,}" for k, v in metadata["examples"].items()))
-    for name, info in metadata["inputs"].items():
-        click.echo(f"  {name}: {info['rows']:,} {info['format']} rows, sha256 {info['sha256']}")
-    [train] = [i for i in metadata["inputs"].values() if i["split"] == "train"]
-    if train["trailing_user_turns_dropped"] or train["rows_without_answer"]:
-        click.echo(f"  dropped {train['trailing_user_turns_dropped']:,} unanswered last user "
-                   f"turns; skipped {train['rows_without_answer']:,} rows left without a turn")
-    if train["multi_turn_sources_inferred"]:
-        click.echo(f"  {train['multi_turn_sources_inferred']:,} dialogues of more than one "
-                   f"exchange without a source: source {data_lib.MULTI_TURN!r} (GAIR's name for "
-                   "LIMA §6's dialogues)")
+    click.echo(data_lib.format_prepared(metadata, output_dir))
 
 
 @data.command("inspect")

@@ -7,9 +7,11 @@ import click
 from limajax.cli import (
     client_options,
     main,
+    options,
     progress_option,
     sampling_options,
     sampling_settings,
+    start_devices,
     user_errors,
 )
 from limajax.errors import UserError
@@ -19,7 +21,7 @@ def judge_options(required=True):
     """The options every command that asks an LLM judge takes (`required=False`: compare, whose
     --human needs no judge; the help says so)."""
     needed = "" if required else " Needed unless --human."
-    options = [
+    return options(
         click.option("--judge-url", required=required, metavar="URL",
                      help="An OpenAI-compatible base URL, e.g. https://api.openai.com/v1 or "
                      "http://127.0.0.1:8000/v1 (limajax serve, vLLM, llama.cpp's server)."
@@ -32,24 +34,7 @@ def judge_options(required=True):
         click.option("--template", "template_path", default=None,
                      type=click.Path(dir_okay=False, path_type=str),
                      help="Replace the packaged prompt template (same {placeholders})."),
-        progress_option,
-    ]
-
-    def decorate(fn):
-        for option in reversed(options):
-            fn = option(fn)
-        return fn
-
-    return decorate
-
-
-def failed_notice(failed: dict[str, int]) -> None:
-    """Say how many failed rows (prompts an endpoint refused) were left out of each file."""
-    for path, n in failed.items():
-        if n:
-            click.echo(f"notice: left out {n} failed rows of {path} (prompts the endpoint "
-                       "refused: they hold no answer; `limajax sample --endpoint ... "
-                       "--retry-failed` asks again)", err=True)
+        progress_option)
 
 
 def _judge(judge_url, judge_model, api_key_env, concurrency, timeout, judge_max_tokens,
@@ -64,12 +49,6 @@ common_option = click.option(
     "--common", is_flag=True,
     help="Leave out, on purpose, the prompt ids only one file has (they are named); without "
     "it such ids are refused.")
-
-
-def say_left_out(note: str | None) -> None:
-    """compare / annotate with --common: which ids were left out, on stderr."""
-    if note:
-        click.echo(f"notice: {note}; only the shared ones are used (--common)", err=True)
 
 
 # Judgments are appended as they arrive, so an interrupted compare / rate / select keeps them.
@@ -111,28 +90,20 @@ def compare(a_path, b_path, common, output, judge_url, judge_model, api_key_env,
             raise UserError("--human takes no --judge-url / --judge-model")
         from limajax.evaluation.human import labels_to_judgments
 
-        n, left_out = labels_to_judgments(labels_path, a_path, b_path, output, common=common)
-        say_left_out(left_out)
+        n, _ = labels_to_judgments(labels_path, a_path, b_path, output, common=common)
         click.echo(f"wrote {n} human judgments to {output}")
         return
     if not judge_url or not judge_model:
         raise UserError("compare needs --judge-url URL and --judge-model NAME (or --human "
                         "LABELS.json for people's labels)")
     from limajax.evaluation.compare import compare as compare_lib
+    from limajax.evaluation.compare import format_summary
 
     r = compare_lib(a_path, b_path, _judge(judge_url, judge_model, api_key_env, concurrency,
                                            timeout, judge_max_tokens, max_retries),
                     output, orders=orders, template_path=template_path, progress=progress,
                     common=common, seed=seed)
-    say_left_out(r["left_out"])
-    if r["torn_line_dropped"]:
-        click.echo(f"notice: dropped the unfinished last line of {output} (a run was killed "
-                   "while writing it)", err=True)
-    failed_notice(r["failed"])
-    o = r["outcomes"]
-    click.echo(f"{r['prompts']} prompts: A {o['A']}, tie {o['tie']}, B {o['B']}, unparsed "
-               f"{o['unparsed']} ({r['judged']} judged now, {r['cached']} already in {output}, "
-               f"{r['retries']} retries) -> {output}")
+    click.echo(format_summary(r, output))
 
 
 @main.command()
@@ -155,9 +126,7 @@ def annotate(a_path, b_path, common, output, seed):
     """
     from limajax.evaluation.human import annotate as annotate_lib
 
-    n, left_out, failed = annotate_lib(a_path, b_path, output, seed=seed, common=common)
-    say_left_out(left_out)
-    failed_notice(failed)
+    n, _, _ = annotate_lib(a_path, b_path, output, seed=seed, common=common)
     click.echo(f"wrote {output}: {n} prompts; label them in a browser, export, then "
                f"`limajax compare --human labels.json --a {a_path} --b {b_path} --output ...`")
 
@@ -189,31 +158,14 @@ def rate(samples_path, rubric, output, json_path, per_turn, judge_url, judge_mod
     https://api.openai.com/v1 --judge-model gpt-3.5-turbo --api-key-env OPENAI_API_KEY
     --output ratings.jsonl
     """
+    from limajax.evaluation.rate import format_summary
     from limajax.evaluation.rate import rate as rate_lib
     from limajax.files import write_json
 
     s = rate_lib(samples_path, rubric, _judge(judge_url, judge_model, api_key_env, concurrency,
                                               timeout, judge_max_tokens, max_retries),
                  output, template_path=template_path, progress=progress, per_turn=per_turn)
-    failed_notice(s["failed"])
-    if rubric == "grade":
-        figures = ", ".join(f"{g} {s['counts'][g]} ({s['percent'][g] or 0:.0f}%)"
-                            for g in s["counts"])
-    else:
-        figures = ("no rating" if s["mean"] is None else
-                   f"mean {s['mean']:.2f} [95% {s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}] over "
-                   f"{s['prompts']} prompts")
-    click.echo(f"{s['ratings']} ratings: {figures}, unparsed {s['unparsed']} "
-               f"({s['judged']} rated now) -> {output}")
-    for t in s.get("per_turn", []):
-        through = t["through"]
-        stay = ("-" if through["percent"] is None else
-                f"{through['pass_or_better']}/{through['conversations']} "
-                f"({through['percent']:.0f}%, 95% {through['ci95'][0]:.0f}-"
-                f"{through['ci95'][1]:.0f}%)")
-        shares = ", ".join(f"{g} {t['counts'][g]}" for g in t["counts"])
-        click.echo(f"turn {t['turn']}: {shares}; Pass or better through turn {t['turn']}: "
-                   f"{stay}")
+    click.echo(format_summary(s, output))
     if json_path:
         write_json(json_path, s)
 
@@ -250,27 +202,19 @@ def select(workdir, epochs_spec, prompts, method, perplexity, output_dir, fallba
     Example: limajax select --workdir runs/lima-65b --epochs 5-10 --prompts dev.jsonl
     --judge-url https://api.openai.com/v1 --judge-model gpt-4 --api-key-env OPENAI_API_KEY
     """
-    from limajax import sharding
-    from limajax.evaluation.selection import parse_epochs
+    start_devices(mesh)
+    from limajax.evaluation import selection
 
-    epochs = parse_epochs(epochs_spec)
+    epochs = selection.parse_epochs(epochs_spec)
     judge = _judge(judge_url, judge_model, api_key_env, concurrency, timeout, judge_max_tokens,
                    max_retries)
     judge.api_key()  # before minutes of sampling
-    sharding.start(mesh)
-    from limajax.evaluation.selection import select as select_lib
-
-    s = select_lib(workdir, epochs, prompts, judge, method=method, perplexity=perplexity,
-                   output_dir=output_dir, mesh=mesh, template_path=template_path,
-                   settings=sampling_settings(temperature, top_p, repetition_penalty,
-                                              max_new_tokens, greedy, seed),
-                   progress=progress, fallback=fallback)
-    for r in s["ranking"]:
-        score = f"{r['score']:.3f}" if r["judged"] else "not judged"
-        ppl = f", perplexity {r['perplexity']:.2f}" if "perplexity" in r else ""
-        click.echo(f"epoch {r['epoch']}: {score}{ppl}")
-    by = s["score"] if s["chosen_by"] == "score" else s["chosen_by"]
-    click.echo(f"best: epoch {s['best']} ({by}) -> {s['selection_json']}")
+    s = selection.select(workdir, epochs, prompts, judge, method=method, perplexity=perplexity,
+                         output_dir=output_dir, mesh=mesh, template_path=template_path,
+                         settings=sampling_settings(temperature, top_p, repetition_penalty,
+                                                    max_new_tokens, greedy, seed),
+                         progress=progress, fallback=fallback)
+    click.echo(selection.format_summary(s))
 
 
 @main.command()
@@ -298,13 +242,9 @@ def report(paths, output, plot_path, json_path, agreement, resamples, seed):
     Example: limajax report --judgments j.jsonl --output report.md --plot fig1.png --json
     summary.json
     """
-    from limajax.evaluation.report import report as report_lib
+    from limajax.evaluation import report as report_lib
 
-    summary = report_lib(list(paths), output, plot_path=plot_path, json_path=json_path,
-                         agreement=agreement, resamples=resamples, seed=seed)
-    for c in summary["comparisons"]:
-        k, good = c["counts"], c["as_good_or_better"]["percent"]
-        click.echo(f"{c['a']} vs {c['b']} ({c['judge']}): {c['n']} prompts, A {k['a_wins']}, "
-                   f"tie {k['ties']}, B {k['b_wins']}, unparsed {k['unparsed']}; A as good or "
-                   "better " + ("-" if good is None else f"{good:.1f}%"))
+    summary = report_lib.report(list(paths), output, plot_path=plot_path, json_path=json_path,
+                                agreement=agreement, resamples=resamples, seed=seed)
+    click.echo(report_lib.format_summary(summary))
     click.echo("wrote " + ", ".join(p for p in (output, plot_path, json_path) if p))

@@ -7,11 +7,14 @@ import click
 from limajax.cli import (
     client_options,
     main,
+    mesh_option,
     model_source,
     model_source_options,
+    options,
     progress_option,
     sampling_options,
     sampling_settings,
+    start_devices,
     user_errors,
 )
 from limajax.errors import UserError
@@ -26,7 +29,7 @@ from limajax.errors import UserError
 @click.option("--output", "output_path", required=True, type=click.Path(path_type=str),
               help='JSONL rows adding "token_ids", "logprobs", "nll", "ppl" and "trimmed" '
               "(missing directories are created).")
-@click.option("--mesh", default="1x1", show_default=True, help="DATAxMODEL device mesh.")
+@mesh_option()
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
               help="Texts per forward pass (rounded up to a multiple of the mesh's data axis).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output file.")
@@ -36,41 +39,30 @@ def score(model_dir, workdir, epoch, input_path, output_path, mesh, batch_size, 
 
     Example: limajax score --model runs/tiny-model --input texts.jsonl --output scores.jsonl
     """
-    from limajax import sharding
-
-    sharding.start(mesh)  # before anything touches the devices
-    from limajax.perplexity import score_file
-
     source, epoch = model_source(model_dir, workdir, epoch)
-    summary = score_file(source, input_path, output_path, mesh, batch_size, epoch=epoch,
-                         overwrite=overwrite)
-    if summary["trimmed"]:
-        click.echo(f"notice: {summary['trimmed']} of {summary['rows']} texts are longer than the "
-                   f"model's context ({summary['max_len']:,} tokens): scored on their first "
-                   f"{summary['max_len']:,} tokens", err=True)
-    click.echo(f"scored {summary['rows']} texts, {summary['tokens']} tokens: "
-               f"nll {summary['nll']:.4f}, perplexity {summary['ppl']:.3f} -> {output_path}")
+    start_devices(mesh)
+    from limajax import perplexity
+
+    summary = perplexity.score_file(source, input_path, output_path, mesh, batch_size,
+                                    epoch=epoch, overwrite=overwrite)
+    click.echo(perplexity.format_summary(summary, output_path))
 
 
 # --- sample: LIMA's generation settings over prompt files (limajax.sampling) --------------------
 
 
-def endpoint_options(fn):
-    """`sample --endpoint`: answers from a model behind an OpenAI-compatible API."""
-    for decorator in reversed([
-        click.option("--endpoint", "endpoint_url", default=None, metavar="URL",
-                     help="Answer through an OpenAI-compatible API instead of a local model "
-                     "(its base URL, e.g. https://api.openai.com/v1 or a vLLM or limajax "
-                     "serve at http://127.0.0.1:8000/v1); with --prompts and --output."),
-        click.option("--endpoint-model", default=None, metavar="NAME",
-                     help="With --endpoint: the model to ask, as its /models lists it."),
-        *client_options("endpoint"),
-        click.option("--retry-failed", is_flag=True,
-                     help="With --endpoint: ask again the prompts an earlier run recorded as "
-                     "refused (failed rows); by default a rerun asks only for missing rows."),
-    ]):
-        fn = decorator(fn)
-    return fn
+# `sample --endpoint`: answers from a model behind an OpenAI-compatible API.
+endpoint_options = options(
+    click.option("--endpoint", "endpoint_url", default=None, metavar="URL",
+                 help="Answer through an OpenAI-compatible API instead of a local model (its "
+                 "base URL, e.g. https://api.openai.com/v1 or a vLLM or limajax serve at "
+                 "http://127.0.0.1:8000/v1); with --prompts and --output."),
+    click.option("--endpoint-model", default=None, metavar="NAME",
+                 help="With --endpoint: the model to ask, as its /models lists it."),
+    *client_options("endpoint"),
+    click.option("--retry-failed", is_flag=True,
+                 help="With --endpoint: ask again the prompts an earlier run recorded as "
+                 "refused (failed rows); by default a rerun asks only for missing rows."))
 
 
 @main.command()
@@ -123,13 +115,12 @@ def sample(model_dir, workdir, epoch, prompts_path, output_path, text, temperatu
             retry_failed, progress)
     if retry_failed:
         raise UserError("--retry-failed goes with --endpoint (local sampling never refuses)")
+    source, epoch = model_source(model_dir, workdir, epoch)
+    start_devices(mesh)
+    from limajax import sampling
+
     settings = sampling_settings(temperature, top_p, repetition_penalty, max_new_tokens, greedy,
                                  seed)
-    source, epoch = model_source(model_dir, workdir, epoch)
-    from limajax import sharding
-
-    sharding.start(mesh)  # before anything touches the devices
-    from limajax import sampling
 
     if text is not None:
         from limajax.formats import templated
@@ -146,9 +137,7 @@ def sample(model_dir, workdir, epoch, prompts_path, output_path, text, temperatu
                                    num_samples=num_samples, batch_size=batch_size,
                                    mesh_spec=mesh, raw=raw, template=template,
                                    progress=progress)
-    click.echo(f"wrote {summary['answers']} answers ({summary['tokens']} tokens, "
-               f"{summary['tokens'] / max(summary['seconds'], 1e-9):.1f} tokens/s) to "
-               f"{output_path}; {summary['skipped']} were already there")
+    click.echo(sampling.answers.format_summary(summary, output_path))
 
 
 def sample_endpoint(model_dir, workdir, prompts_path, output_path, text, temperature, top_p,
@@ -164,7 +153,7 @@ def sample_endpoint(model_dir, workdir, prompts_path, output_path, text, tempera
     if text is not None:
         raise UserError("--endpoint takes --prompts FILE.jsonl --output OUT.jsonl, not --prompt")
     from limajax.endpoint import Endpoint
-    from limajax.sampling.endpoint import answer_file, sent_settings
+    from limajax.sampling.endpoint import answer_file, format_summary, sent_settings
 
     settings = sampling_settings(temperature, top_p, repetition_penalty, max_new_tokens, greedy,
                                  seed)
@@ -173,13 +162,7 @@ def sample_endpoint(model_dir, workdir, prompts_path, output_path, text, tempera
     s = answer_file(ep, prompts_path, output_path, sent_settings(settings, repetition_penalty),
                     num_samples=num_samples, raw=raw, retry_failed=retry_failed,
                     template=template, progress=progress)
-    click.echo(f"wrote {s['answers']} answers from {endpoint_model} ({s['tokens']} tokens, "
-               f"{s['retries']} retries) to {output_path}; {s['skipped']} were already there; "
-               f"{s['failed']} refused now, {s['failed_total']} failed rows in the file")
-    if s["failed_total"]:
-        click.echo(f"notice: {s['failed_total']} prompts were refused by the endpoint (failed "
-                   "rows with the reason; compare, annotate and rate leave them out); rerun "
-                   "with --retry-failed to ask again", err=True)
+    click.echo(format_summary(s, endpoint_model, output_path))
 
 
 # --- chat: a conversation in the terminal (limajax.chat) ------------------------------------------
@@ -204,15 +187,13 @@ def chat(model_dir, workdir, epoch, temperature, top_p, repetition_penalty, max_
 
     Example: limajax chat --workdir runs/lima-65b --epoch 7 [--record conversations.jsonl]
     """
-    settings = sampling_settings(temperature, top_p, repetition_penalty, max_new_tokens, greedy,
-                                 seed)
     source, epoch = model_source(model_dir, workdir, epoch)
-    from limajax import sharding
-
-    sharding.start(mesh)  # before anything touches the devices
+    start_devices(mesh)
     from limajax.chat import chat as chat_lib
 
-    chat_lib(source, settings, epoch=epoch, mesh_spec=mesh, record_path=record_path)
+    chat_lib(source, sampling_settings(temperature, top_p, repetition_penalty, max_new_tokens,
+                                       greedy, seed),
+             epoch=epoch, mesh_spec=mesh, record_path=record_path)
 
 
 # --- serve: an OpenAI-compatible HTTP server with continuous batching (limajax.serving) -----------
@@ -229,7 +210,7 @@ def chat(model_dir, workdir, epoch, temperature, top_p, repetition_penalty, max_
 @click.option("--context", type=click.IntRange(min=2), default=None,
               help="Tokens per slot, prompt and answer together (default and most: 2048, or "
               "the model's context if shorter).")
-@click.option("--mesh", default="1x1", show_default=True, help="DATAxMODEL device mesh.")
+@mesh_option()
 @click.option("--name", default=None, help="The model id in /v1/models (default: the path).")
 @click.option("--api-key-env", default=None, metavar="VAR",
               help="Require 'Authorization: Bearer KEY' with KEY read from the environment "
@@ -246,9 +227,7 @@ def serve(model_dir, workdir, epoch, host, port, max_batch, context, mesh, name,
     Example: limajax serve --workdir runs/lima-65b --epoch 7 --port 8000
     """
     source, epoch = model_source(model_dir, workdir, epoch)
-    from limajax import sharding
-
-    sharding.start(mesh)  # before anything touches the devices
+    start_devices(mesh)
     from limajax.serving import serve as serve_lib
 
     serve_lib(source, epoch=epoch, host=host, port=port, max_batch=max_batch, mesh_spec=mesh,

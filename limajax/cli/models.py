@@ -42,22 +42,10 @@ def convert(source, input_dir, tokenizer, output, dtype, add_eot, max_seq_len, n
     """
     from limajax import convert as convert_lib
 
-    config, tokens, found = convert_lib.convert(source, input_dir, output, tokenizer=tokenizer,
-                                                dtype=dtype, add_eot=add_eot,
-                                                overwrite=overwrite, max_seq_len=max_seq_len,
-                                                no_tokenizer=no_tokenizer)
-    if found is None:
-        click.echo(f"notice: --no-tokenizer: the model directory has no tokenizer; BOS "
-                   f"{tokens.bos_id} and EOS {tokens.eos_id} are assumed", err=True)
-    guess = convert_lib.context_guess(input_dir, max_seq_len) if source == "meta" else None
-    if guess is not None:
-        click.echo(f"notice: context {config.max_seq_len:,} is the {guess[0]} family's (Meta's "
-                   "params.json does not state it); pass --max-seq-len N if the model was "
-                   "trained at another length", err=True)
-    eot = f", EOT {tokens.eot_id}" if tokens.eot_id is not None else ", no EOT"
-    click.echo(f"wrote {output}: {config.n_params / 1e6:,.1f}M parameters ({dtype}), "
-               f"{config.n_layers} layers, vocabulary {tokens.vocab_size}{eot} "
-               f"(padded to {tokens.padded_vocab_size}), context {config.max_seq_len:,}")
+    config, tokens, _ = convert_lib.convert(source, input_dir, output, tokenizer=tokenizer,
+                                            dtype=dtype, add_eot=add_eot, overwrite=overwrite,
+                                            max_seq_len=max_seq_len, no_tokenizer=no_tokenizer)
+    click.echo(convert_lib.format_summary(output, config, tokens, dtype))
 
 
 @main.command()

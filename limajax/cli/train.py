@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from limajax.cli import main, user_errors
+from limajax.cli import main, mesh_option, user_errors
 from limajax.errors import UserError
 
 DOES_NOT_FIT = 3  # `plan`'s answer "no", apart from 1 (a bug) and 2 (a user's mistake)
@@ -16,7 +16,7 @@ DOES_NOT_FIT = 3  # `plan`'s answer "no", apart from 1 (a bug) and 2 (a user's m
 @main.command()
 @click.option("--config", "config_path", required=True, type=click.Path(path_type=str),
               help="A recipe file from configs/ (defines `config = TrainConfig(...)`).")
-@click.option("--mesh", default=None, help="DATAxMODEL device mesh (default: the recipe's).")
+@mesh_option(None)
 @click.option("--init", default=None, type=click.Path(path_type=str),
               help="Start from this model directory (from `limajax convert`).")
 @click.option("--data", "data_dir", default=None, type=click.Path(path_type=str),
@@ -91,7 +91,7 @@ def train(config_path, mesh, init, data_dir, workdir, overrides, tokenizer, epoc
 @main.command()
 @click.option("--config", "config_path", default=None, type=click.Path(path_type=str),
               help="A recipe file from configs/ (required unless --list-targets).")
-@click.option("--mesh", default=None, help="DATAxMODEL device mesh (default: the recipe's).")
+@mesh_option(None)
 @click.option("--target", default=None,
               help="Compile for this accelerator slice with its own compiler, e.g. v5p-16 or "
               "h200x8 (see --list-targets); default: the CPU compiler as a stand-in.")

@@ -10,6 +10,7 @@ directories (checkpoint.py) and back. tools/bench_convert.py measures the memory
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 from limajax.checkpoint import load_model, write_model_dir
@@ -55,7 +56,8 @@ def convert(source: str, input_dir: str | Path, output: str | Path, *,
             ) -> tuple[ModelConfig, TokenSpec, Path | None]:
     """`limajax convert`: a Meta or HF checkpoint -> a model directory, built beside `output`
     and renamed when complete. Needs disk for the model twice while it runs. Returns the
-    config, the token ids and the tokenizer copied in (None if there was none)."""
+    config, the token ids and the tokenizer copied in (None if there was none); what it
+    assumed (no tokenizer, a context from the family's rule) it says on stderr."""
     if source not in ("meta", "hf"):
         raise UserError(f"--from {source!r}: expected meta or hf")
     if source == "hf" and tokenizer is not None:
@@ -74,7 +76,22 @@ def convert(source: str, input_dir: str | Path, output: str | Path, *,
         config, tokens, found = c.config, c.tokens, c.tokenizer
         del c  # drop the memmaps before their files
         shutil.rmtree(staging)
+    if found is None:
+        print(f"notice: --no-tokenizer: the model directory has no tokenizer; BOS "
+              f"{tokens.bos_id} and EOS {tokens.eos_id} are assumed", file=sys.stderr)
+    guess = context_guess(input_dir, max_seq_len) if source == "meta" else None
+    if guess is not None:
+        print(f"notice: context {config.max_seq_len:,} is the {guess[0]} family's (Meta's "
+              "params.json does not state it); pass --max-seq-len N if the model was trained "
+              "at another length", file=sys.stderr)
     return config, tokens, found
+
+
+def format_summary(output: str, config: ModelConfig, tokens: TokenSpec, dtype: str) -> str:
+    eot = f", EOT {tokens.eot_id}" if tokens.eot_id is not None else ", no EOT"
+    return (f"wrote {output}: {config.n_params / 1e6:,.1f}M parameters ({dtype}), "
+            f"{config.n_layers} layers, vocabulary {tokens.vocab_size}{eot} "
+            f"(padded to {tokens.padded_vocab_size}), context {config.max_seq_len:,}")
 
 
 def export(target: str, model_dir: str | Path, output: str | Path, *, shards: int = 1,

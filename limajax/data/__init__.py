@@ -20,6 +20,7 @@ from limajax.data.dataset import (
     Lima,
     conversations,
     dataset_dir,
+    format_prepared,
     load,
     prepare,
     read_metadata,
@@ -39,10 +40,8 @@ from limajax.data.gair import (
 from limajax.data.stats import SplitStats, format_stats, inspect, plot_lengths
 
 # __all__ repeats the imports: it is the package's public surface, which ruff checks (F401).
-__all__ = ["BATCH_KEYS", "MULTI_TURN", "SAMPLE_DATA", "SAMPLE_TOKENIZER", "SPLITS",
-           "Batches",
+__all__ = ["BATCH_KEYS", "MULTI_TURN", "SAMPLE_DATA", "SAMPLE_TOKENIZER", "SPLITS", "Batches",
            "Lima", "PrepareOptions", "Row", "SplitStats", "batches_for", "conversations",
-           "dataset_dir", "dev_batches_for", "format_stats", "inspect", "load", "plot_lengths",
-           "prepare",
-           "read_gair_dir", "read_gair_file", "read_metadata", "select", "split_names",
-           "steps_per_epoch", "training_source"]
+           "dataset_dir", "dev_batches_for", "format_prepared", "format_stats", "inspect", "load",
+           "plot_lengths", "prepare", "read_gair_dir", "read_gair_file", "read_metadata", "select",
+           "split_names", "steps_per_epoch", "training_source"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import tensorflow_datasets as tfds
 
 from limajax import __version__
-from limajax.data.gair import SPLITS, PrepareOptions, read_gair_dir, select
+from limajax.data.gair import MULTI_TURN, SPLITS, PrepareOptions, read_gair_dir, select
 from limajax.errors import UserError
 from limajax.files import read_json, staged_dir, write_json
 
@@ -83,6 +83,24 @@ def prepare(input_dir: str | Path, output_dir: str | Path,
         shutil.rmtree(tmp / "downloads", ignore_errors=True)
         record_checksums(dataset_dir(tmp))
     return dict(builder.info.metadata)
+
+
+def format_prepared(metadata: dict, output_dir: str | Path) -> str:
+    """`data prepare`'s report: the examples per split, each input file, and what was dropped
+    or inferred from the training file."""
+    lines = [f"prepared {dataset_dir(output_dir)}",
+             "  " + ", ".join(f"{k}: {v:,}" for k, v in metadata["examples"].items())]
+    lines += [f"  {name}: {i['rows']:,} {i['format']} rows, sha256 {i['sha256']}"
+              for name, i in metadata["inputs"].items()]
+    [train] = [i for i in metadata["inputs"].values() if i["split"] == "train"]
+    if train["trailing_user_turns_dropped"] or train["rows_without_answer"]:
+        lines.append(f"  dropped {train['trailing_user_turns_dropped']:,} unanswered last user "
+                     f"turns; skipped {train['rows_without_answer']:,} rows left without a turn")
+    if train["multi_turn_sources_inferred"]:
+        lines.append(f"  {train['multi_turn_sources_inferred']:,} dialogues of more than one "
+                     f"exchange without a source: source {MULTI_TURN!r} (GAIR's name for LIMA "
+                     "§6's dialogues)")
+    return "\n".join(lines)
 
 
 # The prepared files' sha256, beside what TFDS records (dataset_info.json counts examples and

@@ -76,3 +76,11 @@ def compare(a_path: str, b_path: str, judge: judge_lib.Judge, output: str, *,
             "retries": result.retries, "unparsed": result.unparsed, "seconds": result.seconds,
             "outcomes": running.counts, "torn_line_dropped": out.torn, "left_out": left_out,
             "failed": {a_path: a.failed, b_path: b.failed}}
+
+
+def format_summary(r: dict, output: str) -> str:
+    o = r["outcomes"]
+    return (f"{r['prompts']} prompts: A {o['A']}, tie {o['tie']}, B {o['B']}, unparsed "
+            f"{o['unparsed']} ({r['judged']} judged now, {r['cached']} already in {output}, "
+            f"{r['retries']} retries) -> {output}")
+

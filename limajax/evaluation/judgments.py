@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import random
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -140,6 +141,10 @@ def read_samples(path: str, *, several_per_id: bool = False) -> Samples:
     if not samples:
         why = f" ({samples.failed} failed rows, which hold no answer)" if samples.failed else ""
         raise UserError(f"{path}: no samples{why}")
+    if samples.failed:  # compare, annotate and rate never leave rows out silently
+        print(f"notice: left out {samples.failed} failed rows of {path} (prompts the endpoint "
+              "refused: they hold no answer; `limajax sample --endpoint ... --retry-failed` "
+              "asks again)", file=sys.stderr)
     return samples
 
 
@@ -162,6 +167,7 @@ def pair_samples(a: dict, b: dict, a_path: str, b_path: str, *, common: bool = F
             f"{len(ids)} only in {path}{_few(ids)}" for path, ids in only if ids))
         if not common:
             raise UserError(f"{note}: pass --common to judge only the shared ones")
+        print(f"notice: {note}; only the shared ones are used (--common)", file=sys.stderr)
     for sa, sb in pairs:
         if sa.conversations != sb.conversations:
             raise UserError(f"{sb.where}: id {sa.id!r} has another prompt than {sa.where}")
@@ -186,6 +192,9 @@ class JudgmentFile:
         self.done: dict[tuple, dict] = {}
         self.where: dict[tuple, str] = {}
         self.torn = drop_torn_last_line(path)
+        if self.torn:
+            print(f"notice: dropped the unfinished last line of {path} (a run was killed while "
+                  "writing it)", file=sys.stderr)
         if Path(path).exists():
             for where, row in judgment_rows([path], key_fields + fingerprint, self.key):
                 self.done[self.key(row)], self.where[self.key(row)] = row, where

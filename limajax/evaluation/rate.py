@@ -84,6 +84,30 @@ def rate(samples_path: str, rubric: str, judge: judge_lib.Judge, output: str, *,
     return out
 
 
+def format_summary(s: dict, output: str) -> str:
+    """rate's report: the figures (no share or mean where no rating was read), then LIMA §6's
+    lines per turn with --per-turn."""
+    if s["rubric"] == "grade":
+        figures = ("no grade read" if s["unparsed"] == s["ratings"] else ", ".join(
+            f"{g} {n} ({s['percent'][g]:.0f}%)" for g, n in s["counts"].items()))
+    else:
+        figures = ("no rating" if s["mean"] is None else
+                   f"mean {s['mean']:.2f} [95% {s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}] over "
+                   f"{s['prompts']} prompts")
+    lines = [f"{s['ratings']} ratings: {figures}, unparsed {s['unparsed']} ({s['judged']} rated "
+             f"now) -> {output}"]
+    for t in s.get("per_turn", []):
+        through = t["through"]
+        stay = ("-" if through["percent"] is None else
+                f"{through['pass_or_better']}/{through['conversations']} "
+                f"({through['percent']:.0f}%, 95% {through['ci95'][0]:.0f}-"
+                f"{through['ci95'][1]:.0f}%)")
+        shares = ", ".join(f"{g} {n}" for g, n in t["counts"].items())
+        lines.append(f"turn {t['turn']}: {shares}; Pass or better through turn {t['turn']}: "
+                     f"{stay}")
+    return "\n".join(lines)
+
+
 def by_turn(rows: list[dict], *, resamples: int = 2000, seed: int = 0) -> list[dict]:
     """LIMA §6's figures for turn k = 1, 2, ...: the share of each grade among the k-th answers
     (bootstrap intervals over those answers), and how many conversations of at least k turns

@@ -206,6 +206,17 @@ def plot(summary: dict, path: str) -> None:
     plt.close(fig)
 
 
+def format_summary(summary: dict) -> str:
+    """report's lines on the terminal: one per comparison."""
+    lines = []
+    for c in summary["comparisons"]:
+        k, good = c["counts"], c["as_good_or_better"]["percent"]
+        lines.append(f"{c['a']} vs {c['b']} ({c['judge']}): {c['n']} prompts, A {k['a_wins']}, "
+                     f"tie {k['ties']}, B {k['b_wins']}, unparsed {k['unparsed']}; A as good or "
+                     "better " + ("-" if good is None else f"{good:.1f}%"))
+    return "\n".join(lines)
+
+
 def report(paths: list[str], output: str, *, plot_path: str | None = None,
            json_path: str | None = None, agreement: bool = False, resamples: int = 2000,
            seed: int = 0) -> dict:

@@ -135,5 +135,14 @@ def select(workdir: str, epochs: list[int], prompts: str, judge: judge_lib.Judge
     return {**selection, "selection_json": str(out / "selection.json")}
 
 
+def format_summary(s: dict) -> str:
+    """select's report: each epoch's score (or "not judged") and perplexity, then the choice."""
+    lines = [f"epoch {r['epoch']}: " + (f"{r['score']:.3f}" if r["judged"] else "not judged")
+             + (f", perplexity {r['perplexity']:.2f}" if "perplexity" in r else "")
+             for r in s["ranking"]]
+    by = s["score"] if s["chosen_by"] == "score" else s["chosen_by"]
+    return "\n".join([*lines, f"best: epoch {s['best']} ({by}) -> {s['selection_json']}"])
+
+
 class NothingJudged(UserError):
     """`select` found no evidence to choose an epoch by."""

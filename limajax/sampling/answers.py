@@ -114,6 +114,12 @@ def sample_file(source: str, prompts_path: str, output_path: str, settings: Sett
             "tokens": generated, "seconds": time.perf_counter() - start}
 
 
+def format_summary(s: dict, output: str) -> str:
+    return (f"wrote {s['answers']} answers ({s['tokens']} tokens, "
+            f"{s['tokens'] / max(s['seconds'], 1e-9):.1f} tokens/s) to {output}; {s['skipped']} "
+            "were already there")
+
+
 def in_input_order(output: Path, rows: list[dict]) -> None:
     """Rewrite the finished output atomically with its rows in the prompts' order."""
     place = {str(row["id"]): n for n, row in enumerate(rows)}

@@ -16,6 +16,7 @@ it), and asked again only with `retry_failed`.
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -142,5 +143,15 @@ def answer_file(ep: client_lib.Endpoint, prompts_path: str, output_path: str, se
     if output.exists():
         in_input_order(output, rows)
     failed_now = [key for key, row in answered(output).items() if "failed" in row]
+    if failed_now:
+        print(f"notice: {len(failed_now)} prompts were refused by the endpoint (failed rows with "
+              "the reason; compare, annotate and rate leave them out); rerun with "
+              "--retry-failed to ask again", file=sys.stderr)
     return {**counts, "skipped": len(rows) * num_samples - len(todo), "retries": tally.retries,
             "failed_total": len(failed_now), "seconds": time.perf_counter() - start}
+
+
+def format_summary(s: dict, model: str, output: str) -> str:
+    return (f"wrote {s['answers']} answers from {model} ({s['tokens']} tokens, {s['retries']} "
+            f"retries) to {output}; {s['skipped']} were already there; {s['failed']} refused "
+            f"now, {s['failed_total']} failed rows in the file")
