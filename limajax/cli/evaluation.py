@@ -106,7 +106,7 @@ def compare(a_path, b_path, common, output, judge_url, judge_model, api_key_env,
     click.echo(format_summary(r, output))
 
 
-@main.command()
+@main.command()  # --a/--b as compare's on purpose: each command's help says what it does
 @click.option("--a", "a_path", required=True, type=click.Path(dir_okay=False, path_type=str),
               help="Sample file A.")
 @click.option("--b", "b_path", required=True, type=click.Path(dir_okay=False, path_type=str),
