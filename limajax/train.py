@@ -567,4 +567,4 @@ def train_recipe(config: TrainConfig, workdir: str | Path, *, peak: float | None
         f"{config.data.max_len} tokens (LIMA §3 keeps their beginning)")
     return train(config, workdir, loader, mesh=mesh, peak=peak, progress=progress,
                  init_params=init_params, tokenizer=tokenizer,
-                 dev=data.dev_batches_for(config, tokenizer, data_axis))
+                 dev=data.batches_for(config, tokenizer, data_axis, "dev"))
