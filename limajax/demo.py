@@ -93,17 +93,9 @@ def demo_judge(model_dir: Path):
         engine.close()
 
 
-def run_demo(workdir: str | Path, *, epochs: int | None = None, overwrite: bool = False) -> dict:
-    """Run every step into `workdir`; returns the figures it printed."""
-    tiny = recipe()
-    workdir = Path(workdir)
-    check_replaceable(workdir, overwrite=overwrite, command="demo")
-    if workdir.exists():
-        shutil.rmtree(workdir)
-    workdir.mkdir(parents=True)
-    mark_output(workdir, "demo")  # first, so --overwrite may replace even a run cut short
-    figures = {}
-
+def base_models(workdir: Path, tiny) -> None:
+    """Steps 1-4: the tokenizer, a random tiny LLaMA written as a Hugging Face checkpoint
+    (random-hf/), converted into base/ and exported back for transformers (base-hf/)."""
     banner("1. a tokenizer trained on the embedded sample dialogues")
     samples = [r.conversations for r in data.read_gair_file(data.SAMPLE_DATA / "train.jsonl",
                                                              "train")[0]]
@@ -122,9 +114,24 @@ def run_demo(workdir: str | Path, *, epochs: int | None = None, overwrite: bool 
     print(f"{workdir / 'base'}: {config.n_params:,} parameters, vocabulary {tokens.vocab_size} "
           f"(EOT {tokens.eot_id})", file=sys.stderr)
 
-    banner("4. limajax export --to hf (safetensors, config.json and tokenizer as transformers "
-           "reads them; the demo does not load them: transformers is a test dependency)")
+    banner("4. limajax export --to hf (safetensors, config.json and tokenizer for transformers; "
+           "the demo does not load them, tests/test_demo.py does: transformers is a test "
+           "dependency)")
     convert.export("hf", workdir / "base", workdir / "base-hf")
+
+
+def run_demo(workdir: str | Path, *, epochs: int | None = None, overwrite: bool = False) -> dict:
+    """Run every step into `workdir`; returns the figures it printed."""
+    tiny = recipe()
+    workdir = Path(workdir)
+    check_replaceable(workdir, overwrite=overwrite, command="demo")
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    mark_output(workdir, "demo")  # first, so --overwrite may replace even a run cut short
+    figures = {}
+
+    base_models(workdir, tiny)
 
     banner("5. limajax data prepare (the embedded sample dialogues)")
     data.prepare(data.SAMPLE_DATA, workdir / "data", data.PrepareOptions())

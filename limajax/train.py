@@ -9,6 +9,7 @@ bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import sys
@@ -137,14 +138,18 @@ def make_train_step(setup: Setup):
     host_opt = setup.state_shardings.opt_state
     device_opt = jax.tree.map(lambda s: s.with_memory_kind("device"), host_opt)
 
-    def summed_loss(params, batch, key):
+    def summed_loss(params, batch, key, layers_sum=None):
         model = nnx.merge(graphdef, params)
         logits = model(batch["inputs"], batch["positions"], segment_ids=batch["segment_ids"],
                        dropout_rates=rates if config.dropout > 0 else None,
-                       dropout_key=key if config.dropout > 0 else None)
+                       dropout_key=key if config.dropout > 0 else None, accumulator=layers_sum)
         return jnp.sum(token_nll(logits, batch["targets"]) * batch["loss_mask"])
 
     grad_fn = jax.value_and_grad(summed_loss)
+    # With remat full, the layers' backward pass adds each micro batch's gradient into the
+    # running sum itself (model.layers_adding_into): one gradient tree, not two.
+    in_place = config.model.remat == "full"
+    adding_fn = jax.value_and_grad(summed_loss, argnums=(0, 3))
 
     def step(state: TrainState, batch: Batch):
         key = jax.random.fold_in(state.rng, state.step)
@@ -160,10 +165,16 @@ def make_train_step(setup: Setup):
 
             def accumulate(carry, micro):
                 i, mb = micro
-                loss, g = grad_fn(state.params, mb, jax.random.fold_in(key, i))
                 total, grads = carry
-                grads = jax.lax.with_sharding_constraint(jax.tree.map(jnp.add, grads, g),
-                                                         param_shardings)
+                if in_place:  # the layers' sum comes back added to; the rest as before
+                    loss, (g, layers) = adding_fn(state.params, mb, jax.random.fold_in(key, i),
+                                                  grads["layers"])
+                    grads = {k: layers if k == "layers" else jax.tree.map(jnp.add, v, g[k])
+                             for k, v in grads.items()}
+                else:
+                    loss, g = grad_fn(state.params, mb, jax.random.fold_in(key, i))
+                    grads = jax.tree.map(jnp.add, grads, g)
+                grads = jax.lax.with_sharding_constraint(grads, param_shardings)
                 return (total + loss, grads), None
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -313,21 +324,12 @@ def train(config: TrainConfig, workdir: str | Path, loader: Loader, *, mesh: Mes
     follows DESIGN §3 (limajax/workdir.py). The setup checks are train_recipe's.
     """
     mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
-    config, workdir = resolved_paths(config), Path(workdir)
+    config = resolved_paths(config)
     setup = build(config, mesh, loader.steps_per_epoch)
-    if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-    manager, writer = checkpoint_manager(workdir, config.max_to_keep), None
-    try:
-        state, position = _start(setup, workdir, manager, init_params)
-        step = int(jax.device_get(state.step))
-        writer = _bookkeep(config, workdir, tokenizer, step)
+    with _Run(config, Path(workdir), peak) as run:
+        state, position, step = run.start(setup, init_params, tokenizer)
         train_step = make_train_step(setup)
         evaluate = make_eval_step(setup) if dev is not None else None
-        run = _Run(config, workdir, manager, writer, *peak_flops(config.model.dtype, peak))
-        if run.peak is None:
-            log(f"notice: MFU is {run.peak_source}; metrics.jsonl records it as null (pass "
-                "--peak-flops FLOP/s to know it)")
         loader.set_state(position)
         batches = iter(loader)
 
@@ -336,8 +338,6 @@ def train(config: TrainConfig, workdir: str | Path, loader: Loader, *, mesh: Mes
             it (what a checkpoint taken after its step records)."""
             return put_batch(next(batches), setup), loader.get_state()
 
-        logged, pending = [], []  # pending: (step, epoch, batch shape, metrics on the devices)
-        start = window = time.perf_counter()
         upcoming = fetch() if position["epoch"] < config.epochs else None
         with sharding.activate(mesh):  # steps are dispatched; the host does not wait for them
             for epoch in range(position["epoch"], config.epochs):
@@ -350,7 +350,7 @@ def train(config: TrainConfig, workdir: str | Path, loader: Loader, *, mesh: Mes
                     batch, after = upcoming
                     state, metrics = train_step(state, batch)
                     step += 1
-                    pending.append((step, epoch + 1, batch["inputs"].shape, metrics))
+                    run.pending.append((step, epoch + 1, batch["inputs"].shape, metrics))
                     end_of_epoch = index + 1 == loader.steps_per_epoch
                     every = config.save_every_steps
                     mid_save = bool(every and step % every == 0) and not end_of_epoch
@@ -358,128 +358,144 @@ def train(config: TrainConfig, workdir: str | Path, loader: Loader, *, mesh: Mes
                         upcoming = fetch()  # host -> devices while the step runs
                     bar.update()
                     if mid_save or end_of_epoch or step % config.log_every_steps == 0:
-                        now = time.perf_counter()
-                        records = _flush(run, pending, now - window, now - start, bar)
-                        pending, window = [], now
-                        logged += records
-                        epoch_records += records
+                        epoch_records += run.flush(bar)
                     if mid_save:
-                        save_state(manager, state, {
-                            "step": step, "epoch": epoch, "end_of_epoch": False, "data": after,
-                            "config": config.to_dict()})
+                        run.save(state, step, epoch, after, end_of_epoch=False)
                         upcoming = fetch()  # after the save: a kill here leaves it started
                 bar.close()
                 seconds = time.perf_counter() - epoch_start  # before the dev pass
                 loss = None if evaluate is None else dev_loss(setup, evaluate, state.params, dev)
-                _end_epoch(run, epoch, epoch_records, seconds, time.perf_counter() - start, loss)
+                run.end_epoch(epoch, epoch_records, seconds, loss)
                 # The epoch's checkpoint, after what reports it (LIMA §3: one per epoch).
-                save_state(manager, state, {
-                    "step": step, "epoch": epoch + 1, "end_of_epoch": True, "data": after,
-                    "config": config.to_dict()})
+                run.save(state, step, epoch + 1, after, end_of_epoch=True)
                 if epoch + 1 < config.epochs:
                     upcoming = fetch()  # after the save: a kill here leaves it started
-        finish_saves(manager)  # "done" only once the last checkpoint is written
-        if logged:
-            log(finished_message(workdir, config.epochs))
-        return logged
-    finally:
+        return run.finish()
+
+
+class _Run(contextlib.AbstractContextManager):
+    """A training session's bookkeeping: the workdir's files and checkpoints, the peak for MFU,
+    the steps whose metrics are still on the devices (`pending`). Leaving it finishes the saves
+    in flight and closes the checkpoints and TensorBoard, however the session ends."""
+
+    def __init__(self, config: TrainConfig, workdir: Path, peak: float | None):
+        self.config, self.workdir, self.writer = config, workdir, None
+        if jax.process_index() == 0:
+            workdir.mkdir(parents=True, exist_ok=True)
+        self.peak, self.peak_source = peak_flops(config.model.dtype, peak)
+        self.manager = checkpoint_manager(workdir, config.max_to_keep)  # closed by __exit__
+        self.pending: list = []  # (step, epoch, batch shape, metrics on the devices)
+        self.logged: list[dict] = []  # the session's records; the clock starts in `start`
+
+    def __exit__(self, *exc) -> None:
         try:
-            finish_saves(manager)
+            finish_saves(self.manager)
         finally:
-            manager.close()
-        if writer is not None:
-            writer.close()
+            self.manager.close()
+            if self.writer is not None:
+                self.writer.close()
 
+    def start(self, setup: Setup, init_params, tokenizer) -> tuple[TrainState, dict, int]:
+        """The state to train from, the data position of its next batch and its step: the latest
+        good checkpoint (a damaged one is set aside, its epoch trained again), or a fresh state;
+        then the workdir's files for a session from that step (the lead's): the config, the
+        tokenizer, metrics.jsonl cut back to the checkpoint, and a TensorBoard writer."""
+        config, workdir = self.config, self.workdir
+        state, position = self._restore(setup, init_params)
+        step = int(jax.device_get(state.step))
+        if jax.process_index() == 0:
+            write_config(workdir, config)
+            if tokenizer is not None:
+                save_to(workdir, tokenizer.path, tokenizer.spec)
+            truncate_metrics(workdir, step)  # a killed run's steps past the checkpoint
+            self.writer = tensorboard_writer(workdir, step)
+        if self.peak is None:
+            log(f"notice: MFU is {self.peak_source}; metrics.jsonl records it as null (pass "
+                "--peak-flops FLOP/s to know it)")
+        self.start_time = self.window = time.perf_counter()
+        return state, position, step
 
-class _Run(NamedTuple):
-    """What the loop's bookkeeping writes to: the workdir, its checkpoints and the peak."""
+    def _restore(self, setup: Setup, init_params) -> tuple[TrainState, dict]:
+        config, manager = self.config, self.manager
+        restored = restore_latest(manager, setup.abstract_state)
+        if restored is None:
+            params = init_params(setup.mesh) if callable(init_params) else init_params
+            return init_state(setup, params), {"epoch": 0, "index": 0}
+        state, meta, damaged = restored
+        for error in damaged.values():
+            log(f"notice: {error}; using the one before")
+        for path in set_aside(manager, damaged, lead=jax.process_index() == 0):
+            log(f"notice: the damaged checkpoint is kept as {path}; its epoch is trained again")
+        latest, position = meta["step"], meta["data"]
+        if position["epoch"] >= config.epochs:
+            log(f"the run in {self.workdir} is complete ({config.epochs} epochs, step {latest})")
+        else:
+            log(f"resuming from the checkpoint at step {latest}: epoch "
+                f"{position['epoch'] + 1}, batch {position['index'] + 1} next")
+        return state, position
 
-    config: TrainConfig
-    workdir: Path
-    manager: Any
-    writer: Any
-    peak: float | None
-    peak_source: str
+    def flush(self, bar) -> list[dict]:
+        """The pending steps' metrics, brought to the host in one sync (at the log cadence and
+        before every checkpoint, so a NaN stops the run before its state is kept); the records
+        at the cadence go to metrics.jsonl. Returns the records."""
+        config, now = self.config, time.perf_counter()
+        records, bad = host_metrics(self.pending, (now - self.window) / len(self.pending),
+                                    config.model, self.peak, now - self.start_time)
+        self.pending, self.window = [], now
+        check_saves(self.manager)  # a failed save stops the run now, not an epoch later
+        for record in records:
+            if jax.process_index() == 0 and record["step"] % config.log_every_steps == 0:
+                log_metrics(self.workdir, self.writer, record)
+        if bad is not None:
+            finish_saves(self.manager)
+            good = self.manager.latest_step()
+            raise Diverged(
+                f"the loss is {bad['loss']} at step {bad['step']} (epoch {bad['epoch']}); "
+                "stopped; " + ("no checkpoint was saved before it (lower optim.lr?)" if good is
+                               None else f"the last good checkpoint is step {good} in "
+                               f"{self.workdir / CHECKPOINTS_DIR}"))
+        bar.set_postfix(loss=f"{records[-1]['loss']:.4f}",
+                        tok_s=f"{records[-1]['tokens_per_sec']:.0f}")
+        self.logged += records
+        return records
 
+    def save(self, state: TrainState, step: int, epoch: int, data_position: dict, *,
+             end_of_epoch: bool) -> None:
+        """Start saving `state` with where the run is: the step, the epochs done, the data
+        position of the next batch and the config."""
+        save_state(self.manager, state, {"step": step, "epoch": epoch,
+                                         "end_of_epoch": end_of_epoch, "data": data_position,
+                                         "config": self.config.to_dict()})
 
-def _start(setup: Setup, workdir: Path, manager, init_params) -> tuple[TrainState, dict]:
-    """The state to train from and the data position of its next batch: the latest good
-    checkpoint (a damaged one is set aside, its epoch trained again), or a fresh state."""
-    config = setup.config
-    restored = restore_latest(manager, setup.abstract_state)
-    if restored is None:
-        params = init_params(setup.mesh) if callable(init_params) else init_params
-        return init_state(setup, params), {"epoch": 0, "index": 0}
-    state, meta, damaged = restored
-    for error in damaged.values():
-        log(f"notice: {error}; using the one before")
-    for path in set_aside(manager, damaged, lead=jax.process_index() == 0):
-        log(f"notice: the damaged checkpoint is kept as {path}; its epoch is trained again")
-    latest, position = meta["step"], meta["data"]
-    if position["epoch"] >= config.epochs:
-        log(f"the run in {workdir} is complete ({config.epochs} epochs, step {latest})")
-    else:
-        log(f"resuming from the checkpoint at step {latest}: epoch "
-            f"{position['epoch'] + 1}, batch {position['index'] + 1} next")
-    return state, position
+    def end_epoch(self, epoch: int, records: list[dict], seconds: float,
+                  dev: float | None) -> None:
+        """The epoch's line: its mean loss, dev loss (LIMA App. B: dev perplexity beside
+        quality, per epoch), and its tokens/s and MFU over the epoch's wall time (compilation
+        included in the first), not the last step's; then the curves."""
+        if jax.process_index() != 0:
+            return
+        config, step = self.config, records[-1]["step"]
+        dev_text = ""
+        if dev is not None:
+            dev_text = f", dev loss {dev:.4f} (perplexity {math.exp(dev):.2f})"
+            log_metrics(self.workdir, self.writer, {"step": step, "epoch": epoch + 1,
+                                                    "dev_loss": dev, "dev_ppl": math.exp(dev)})
+        tokens = sum(r["rows"] * r["seq_len"] for r in records)
+        flops = sum(r["rows"] * r["seq_len"] * config.model.flops_per_token(r["seq_len"])
+                    for r in records)
+        mfu = None if self.peak is None else flops / seconds / self.peak
+        log(f"epoch {epoch + 1}/{config.epochs}: step {step}, mean loss "
+            f"{np.mean([r['loss'] for r in records]):.4f}{dev_text}, lr "
+            f"{records[-1]['lr']:.3g}, {tokens / seconds:.0f} tokens/s, "
+            f"{mfu_text(mfu, self.peak_source)}, {time.perf_counter() - self.start_time:.1f} s")
+        plot_curves(self.workdir)
 
-
-def _bookkeep(config: TrainConfig, workdir: Path, tokenizer, step: int):
-    """The workdir's files for a session starting at `step` (the lead's): the config, the
-    tokenizer, metrics.jsonl cut back to the checkpoint, and a TensorBoard writer (or None)."""
-    if jax.process_index() != 0:
-        return None
-    write_config(workdir, config)
-    if tokenizer is not None:
-        save_to(workdir, tokenizer.path, tokenizer.spec)
-    truncate_metrics(workdir, step)  # a killed run's steps past the checkpoint
-    return tensorboard_writer(workdir, step)
-
-
-def _flush(run: _Run, pending: list, seconds: float, elapsed: float, bar) -> list[dict]:
-    """The pending steps' metrics, brought to the host in one sync (at the log cadence and
-    before every checkpoint, so a NaN stops the run before its state is kept); the records at
-    the cadence go to metrics.jsonl."""
-    config = run.config
-    records, bad = host_metrics(pending, seconds / len(pending), config.model, run.peak, elapsed)
-    check_saves(run.manager)  # a failed save stops the run now, not an epoch later
-    for record in records:
-        if jax.process_index() == 0 and record["step"] % config.log_every_steps == 0:
-            log_metrics(run.workdir, run.writer, record)
-    if bad is not None:
-        finish_saves(run.manager)
-        good = run.manager.latest_step()
-        raise Diverged(
-            f"the loss is {bad['loss']} at step {bad['step']} (epoch {bad['epoch']}); "
-            "stopped; " + ("no checkpoint was saved before it (lower optim.lr?)" if good is None
-                           else f"the last good checkpoint is step {good} in "
-                           f"{run.workdir / CHECKPOINTS_DIR}"))
-    bar.set_postfix(loss=f"{records[-1]['loss']:.4f}",
-                    tok_s=f"{records[-1]['tokens_per_sec']:.0f}")
-    return records
-
-
-def _end_epoch(run: _Run, epoch: int, records: list[dict], seconds: float, elapsed: float,
-               dev: float | None) -> None:
-    """The epoch's line: its mean loss, dev loss (LIMA App. B: dev perplexity beside quality,
-    per epoch), and its tokens/s and MFU over the epoch's wall time (compilation included in
-    the first), not the last step's; then the curves."""
-    if jax.process_index() != 0:
-        return
-    config, step = run.config, records[-1]["step"]
-    dev_text = ""
-    if dev is not None:
-        dev_text = f", dev loss {dev:.4f} (perplexity {math.exp(dev):.2f})"
-        log_metrics(run.workdir, run.writer, {"step": step, "epoch": epoch + 1,
-                                              "dev_loss": dev, "dev_ppl": math.exp(dev)})
-    tokens = sum(r["rows"] * r["seq_len"] for r in records)
-    flops = sum(r["rows"] * r["seq_len"] * config.model.flops_per_token(r["seq_len"])
-                for r in records)
-    mfu = None if run.peak is None else flops / seconds / run.peak
-    log(f"epoch {epoch + 1}/{config.epochs}: step {step}, mean loss "
-        f"{np.mean([r['loss'] for r in records]):.4f}{dev_text}, lr {records[-1]['lr']:.3g}, "
-        f"{tokens / seconds:.0f} tokens/s, {mfu_text(mfu, run.peak_source)}, {elapsed:.1f} s")
-    plot_curves(run.workdir)
+    def finish(self) -> list[dict]:
+        """"done" only once the last checkpoint is written; the session's metrics."""
+        finish_saves(self.manager)
+        if self.logged:
+            log(finished_message(self.workdir, self.config.epochs))
+        return self.logged
 
 
 def finished_message(workdir: Path, epochs: int) -> str:
@@ -551,4 +567,4 @@ def train_recipe(config: TrainConfig, workdir: str | Path, *, peak: float | None
         f"{config.data.max_len} tokens (LIMA §3 keeps their beginning)")
     return train(config, workdir, loader, mesh=mesh, peak=peak, progress=progress,
                  init_params=init_params, tokenizer=tokenizer,
-                 dev=data.dev_batches_for(config, tokenizer, data_axis))
+                 dev=data.batches_for(config, tokenizer, data_axis, "dev"))

@@ -370,11 +370,6 @@ def _scan(workdir: str | Path) -> tuple[list[dict], list[UserError]]:
     return metas, damaged
 
 
-def epochs(workdir: str | Path) -> list[int]:
-    """The epochs (1-based) whose ending checkpoint the workdir holds."""
-    return sorted(m["epoch"] for m in checkpoints(workdir) if m.get("end_of_epoch"))
-
-
 def epoch_step(workdir: str | Path, epoch: int) -> int:
     """The step of the checkpoint that ends `epoch` (1-based), for `--workdir W --epoch N`."""
     metas, damaged = _scan(workdir)

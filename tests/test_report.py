@@ -174,3 +174,31 @@ def test_the_chart_names_the_judge_the_prompts_and_the_models(tmp_path):
     words = chart_words(build([str(unread)]))
     assert words["note"] == "no verdict could be read from tiny's answers"
     assert words["title"] == "judged by tiny, 4 prompts"
+
+
+def test_names_label_the_models_in_the_chart_and_the_report(tmp_path, cli):
+    """report --name FILE=LABEL: the legend, the bars and the tables show LABEL for the sample
+    file FILE (a label may hold a comma); a FILE in no comparison is one line, exit 2."""
+    from limajax.evaluation.report import build, chart_words
+
+    j = write(tmp_path / "j.jsonl", figure1((3, 2, 1)))
+    words = chart_words(build([j], names={"lima": "LIMA-65B", "gpt4": "GPT-4, March 2023"}))
+    assert (words["a"], words["b"]) == ("LIMA-65B", "GPT-4, March 2023")
+    words = chart_words(build([j], names={"gpt4": "GPT-4"}))  # the other keeps its file's
+    assert (words["a"], words["b"]) == ("lima", "GPT-4")
+    r = cli("report", "--judgments", j, "--output", tmp_path / "r.md", "--plot",
+            tmp_path / "f.png", "--json", tmp_path / "s.json", "--name", "lima=LIMA-65B",
+            "--name", "gpt4=GPT-4, March 2023")
+    assert r.exit_code == 0, r.output
+    assert "| LIMA-65B | GPT-4, March 2023 | gpt-4 | 6 |" in (tmp_path / "r.md").read_text()
+    assert json.loads((tmp_path / "s.json").read_text())["names"] == {
+        "gpt4.jsonl": "GPT-4, March 2023", "lima.jsonl": "LIMA-65B"}
+    assert png_size(tmp_path / "f.png") == figure_size(1)
+    for bad, said in (("llama=LLaMA", "--name llama=LLaMA: no sample file 'llama' in these "
+                       "judgments; their files are gpt4, lima"),
+                      ("lima", "--name 'lima': expected FILE=LABEL"),
+                      ("lima=", "--name 'lima=': expected FILE=LABEL")):
+        out = tmp_path / "bad.md"
+        r = cli("report", "--judgments", j, "--output", out, "--name", bad)
+        assert r.exit_code == 2 and said in r.output and "Traceback" not in r.output, r.output
+        assert len(r.output.strip().splitlines()) == 1 and not out.exists()

@@ -91,3 +91,25 @@ def test_train_from_a_converted_bfloat16_model(tmp_path):
     assert r.exit_code == 0, r.output
     lines = [json.loads(x) for x in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 6 and lines[0]["loss"] < 5.0
+
+
+def test_train_says_how_many_dialogues_it_trims(tmp_path, monkeypatch):
+    """LIMA §3 trims texts past max_len; train's summary line says how many of its dialogues
+    that is (issue 17 item 8): here 3 of 16, each with an answer of over 200 words (at least a
+    token each) where max_len is 128 and the others are a sentence each. The line comes before
+    the loop, which is stubbed out: the other tests here train."""
+    from limajax import data
+    from limajax import train as train_lib
+
+    monkeypatch.setattr(train_lib, "train", lambda *args, **kwargs: {})
+    long = " ".join(["the little dog ran to the big red ball"] * 25)
+    rows = [{"conversations": [q, long if i % 5 == 1 else a]}
+            for i, (q, a) in enumerate(ts.DIALOGUES * 2)]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data.prepare(tmp_path / "in", tmp_path / "data")
+    r = _train("--workdir", str(tmp_path / "w"), "--data", str(tmp_path / "data"),
+               "--tokenizer", str(ts.TOKENIZER), "--epochs", "1", "--set", "data.max_len=128",
+               "--peak-flops", "1e12")
+    assert r.exit_code == 0, r.output
+    assert "; 3 of 16 dialogues trimmed at 128 tokens (LIMA §3 keeps their beginning)" in r.stderr

@@ -94,7 +94,7 @@ def compare(a_path, b_path, common, output, judge_url, judge_model, api_key_env,
     click.echo(compare_lib.format_summary(r, output))
 
 
-@cli.main.command()
+@cli.main.command()  # --a/--b as compare's on purpose: each command's help says what it does
 @click.option("--a", "a_path", required=True, type=click.Path(dir_okay=False, path_type=str),
               help="Sample file A.")
 @click.option("--b", "b_path", required=True, type=click.Path(dir_okay=False, path_type=str),
@@ -217,7 +217,12 @@ def select(workdir, epochs_spec, prompts, method, perplexity, output_dir, fallba
               help="Bootstrap resamples over prompts (at least 2000, for a stable 95% "
               "interval).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Bootstrap seed.")
-def report(paths, output, plot_path, json_path, agreement, resamples, seed):
+@click.option("--name", "names", multiple=True, metavar="FILE=LABEL",
+              help="Show the sample file FILE (its name less .jsonl, as the report shows it) as "
+              "LABEL in the chart's legend and bars and the report's tables, e.g. --name "
+              "answers-lima=LIMA-65B --name answers-base=LLaMA-65B (repeatable; a label may "
+              "hold commas).")
+def report(paths, output, plot_path, json_path, agreement, resamples, seed, names):
     """Win / tie / loss per comparison with 95% bootstrap intervals, "as good or better",
     unparsed verdicts, position disagreement, the length split and judges' agreement.
 
@@ -227,6 +232,7 @@ def report(paths, output, plot_path, json_path, agreement, resamples, seed):
     from limajax.evaluation import report as report_lib
 
     summary = report_lib.report(list(paths), output, plot_path=plot_path, json_path=json_path,
-                                agreement=agreement, resamples=resamples, seed=seed)
+                                agreement=agreement, resamples=resamples, seed=seed,
+                                names=report_lib.parse_names(names))
     click.echo(report_lib.format_summary(summary))
     click.echo("wrote " + ", ".join(p for p in (output, plot_path, json_path) if p))

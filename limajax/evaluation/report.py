@@ -49,8 +49,9 @@ def _check_same_answers(rows: list[dict]) -> None:
 
 
 def build(paths: list[str], *, agreement: bool = False, resamples: int = 2000,
-          seed: int = 0) -> dict:
-    """The summary: one entry per (comparison, judge), and the judges' agreement."""
+          seed: int = 0, names: dict[str, str] | None = None) -> dict:
+    """The summary: one entry per (comparison, judge), the judges' agreement, and the name shown
+    for each sample file (`names`: file name less .jsonl -> label, see parse_names)."""
     if resamples < 2000:
         raise UserError(f"--resamples {resamples}: use at least 2000 for a stable 95% interval")
     comparisons, agreements = [], []
@@ -68,11 +69,38 @@ def build(paths: list[str], *, agreement: bool = False, resamples: int = 2000,
             agreements.append({"a": a, "b": b, "judges": [j1[0], j2[0]],
                                "templates": [j1[1], j2[1]],
                                **stats.agreement(prompts_by_judge[j1], prompts_by_judge[j2])})
-    return {"comparisons": comparisons, "agreement": agreements}
+    return {"comparisons": comparisons, "agreement": agreements,
+            "names": _names(comparisons, names or {})}
 
 
 def name(path: str) -> str:
     return Path(path).name.removesuffix(".jsonl")
+
+
+def parse_names(items: list[str]) -> dict[str, str]:
+    """report --name FILE=LABEL (repeatable, so a label may hold commas): {FILE: LABEL}."""
+    names = {}
+    for item in items:
+        key, _, label = item.partition("=")
+        if not key.strip() or not label.strip():
+            raise UserError(f"--name {item!r}: expected FILE=LABEL, e.g. "
+                            "answers-lima=LIMA-65B (FILE: a sample file's name less .jsonl)")
+        if key in names:
+            raise UserError(f"--name {key}: given twice ({names[key]!r} and {label!r})")
+        names[key] = label.strip()
+    return names
+
+
+def _names(comparisons: list[dict], names: dict[str, str]) -> dict[str, str]:
+    """{sample file path: the name the report and the chart show}: its label if `names` has
+    one, else the file's name; a label for no file of these judgments is refused."""
+    paths = sorted({c[k] for c in comparisons for k in ("a", "b")})
+    known = {name(p) for p in paths}
+    for key in names:
+        if key not in known:
+            raise UserError(f"--name {key}={names[key]}: no sample file {key!r} in these "
+                            f"judgments; their files are {', '.join(sorted(known))}")
+    return {p: names.get(name(p), name(p)) for p in paths}
 
 
 def _pct(x, ci=None) -> str:
@@ -82,6 +110,7 @@ def _pct(x, ci=None) -> str:
 
 
 def markdown(summary: dict) -> str:
+    shown = summary["names"]
     lines = ["# Pairwise evaluation", "",
              "Outcome per prompt over both orders (A if A wins both, B if B wins both, a tie "
              "otherwise; LIMA §4.1, FastChat's rule). Shares are of the prompts with a "
@@ -95,7 +124,7 @@ def markdown(summary: dict) -> str:
         p, ci, d = c["percent"], c["ci95"], c["position_disagreement"]
         rate = ("-" if d["rate"] is None else
                 f"{100 * d['rate']:.1f}% of {d['prompts_with_both_orders']}")
-        lines.append(f"| {name(c['a'])} | {name(c['b'])} | {c['judge']} | {c['n']} | "
+        lines.append(f"| {shown[c['a']]} | {shown[c['b']]} | {c['judge']} | {c['n']} | "
                      f"{_pct(p['a_wins'], ci['a_wins'])} | {_pct(p['ties'], ci['ties'])} | "
                      f"{_pct(p['b_wins'], ci['b_wins'])} | "
                      f"{_pct(c['as_good_or_better']['percent'], c['as_good_or_better']['ci95'])} | "
@@ -113,7 +142,7 @@ def markdown(summary: dict) -> str:
         def mean(v):
             return "-" if v is None else f"{v:,.0f}"
 
-        lines.append(f"| {name(c['a'])} | {name(c['b'])} | {c['judge']} | "
+        lines.append(f"| {shown[c['a']]} | {shown[c['b']]} | {c['judge']} | "
                      f"{mean(L['mean_len_a'])} | {mean(L['mean_len_b'])} | "
                      f"{split(L['a_longer'])} | {split(L['b_longer'])} |")
     if summary["agreement"]:
@@ -124,7 +153,7 @@ def markdown(summary: dict) -> str:
         for g in summary["agreement"]:
             acc = "-" if g["tie_discounted_accuracy"] is None else \
                 f"{100 * g['tie_discounted_accuracy']:.1f}%"
-            lines.append(f"| {name(g['a'])} | {name(g['b'])} | {' vs '.join(g['judges'])} | "
+            lines.append(f"| {shown[g['a']]} | {shown[g['b']]} | {' vs '.join(g['judges'])} | "
                          f"{g['n']} | {acc} |")
     return "\n".join(lines) + "\n"
 
@@ -139,15 +168,15 @@ def figure_size(bars: int) -> tuple[int, int]:
 
 def chart_words(summary: dict) -> dict:
     """What the chart says besides its bars (tests check it): a title naming the judge(s) and
-    how many prompts, the legend's names for the two sides (the sample files' names when every
-    bar compares the same two, else A and B), and, when no verdict was read at all, why the bars
-    are empty."""
+    how many prompts, the legend's names for the two sides (the sample files' names, or their
+    --name labels, when every bar compares the same two, else A and B), and, when no verdict
+    was read at all, why the bars are empty."""
     cs = summary["comparisons"]
     judges = sorted({c["judge"] for c in cs})
     counts = sorted({c["n"] for c in cs})
     prompts = f"{counts[0]} prompts" if len(counts) == 1 else \
         f"{counts[0]}-{counts[-1]} prompts per comparison"
-    sides = [sorted({name(c[k]) for c in cs}) for k in ("a", "b")]
+    sides = [sorted({summary["names"][c[k]] for c in cs}) for k in ("a", "b")]
     a, b = (s[0] if len(s) == 1 else k for s, k in zip(sides, "AB", strict=True))
     if a == b:  # two files of the same name in other directories
         a, b = f"A ({a})", f"B ({b})"
@@ -171,7 +200,8 @@ def plot(summary: dict, path: str) -> None:
     cs = summary["comparisons"]
     width, height = figure_size(len(cs))
     fig, ax = plt.subplots(figsize=(width / DPI, height / DPI), dpi=DPI)
-    labels = [f"{name(c['a'])} vs {name(c['b'])}" + (f" ({c['judge']})" if len(
+    shown = summary["names"]
+    labels = [f"{shown[c['a']]} vs {shown[c['b']]}" + (f" ({c['judge']})" if len(
         {x["judge"] for x in cs}) > 1 else "") for c in cs]
     words = chart_words(summary)
     segments = [("a_wins", f"{words['a']} wins", "#4c72b0"), ("ties", "Tie", "#c7c7c7"),
@@ -194,8 +224,14 @@ def plot(summary: dict, path: str) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("% of prompts" + (" with a verdict" if len(segments) == 3 else "") +
                   (" (A = the first sample file)" if words["a"] == "A" else ""))
-    ax.legend(ncol=len(segments), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False,
-              fontsize=9)
+    # Right-aligned over the bars (centred, a long legend ran off the right edge: the bar
+    # labels push the axes right); one row where it fits the figure, else two.
+    for ncol in (len(segments), 2):
+        legend = ax.legend(ncol=ncol, loc="lower right", bbox_to_anchor=(1.0, 1.0),
+                           frameon=False, fontsize=9)
+        if legend.get_window_extent(fig.canvas.get_renderer()).width <= 0.98 * width:
+            break
+        legend.remove()
     fig.suptitle(words["title"], fontsize=10)
     if words["note"]:
         ax.text(50, (len(cs) - 1) / 2, words["note"], ha="center", va="center", fontsize=9,
@@ -219,8 +255,8 @@ def format_summary(summary: dict) -> str:
 
 def report(paths: list[str], output: str, *, plot_path: str | None = None,
            json_path: str | None = None, agreement: bool = False, resamples: int = 2000,
-           seed: int = 0) -> dict:
-    summary = build(paths, agreement=agreement, resamples=resamples, seed=seed)
+           seed: int = 0, names: dict[str, str] | None = None) -> dict:
+    summary = build(paths, agreement=agreement, resamples=resamples, seed=seed, names=names)
     with staged_file(output) as f:
         f.write(markdown(summary))
     if plot_path:
