@@ -145,7 +145,7 @@ class Plan:
         if t is None:
             rows += [f"device memory {gib(self.device_memory)}: {verdict}; compiled in "
                      f"{self.compile_seconds:.1f} s by the CPU compiler, a stand-in for the "
-                     "accelerator's (README \"plan\": 20 GiB high for LIMA-65B on one 8x H200 "
+                     "accelerator's (README \"plan\": 40 GiB high for LIMA-65B on one 8x H200 "
                      "node); --target compiles with the accelerator's own"]
         else:
             rows += [f"target {t.name}: {t.devices} devices on {t.hosts} host(s), "
