@@ -145,7 +145,7 @@ class Plan:
         if t is None:
             rows += [f"device memory {gib(self.device_memory)}: {verdict}; compiled in "
                      f"{self.compile_seconds:.1f} s by the CPU compiler, a stand-in for the "
-                     "accelerator's (README \"plan\": 20 GiB high for LIMA-65B on one 8x H200 "
+                     "accelerator's (README \"plan\": 40 GiB high for LIMA-65B on one 8x H200 "
                      "node); --target compiles with the accelerator's own"]
         else:
             rows += [f"target {t.name}: {t.devices} devices on {t.hosts} host(s), "
@@ -174,7 +174,9 @@ def analytic_memory(config: TrainConfig, mesh: Mesh, seq_len: int,
     heads, ffn, vocab = m.n_heads // model, m.ffn_dim // model, m.padded_vocab_size // model
     out = {"params": n * param_bytes / n_dev, "opt_state": 2 * n * moment_bytes / n_dev,
            "batch": len(BATCH_KEYS) * d.batch_size * t * 4 / data}
-    accumulators = 1 if d.accumulation_steps == 1 else 2  # + the running sum
+    # + the running sum, unless remat full, where the layers' backward pass adds into it
+    # (model.layers_adding_into) and only the few parameters outside the layers come twice.
+    accumulators = 1 if d.accumulation_steps == 1 or m.remat == "full" else 2
     out["grads"] = accumulators * n * 4 / n_dev
     # AdamW's update is computed whole (float32, like the parameters) before it is applied:
     # one more parameter-sized tree. This is the 4.3 GiB the compiler reported above the

@@ -138,14 +138,18 @@ def make_train_step(setup: Setup):
     host_opt = setup.state_shardings.opt_state
     device_opt = jax.tree.map(lambda s: s.with_memory_kind("device"), host_opt)
 
-    def summed_loss(params, batch, key):
+    def summed_loss(params, batch, key, layers_sum=None):
         model = nnx.merge(graphdef, params)
         logits = model(batch["inputs"], batch["positions"], segment_ids=batch["segment_ids"],
                        dropout_rates=rates if config.dropout > 0 else None,
-                       dropout_key=key if config.dropout > 0 else None)
+                       dropout_key=key if config.dropout > 0 else None, accumulator=layers_sum)
         return jnp.sum(token_nll(logits, batch["targets"]) * batch["loss_mask"])
 
     grad_fn = jax.value_and_grad(summed_loss)
+    # With remat full, the layers' backward pass adds each micro batch's gradient into the
+    # running sum itself (model.layers_adding_into): one gradient tree, not two.
+    in_place = config.model.remat == "full"
+    adding_fn = jax.value_and_grad(summed_loss, argnums=(0, 3))
 
     def step(state: TrainState, batch: Batch):
         key = jax.random.fold_in(state.rng, state.step)
@@ -161,10 +165,16 @@ def make_train_step(setup: Setup):
 
             def accumulate(carry, micro):
                 i, mb = micro
-                loss, g = grad_fn(state.params, mb, jax.random.fold_in(key, i))
                 total, grads = carry
-                grads = jax.lax.with_sharding_constraint(jax.tree.map(jnp.add, grads, g),
-                                                         param_shardings)
+                if in_place:  # the layers' sum comes back added to; the rest as before
+                    loss, (g, layers) = adding_fn(state.params, mb, jax.random.fold_in(key, i),
+                                                  grads["layers"])
+                    grads = {k: layers if k == "layers" else jax.tree.map(jnp.add, v, g[k])
+                             for k, v in grads.items()}
+                else:
+                    loss, g = grad_fn(state.params, mb, jax.random.fold_in(key, i))
+                    grads = jax.tree.map(jnp.add, grads, g)
+                grads = jax.lax.with_sharding_constraint(grads, param_shardings)
                 return (total + loss, grads), None
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -557,4 +567,4 @@ def train_recipe(config: TrainConfig, workdir: str | Path, *, peak: float | None
         f"{config.data.max_len} tokens (LIMA §3 keeps their beginning)")
     return train(config, workdir, loader, mesh=mesh, peak=peak, progress=progress,
                  init_params=init_params, tokenizer=tokenizer,
-                 dev=data.dev_batches_for(config, tokenizer, data_axis))
+                 dev=data.batches_for(config, tokenizer, data_axis, "dev"))

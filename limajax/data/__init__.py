@@ -12,7 +12,6 @@ from limajax.data.batches import (
     BATCH_KEYS,
     Batches,
     batches_for,
-    dev_batches_for,
     steps_per_epoch,
     training_source,
 )
@@ -42,6 +41,6 @@ from limajax.data.stats import SplitStats, format_stats, inspect, plot_lengths
 # __all__ repeats the imports: it is the package's public surface, which ruff checks (F401).
 __all__ = ["BATCH_KEYS", "MULTI_TURN", "SAMPLE_DATA", "SAMPLE_TOKENIZER", "SPLITS", "Batches",
            "Lima", "PrepareOptions", "Row", "SplitStats", "batches_for", "conversations",
-           "dataset_dir", "dev_batches_for", "format_prepared", "format_stats", "inspect", "load",
+           "dataset_dir", "format_prepared", "format_stats", "inspect", "load",
            "plot_lengths", "prepare", "read_gair_dir", "read_gair_file", "read_metadata", "select",
            "split_names", "steps_per_epoch", "training_source"]

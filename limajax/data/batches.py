@@ -223,23 +223,20 @@ def training_source(config: TrainConfig):
     return [{"conversations": list(r.conversations)} for r in rows]
 
 
-def batches_for(config: TrainConfig, tokenizer: Tokenizer, data_axis: int) -> Batches:
+def batches_for(config: TrainConfig, tokenizer: Tokenizer, data_axis: int,
+                split: str = "train") -> Batches | None:
     """The Batches a training run's recipe asks for, on a mesh whose data axis has `data_axis`
-    devices (rows come in multiples of it times the accumulation steps)."""
+    devices (rows come in multiples of it times the accumulation steps): the training split,
+    epoch after epoch, or one pass over the dataset's `split` (dev: LIMA App. B compares dev
+    perplexity with quality across epochs), None if it has none."""
     d = config.data
-    return Batches(training_source(config), tokenizer, batch_size=d.batch_size, seed=d.seed,
-                   num_epochs=config.epochs, max_len=d.max_len, buckets=buckets_for(d.max_len),
-                   train_on_prompts=d.train_on_prompt, pack=d.pack,
-                   row_multiple=data_axis * d.accumulation_steps)
-
-
-def dev_batches_for(config: TrainConfig, tokenizer: Tokenizer, data_axis: int) -> Batches | None:
-    """One pass over the dataset's dev split, batched like training (LIMA App. B compares dev
-    perplexity with quality across epochs), or None if it has none."""
-    d = config.data
-    if d.path is None or "dev" not in split_names(d.path):
+    if split == "train":
+        source, epochs = training_source(config), config.epochs
+    elif d.path is None or split not in split_names(d.path):
         return None
-    return Batches(load(d.path, "dev"), tokenizer, batch_size=d.batch_size, seed=d.seed,
-                   num_epochs=1, max_len=d.max_len, buckets=buckets_for(d.max_len),
+    else:
+        source, epochs = load(d.path, split), 1
+    return Batches(source, tokenizer, batch_size=d.batch_size, seed=d.seed, num_epochs=epochs,
+                   max_len=d.max_len, buckets=buckets_for(d.max_len),
                    train_on_prompts=d.train_on_prompt, pack=d.pack,
                    row_multiple=data_axis * d.accumulation_steps)
