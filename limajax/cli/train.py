@@ -41,7 +41,7 @@ DOES_NOT_FIT = 3  # `plan`'s answer "no", apart from 1 (a bug) and 2 (a user's m
 @click.option("--process-id", type=click.IntRange(min=0), default=None,
               help="Multi-host: this process's index, 0 to --num-processes - 1.")
 @click.option("--progress/--no-progress", default=True, show_default=True,
-              help="Show a progress bar per epoch (on a terminal; a log gets the epoch lines).")
+              help="Show progress per epoch (a bar on a terminal, a line per quarter in a log).")
 @cli.interrupted("interrupted; rerun the same command to resume from the last checkpoint (one "
                  "is saved at every epoch's end)")
 def train(config_path, mesh, init, data_dir, workdir, overrides, tokenizer, epochs,
