@@ -21,11 +21,8 @@ INTERRUPTED = 130  # 128 + SIGINT, as shells report a command stopped by Ctrl-C
 
 def interrupted(message: str):
     """What Ctrl-C says in this command instead of "nothing partial is left behind": what it
-    kept and how to go on."""
-    def mark(fn):
-        fn.interrupted = message
-        return fn
-    return mark
+    kept and how to go on (read by Group)."""
+    return lambda fn: setattr(fn, "interrupted", message) or fn
 
 
 def options(*decorators):
@@ -55,12 +52,10 @@ def model_source(model_dir, workdir, epoch) -> tuple[str, int | None]:
 
 
 class Group(click.Group):
-    """`limajax`, where every command's mistakes end (DESIGN §3): a UserError, or a mistake in a
-    command's options (a bad value, a missing or unknown option), is one line `error: ...` and
-    exit code 2, not click's usage block (--help, and a missing or unknown command, stay
-    click's: their usage lists the commands); Ctrl-C is one line and exit code 130; anything
-    else is a bug. Partial outputs are removed on the way out (files.staged_dir /
-    staged_file), before the line is printed."""
+    """Where every command's mistakes end (DESIGN §3): a UserError or a bad, missing or unknown
+    option is one line `error: ...`, exit code 2, without click's usage block (kept for --help
+    and a missing or unknown command); Ctrl-C one line, exit code 130; anything else is a bug.
+    Partial outputs (files.staged_dir / staged_file) are gone before the line is printed."""
 
     def invoke(self, ctx):
         try:
@@ -185,9 +180,6 @@ def client_options(role: str):
                      help="Retries per request on 429 (honouring Retry-After), 5xx, dropped "
                      "connections and time-outs, with exponential backoff."),
     ]
-
-
-# --- demo: the whole pipeline on a tiny model (limajax.demo) ------------------------------------
 
 
 @main.command()
