@@ -16,29 +16,23 @@ T = TypeVar("T")
 
 
 def progress(items: Iterable[T], *, total: int, desc: str, unit: str) -> Iterator[T]:
-    """`items`, reporting how far along they are on stderr (nothing for a single item)."""
+    """`items`, reporting how far along they are on stderr as `bar` does (nothing for a single
+    item)."""
     if total <= 1:
         yield from items
         return
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-
-        yield from tqdm(items, total=total, desc=desc, unit=unit, leave=False)
-        return
-    start, marks = time.perf_counter(), {total * q // 4 for q in (1, 2, 3, 4)}
-    units = unit + ("es" if unit.endswith(("s", "sh", "ch", "x")) else "s")
-    for done, item in enumerate(items, 1):
-        yield item
-        if done in marks:
-            print(f"{desc}: {done}/{total} {units}, {time.perf_counter() - start:.1f} s",
-                  file=sys.stderr, flush=True)
+    with bar(total=total, desc=desc, unit=unit) as counter:
+        for item in items:
+            yield item
+            counter.update()
 
 
 class _Lines:
     """A bar's `update` / `set_postfix_str` as a line at every quarter of the work."""
 
     def __init__(self, total: int, initial: int, desc: str, unit: str):
-        self.total, self.n, self.desc, self.unit = total, initial, desc, unit
+        self.total, self.n, self.desc = total, initial, desc
+        self.units = unit + ("es" if unit.endswith(("s", "sh", "ch", "x")) else "s")
         self.postfix, self.start = "", time.perf_counter()
         self.marks = {total * q // 4 for q in (1, 2, 3, 4)} - {0}
 
@@ -46,7 +40,7 @@ class _Lines:
         before, self.n = self.n, self.n + n
         if any(before < m <= self.n for m in self.marks):
             extra = f", {self.postfix}" if self.postfix else ""
-            print(f"{self.desc}: {self.n}/{self.total} {self.unit}s, "
+            print(f"{self.desc}: {self.n}/{self.total} {self.units}, "
                   f"{time.perf_counter() - self.start:.1f} s{extra}", file=sys.stderr, flush=True)
 
     def set_postfix_str(self, text: str, refresh: bool = True) -> None:

@@ -214,8 +214,11 @@ def test_loss_is_the_global_target_token_mean(step_setup):
     assert m3["loss"] == pytest.approx(float((nll[:half] * mask).sum() / mask.sum()), rel=1e-5)
 
 
-def test_it_learns(tmp_path):
+def test_it_learns(tmp_path, monkeypatch):
     """The tiny model memorises the eight dialogues: target-token loss below 0.1."""
+    # Sixty one-step epochs would spend two thirds of this test drawing curves.png at each
+    # epoch's end (test_workdir's test_dev_loss_and_curves_at_every_epoch_end checks those).
+    monkeypatch.setattr(train, "plot_curves", lambda workdir: None)
     config = ts.tiny_config(
         mesh="1x1", epochs=60, dropout=0.0, optim=OptimConfig(lr=1e-2, end_lr=1e-3),
         data=DataConfig(batch_size=8, max_len=80))
