@@ -264,7 +264,20 @@ class Llama(nnx.Module):
             layer = nnx.remat(layer, policy=CHECKPOINT_POLICIES[config.remat])
         run_layers = nnx.scan(layer, in_axes=(nnx.Carry, 0, 0, 0, 0), out_axes=(nnx.Carry, 0),
                               transform_metadata={nnx.PARTITION_NAME: "layers"})
-        if accumulator is None:
+        if cache is not None:
+            # The cache rides in the carry, each layer's slots written back into it, so XLA
+            # updates it in place; as the scan's input and output it would be held twice.
+            def cached(carry, block, rate, key, i):
+                x, (ks, vs) = carry
+                x, (k, v) = layer(x, block, (ks[i], vs[i]), rate, key)
+                return (x, (jax.lax.dynamic_update_index_in_dim(ks, k, i, 0),
+                            jax.lax.dynamic_update_index_in_dim(vs, v, i, 0)))
+
+            x, layer_caches = nnx.scan(
+                cached, in_axes=(nnx.Carry, 0, 0, 0, 0), out_axes=nnx.Carry,
+                transform_metadata={nnx.PARTITION_NAME: "layers"})(
+                    (x, layer_caches), self.layers, rates, keys, jnp.arange(config.n_layers))
+        elif accumulator is None:
             x, layer_caches = run_layers(x, self.layers, layer_caches, rates, keys)
         else:
             x = layers_adding_into(lambda x, layers, rates, keys: run_layers(
