@@ -24,13 +24,13 @@ import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
-from tqdm import tqdm
 
 from limajax import attention, data, optim, sharding
 from limajax.checkpoint import resolve_init
 from limajax.config import ModelConfig, TrainConfig
 from limajax.errors import UserError
 from limajax.model import token_nll
+from limajax.progress import bar as progress_bar
 from limajax.tokenizer import save_to
 from limajax.workdir import (
     CHECKPOINTS_DIR,
@@ -342,9 +342,9 @@ def train(config: TrainConfig, workdir: str | Path, loader: Loader, *, mesh: Mes
         with sharding.activate(mesh):  # steps are dispatched; the host does not wait for them
             for epoch in range(position["epoch"], config.epochs):
                 first = position["index"] if epoch == position["epoch"] else 0
-                bar = tqdm(total=loader.steps_per_epoch, initial=first, unit="step", leave=False,
-                           desc=f"epoch {epoch + 1}/{config.epochs}", disable=not (
-                               progress and jax.process_index() == 0 and sys.stderr.isatty()))
+                bar = progress_bar(total=loader.steps_per_epoch, initial=first, unit="step",
+                                   desc=f"train, epoch {epoch + 1}/{config.epochs}",
+                                   enabled=progress and jax.process_index() == 0)
                 epoch_start, epoch_records = time.perf_counter(), []
                 for index in range(first, loader.steps_per_epoch):
                     batch, after = upcoming
@@ -356,9 +356,9 @@ def train(config: TrainConfig, workdir: str | Path, loader: Loader, *, mesh: Mes
                     mid_save = bool(every and step % every == 0) and not end_of_epoch
                     if not (mid_save or end_of_epoch):
                         upcoming = fetch()  # host -> devices while the step runs
-                    bar.update()
                     if mid_save or end_of_epoch or step % config.log_every_steps == 0:
                         epoch_records += run.flush(bar)
+                    bar.update()  # on a terminal a bar, in a log a line at each quarter
                     if mid_save:
                         run.save(state, step, epoch, after, end_of_epoch=False)
                         upcoming = fetch()  # after the save: a kill here leaves it started
@@ -454,8 +454,8 @@ class _Run(contextlib.AbstractContextManager):
                 "stopped; " + ("no checkpoint was saved before it (lower optim.lr?)" if good is
                                None else f"the last good checkpoint is step {good} in "
                                f"{self.workdir / CHECKPOINTS_DIR}"))
-        bar.set_postfix(loss=f"{records[-1]['loss']:.4f}",
-                        tok_s=f"{records[-1]['tokens_per_sec']:.0f}")
+        bar.set_postfix_str(f"loss {records[-1]['loss']:.4f}, "
+                            f"{records[-1]['tokens_per_sec']:.0f} tokens/s", refresh=False)
         self.logged += records
         return records
 

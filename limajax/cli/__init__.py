@@ -19,29 +19,10 @@ from limajax.errors import UserError
 INTERRUPTED = 130  # 128 + SIGINT, as shells report a command stopped by Ctrl-C
 
 
-def user_errors(fn=None, *, interrupted: str = "interrupted; nothing partial is left behind"):
-    """Turn a UserError into `error: ...` and exit code 2 (DESIGN §3), and Ctrl-C into one line
-    and exit code 130; anything else is a bug. Partial outputs are removed on the way out
-    (files.staged_dir / staged_file), before the line is printed."""
-    if fn is None:
-        return functools.partial(user_errors, interrupted=interrupted)
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except UserError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo(f"\n{interrupted}", err=True)
-            sys.stdout.flush()
-            sys.stderr.flush()
-            # Not sys.exit: interpreter shutdown would join Orbax's and TensorStore's worker
-            # threads, which print their own tracebacks for the interrupted work.
-            os._exit(INTERRUPTED)
-
-    return wrapper
+def interrupted(message: str):
+    """What Ctrl-C says in this command instead of "nothing partial is left behind": what it
+    kept and how to go on (read by Group)."""
+    return lambda fn: setattr(fn, "interrupted", message) or fn
 
 
 def options(*decorators):
@@ -71,9 +52,10 @@ def model_source(model_dir, workdir, epoch) -> tuple[str, int | None]:
 
 
 class Group(click.Group):
-    """`limajax`: a mistake in a command's options (a bad value, a missing or unknown option) is
-    one line and exit code 2, as a UserError is (DESIGN §3), not click's usage block; --help,
-    and a missing or unknown command, stay click's (their usage lists the commands)."""
+    """Where every command's mistakes end (DESIGN §3): a UserError or a bad, missing or unknown
+    option is one line `error: ...`, exit code 2, without click's usage block (kept for --help
+    and a missing or unknown command); Ctrl-C one line, exit code 130; anything else is a bug.
+    Partial outputs (files.staged_dir / staged_file) are gone before the line is printed."""
 
     def invoke(self, ctx):
         try:
@@ -81,8 +63,20 @@ class Group(click.Group):
         except click.UsageError as e:
             if e.ctx is None or isinstance(e.ctx.command, click.Group):
                 raise
-            click.echo(f"error: {e.format_message()}", err=True)
-            sys.exit(2)
+            message = e.format_message()
+        except UserError as e:
+            message = str(e)
+        except KeyboardInterrupt:
+            command = self.commands.get(ctx.invoked_subcommand or "")
+            click.echo("\n" + getattr(getattr(command, "callback", None), "interrupted",
+                                      "interrupted; nothing partial is left behind"), err=True)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            # Not sys.exit: interpreter shutdown would join Orbax's and TensorStore's worker
+            # threads, which print their own tracebacks for the interrupted work.
+            os._exit(INTERRUPTED)
+        click.echo(f"error: {message}", err=True)
+        sys.exit(2)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -159,13 +153,16 @@ sampling_options = options(
     mesh_option())
 
 
-def sampling_settings(temperature, top_p, repetition_penalty, max_new_tokens, greedy, seed):
-    """Called after start_devices where a command starts devices: it imports the sampler."""
-    from limajax.sampling import Settings  # resolves None to LIMA §4.1's values
+def sampling_settings():
+    """The running command's sampling_options as the sampler's Settings, which resolves None to
+    LIMA §4.1's values. Called after start_devices where a command starts devices: it imports the
+    sampler."""
+    from limajax.sampling import Settings
 
-    return Settings(temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty,
-                    max_new_tokens=max_new_tokens, greedy=greedy, seed=seed,
-                    penalty_scope=click.get_current_context().meta["penalty_scope"])
+    ctx = click.get_current_context()
+    return Settings(**{k: ctx.params[k] for k in ("temperature", "top_p", "repetition_penalty",
+                                                  "max_new_tokens", "greedy", "seed")},
+                    penalty_scope=ctx.meta["penalty_scope"])
 
 
 def client_options(role: str):
@@ -185,9 +182,6 @@ def client_options(role: str):
     ]
 
 
-# --- demo: the whole pipeline on a tiny model (limajax.demo) ------------------------------------
-
-
 @main.command()
 @click.option("--workdir", default="runs/demo", show_default=True,
               type=click.Path(path_type=str), help="Where every step writes its output.")
@@ -195,7 +189,6 @@ def client_options(role: str):
               help="Fine-tuning epochs (default: configs/tiny.py's).")
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing --workdir that an earlier demo made (nothing else).")
-@user_errors
 def demo(workdir, epochs, overwrite):
     """The whole pipeline on a tiny model and the embedded sample data, on a laptop CPU.
 

@@ -1,13 +1,11 @@
 """`limajax data prepare` / `inspect`: GAIR JSONL -> TFDS dataset, and what is in it."""
 
-from __future__ import annotations
-
 import click
 
-from limajax.cli import main, user_errors
+from limajax import cli
 
 
-@main.group()
+@cli.main.group()
 def data():
     """Prepare LIMA's dialogues (GAIR's JSONL) as a TFDS dataset, and inspect one."""
 
@@ -36,7 +34,6 @@ def data():
               help="Comma-separated sources to train on, e.g. stackexchange,wikihow "
               "(LIMA §5 diversity ablation); -NAME leaves NAME out: --sources=-multi_turn "
               "trains without LIMA §6's 30 multi-turn dialogues.")
-@user_errors
 def data_prepare(input_dir, fmt, template, output_dir, dev_from_train, seed, sample, sources):
     """Check the input files (GAIR, Alpaca, ShareGPT or OpenAI messages) and write them as a
     versioned ArrayRecord dataset of GAIR rows."""
@@ -65,7 +62,6 @@ def data_prepare(input_dir, fmt, template, output_dir, dev_from_train, seed, sam
               help="Write a histogram of lengths to this PNG instead of the text one.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Dialogues per step, for the rows and padding of an epoch packed and not.")
-@user_errors
 def data_inspect(data_dir, tokenizer_path, max_len, train_on_prompts, plot, batch_size):
     """Examples per split and source, turns, token lengths, trimming and loss coverage."""
     from limajax import data as data_lib

@@ -1,19 +1,8 @@
 """`limajax compare`, `annotate`, `rate`, `select`, `report`: LIMA §4's evaluation."""
 
-from __future__ import annotations
-
 import click
 
-from limajax.cli import (
-    client_options,
-    main,
-    options,
-    progress_option,
-    sampling_options,
-    sampling_settings,
-    start_devices,
-    user_errors,
-)
+from limajax import cli
 from limajax.errors import UserError
 
 
@@ -21,24 +10,25 @@ def judge_options(required=True):
     """The options every command that asks an LLM judge takes (`required=False`: compare, whose
     --human needs no judge; the help says so)."""
     needed = "" if required else " Needed unless --human."
-    return options(
+    return cli.options(
         click.option("--judge-url", required=required, metavar="URL",
                      help="An OpenAI-compatible base URL, e.g. https://api.openai.com/v1 or "
                      "http://127.0.0.1:8000/v1 (limajax serve, vLLM, llama.cpp's server)."
                      + needed),
         click.option("--judge-model", required=required, metavar="NAME",
                      help="The model the endpoint should judge with, e.g. gpt-4." + needed),
-        *client_options("judge"),
+        *cli.client_options("judge"),
         click.option("--judge-max-tokens", default=1024, show_default=True,
                      type=click.IntRange(min=1), help="Longest answer the judge may write."),
         click.option("--template", "template_path", default=None,
                      type=click.Path(dir_okay=False, path_type=str),
                      help="Replace the packaged prompt template (same {placeholders})."),
-        progress_option)
+        cli.progress_option)
 
 
 def _judge(judge_url, judge_model, api_key_env, concurrency, timeout, judge_max_tokens,
-           max_retries):
+           max_retries, **_):
+    """The judge judge_options describe (called with the command's parameters)."""
     from limajax.evaluation.judge import Judge
 
     return Judge(judge_url, judge_model, api_key_env=api_key_env, timeout=timeout,
@@ -56,7 +46,7 @@ JUDGING_INTERRUPTED = ("interrupted: finished judgments are saved; rerun the sam
                        "continue")
 
 
-@main.command()
+@cli.main.command()
 @click.option("--a", "a_path", required=True, type=click.Path(dir_okay=False, path_type=str),
               help="Sample file A (JSONL from `limajax sample`: id, conversations, response).")
 @click.option("--b", "b_path", required=True, type=click.Path(dir_okay=False, path_type=str),
@@ -74,7 +64,7 @@ JUDGING_INTERRUPTED = ("interrupted: finished judgments are saved; rerun the sam
               type=click.Path(dir_okay=False, path_type=str),
               help="Instead of a judge: the labels exported from `limajax annotate`'s sheet.")
 @judge_options(required=False)
-@user_errors(interrupted=JUDGING_INTERRUPTED)
+@cli.interrupted(JUDGING_INTERRUPTED)
 def compare(a_path, b_path, common, output, judge_url, judge_model, api_key_env, orders, seed,
             concurrency, timeout, judge_max_tokens, max_retries, template_path, labels_path,
             progress):
@@ -96,17 +86,15 @@ def compare(a_path, b_path, common, output, judge_url, judge_model, api_key_env,
     if not judge_url or not judge_model:
         raise UserError("compare needs --judge-url URL and --judge-model NAME (or --human "
                         "LABELS.json for people's labels)")
-    from limajax.evaluation.compare import compare as compare_lib
-    from limajax.evaluation.compare import format_summary
+    from limajax.evaluation import compare as compare_lib
 
-    r = compare_lib(a_path, b_path, _judge(judge_url, judge_model, api_key_env, concurrency,
-                                           timeout, judge_max_tokens, max_retries),
-                    output, orders=orders, template_path=template_path, progress=progress,
-                    common=common, seed=seed)
-    click.echo(format_summary(r, output))
+    r = compare_lib.compare(a_path, b_path, _judge(**click.get_current_context().params), output,
+                            orders=orders, template_path=template_path, progress=progress,
+                            common=common, seed=seed)
+    click.echo(compare_lib.format_summary(r, output))
 
 
-@main.command()  # --a/--b as compare's on purpose: each command's help says what it does
+@cli.main.command()  # --a/--b as compare's on purpose: each command's help says what it does
 @click.option("--a", "a_path", required=True, type=click.Path(dir_okay=False, path_type=str),
               help="Sample file A.")
 @click.option("--b", "b_path", required=True, type=click.Path(dir_okay=False, path_type=str),
@@ -116,7 +104,6 @@ def compare(a_path, b_path, common, output, judge_url, judge_model, api_key_env,
               help="The HTML sheet (one self-contained file; open it in any browser).")
 @click.option("--seed", default=0, show_default=True, type=int,
               help="Seeds which answer is shown on the left, per prompt.")
-@user_errors
 def annotate(a_path, b_path, common, output, seed):
     """An annotation sheet for people (LIMA §4.1): each prompt with both answers side by side
     (left and right drawn from the seed), LIMA's three choices with keyboard shortcuts, work kept
@@ -131,7 +118,7 @@ def annotate(a_path, b_path, common, output, seed):
                f"`limajax compare --human labels.json --a {a_path} --b {b_path} --output ...`")
 
 
-@main.command()
+@cli.main.command()
 @click.option("--samples", "samples_path", required=True,
               type=click.Path(dir_okay=False, path_type=str),
               help="A sample file (several rows per id with distinct \"sample\" for --rubric "
@@ -148,7 +135,7 @@ def annotate(a_path, b_path, common, output, seed):
               "share of each grade per turn and the conversations at Pass or better through "
               "turn k (LIMA §6).")
 @judge_options()
-@user_errors(interrupted=JUDGING_INTERRUPTED)
+@cli.interrupted(JUDGING_INTERRUPTED)
 def rate(samples_path, rubric, output, json_path, per_turn, judge_url, judge_model, api_key_env,
          concurrency, timeout, judge_max_tokens, max_retries, template_path, progress):
     """Rate each answer on its own: Fail / Pass / Excellent, or helpfulness 1-6 with the mean
@@ -158,19 +145,17 @@ def rate(samples_path, rubric, output, json_path, per_turn, judge_url, judge_mod
     https://api.openai.com/v1 --judge-model gpt-3.5-turbo --api-key-env OPENAI_API_KEY
     --output ratings.jsonl
     """
-    from limajax.evaluation.rate import format_summary
-    from limajax.evaluation.rate import rate as rate_lib
+    from limajax.evaluation import rate as rate_lib
     from limajax.files import write_json
 
-    s = rate_lib(samples_path, rubric, _judge(judge_url, judge_model, api_key_env, concurrency,
-                                              timeout, judge_max_tokens, max_retries),
-                 output, template_path=template_path, progress=progress, per_turn=per_turn)
-    click.echo(format_summary(s, output))
+    s = rate_lib.rate(samples_path, rubric, _judge(**click.get_current_context().params), output,
+                      template_path=template_path, progress=progress, per_turn=per_turn)
+    click.echo(rate_lib.format_summary(s, output))
     if json_path:
         write_json(json_path, s)
 
 
-@main.command()
+@cli.main.command()
 @click.option("--workdir", required=True, type=click.Path(file_okay=False, path_type=str),
               help="A training workdir with a checkpoint per epoch.")
 @click.option("--epochs", "epochs_spec", default="5-10", show_default=True,
@@ -188,9 +173,9 @@ def rate(samples_path, rubric, output, json_path, per_turn, judge_url, judge_mod
 @click.option("--fallback", type=click.Choice(["perplexity"]), default=None,
               help="If no epoch gets a readable verdict, choose the lowest dev perplexity (and "
               "say so) instead of choosing nothing and exiting 2.")
-@sampling_options
+@cli.sampling_options
 @judge_options()
-@user_errors(interrupted=JUDGING_INTERRUPTED)
+@cli.interrupted(JUDGING_INTERRUPTED)
 def select(workdir, epochs_spec, prompts, method, perplexity, output_dir, fallback, temperature,
            top_p, repetition_penalty, max_new_tokens, greedy, seed, mesh, judge_url, judge_model,
            api_key_env, concurrency, timeout, judge_max_tokens, max_retries, template_path,
@@ -202,22 +187,20 @@ def select(workdir, epochs_spec, prompts, method, perplexity, output_dir, fallba
     Example: limajax select --workdir runs/lima-65b --epochs 5-10 --prompts dev.jsonl
     --judge-url https://api.openai.com/v1 --judge-model gpt-4 --api-key-env OPENAI_API_KEY
     """
-    start_devices(mesh)
+    cli.start_devices(mesh)
     from limajax.evaluation import selection
 
     epochs = selection.parse_epochs(epochs_spec)
-    judge = _judge(judge_url, judge_model, api_key_env, concurrency, timeout, judge_max_tokens,
-                   max_retries)
+    judge = _judge(**click.get_current_context().params)
     judge.api_key()  # before minutes of sampling
     s = selection.select(workdir, epochs, prompts, judge, method=method, perplexity=perplexity,
                          output_dir=output_dir, mesh=mesh, template_path=template_path,
-                         settings=sampling_settings(temperature, top_p, repetition_penalty,
-                                                    max_new_tokens, greedy, seed),
+                         settings=cli.sampling_settings(),
                          progress=progress, fallback=fallback)
     click.echo(selection.format_summary(s))
 
 
-@main.command()
+@cli.main.command()
 @click.option("--judgments", "paths", required=True, multiple=True,
               type=click.Path(dir_okay=False, path_type=str),
               help="Judgment files from `compare` (repeatable).")
@@ -239,7 +222,6 @@ def select(workdir, epochs_spec, prompts, method, perplexity, output_dir, fallba
               "LABEL in the chart's legend and bars and the report's tables, e.g. --name "
               "answers-lima=LIMA-65B --name answers-base=LLaMA-65B (repeatable; a label may "
               "hold commas).")
-@user_errors
 def report(paths, output, plot_path, json_path, agreement, resamples, seed, names):
     """Win / tie / loss per comparison with 95% bootstrap intervals, "as good or better",
     unparsed verdicts, position disagreement, the length split and judges' agreement.

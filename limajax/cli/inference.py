@@ -1,46 +1,32 @@
-"""`limajax score`, `sample`, `chat`, `serve`: the model answering."""
-
-from __future__ import annotations
+"""The model answering: `limajax score` (limajax.perplexity), `sample` (LIMA's generation
+settings over prompt files, limajax.sampling), `chat` (a conversation in the terminal,
+limajax.chat) and `serve` (an OpenAI-compatible HTTP server with continuous batching,
+limajax.serving)."""
 
 import click
 
-from limajax.cli import (
-    client_options,
-    main,
-    mesh_option,
-    model_source,
-    model_source_options,
-    options,
-    progress_option,
-    sampling_options,
-    sampling_settings,
-    start_devices,
-    user_errors,
-)
+from limajax import cli
 from limajax.errors import UserError
 
-# --- score ---------------------------------------------------------------------------------------
 
-
-@main.command()
-@model_source_options
+@cli.main.command()
+@cli.model_source_options
 @click.option("--input", "input_path", required=True, type=click.Path(path_type=str),
               help='JSONL rows {"id", "text"}; BOS is prepended, no chat format.')
 @click.option("--output", "output_path", required=True, type=click.Path(path_type=str),
               help='JSONL rows adding "token_ids", "logprobs", "nll", "ppl" and "trimmed" '
               "(missing directories are created).")
-@mesh_option()
+@cli.mesh_option()
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
               help="Texts per forward pass (rounded up to a multiple of the mesh's data axis).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output file.")
-@user_errors
 def score(model_dir, workdir, epoch, input_path, output_path, mesh, batch_size, overwrite):
     """Log-probability of every token of each text, and its perplexity (LIMA App. B).
 
     Example: limajax score --model runs/tiny-model --input texts.jsonl --output scores.jsonl
     """
-    source, epoch = model_source(model_dir, workdir, epoch)
-    start_devices(mesh)
+    source, epoch = cli.model_source(model_dir, workdir, epoch)
+    cli.start_devices(mesh)
     from limajax import perplexity
 
     summary = perplexity.score_file(source, input_path, output_path, mesh, batch_size,
@@ -48,32 +34,29 @@ def score(model_dir, workdir, epoch, input_path, output_path, mesh, batch_size, 
     click.echo(perplexity.format_summary(summary, output_path))
 
 
-# --- sample: LIMA's generation settings over prompt files (limajax.sampling) --------------------
-
-
 # `sample --endpoint`: answers from a model behind an OpenAI-compatible API.
-endpoint_options = options(
+endpoint_options = cli.options(
     click.option("--endpoint", "endpoint_url", default=None, metavar="URL",
                  help="Answer through an OpenAI-compatible API instead of a local model (its "
                  "base URL, e.g. https://api.openai.com/v1 or a vLLM or limajax serve at "
                  "http://127.0.0.1:8000/v1); with --prompts and --output."),
     click.option("--endpoint-model", default=None, metavar="NAME",
                  help="With --endpoint: the model to ask, as its /models lists it."),
-    *client_options("endpoint"),
+    *cli.client_options("endpoint"),
     click.option("--retry-failed", is_flag=True,
                  help="With --endpoint: ask again the prompts an earlier run recorded as "
                  "refused (failed rows); by default a rerun asks only for missing rows."))
 
 
-@main.command()
-@model_source_options
+@cli.main.command()
+@cli.model_source_options
 @click.option("--prompts", "prompts_path", type=click.Path(path_type=str), default=None,
               help='Prompts as GAIR rows {"id", "conversations": [...]}, or any format '
               "`data prepare` reads (Alpaca, ShareGPT, OpenAI messages; JSONL or a JSON array).")
 @click.option("--output", "output_path", type=click.Path(path_type=str), default=None,
               help="JSONL answers (with --prompts); rows already there are skipped.")
 @click.option("--prompt", "text", default=None, help="Answer this one prompt and print it.")
-@sampling_options
+@cli.sampling_options
 @click.option("--num-samples", type=click.IntRange(min=1), default=1, show_default=True,
               help="Answers per prompt (LIMA §5 samples 5).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
@@ -87,9 +70,9 @@ endpoint_options = options(
               help="User turns as they are, or in Stanford Alpaca's prompt: the --template the "
               "model was trained with (data prepare --template).")
 @endpoint_options
-@progress_option
-@user_errors(interrupted="interrupted: the answers finished so far are in --output; the same "
-             "command continues from there")
+@cli.progress_option
+@cli.interrupted("interrupted: the answers finished so far are in --output; the same command "
+                 "continues from there")
 def sample(model_dir, workdir, epoch, prompts_path, output_path, text, temperature, top_p,
            repetition_penalty, max_new_tokens, greedy, seed, mesh, num_samples, batch_size,
            raw, template, endpoint_url, endpoint_model, api_key_env, concurrency, timeout,
@@ -108,19 +91,14 @@ def sample(model_dir, workdir, epoch, prompts_path, output_path, text, temperatu
     if prompts_path is not None and output_path is None:
         raise UserError("--prompts needs --output OUT.jsonl")
     if endpoint_url is not None or endpoint_model is not None:
-        return sample_endpoint(
-            model_dir, workdir, prompts_path, output_path, text, temperature, top_p,
-            repetition_penalty, max_new_tokens, greedy, seed, num_samples, raw, template,
-            endpoint_url, endpoint_model, api_key_env, concurrency, timeout, max_retries,
-            retry_failed, progress)
+        return sample_endpoint(**click.get_current_context().params)
     if retry_failed:
         raise UserError("--retry-failed goes with --endpoint (local sampling never refuses)")
-    source, epoch = model_source(model_dir, workdir, epoch)
-    start_devices(mesh)
+    source, epoch = cli.model_source(model_dir, workdir, epoch)
+    cli.start_devices(mesh)
     from limajax import sampling
 
-    settings = sampling_settings(temperature, top_p, repetition_penalty, max_new_tokens, greedy,
-                                 seed)
+    settings = cli.sampling_settings()
 
     if text is not None:
         from limajax.formats import templated
@@ -140,10 +118,9 @@ def sample(model_dir, workdir, epoch, prompts_path, output_path, text, temperatu
     click.echo(sampling.answers.format_summary(summary, output_path))
 
 
-def sample_endpoint(model_dir, workdir, prompts_path, output_path, text, temperature, top_p,
-                    repetition_penalty, max_new_tokens, greedy, seed, num_samples, raw, template,
-                    endpoint_url, endpoint_model, api_key_env, concurrency, timeout,
-                    max_retries, retry_failed, progress):
+def sample_endpoint(model_dir, workdir, prompts_path, output_path, text, repetition_penalty,
+                    num_samples, raw, template, endpoint_url, endpoint_model, api_key_env,
+                    concurrency, timeout, max_retries, retry_failed, progress, **_):
     """`sample --endpoint URL --endpoint-model NAME --prompts ... --output ...`."""
     if endpoint_url is None or endpoint_model is None:
         raise UserError("give --endpoint URL and --endpoint-model NAME together")
@@ -155,8 +132,7 @@ def sample_endpoint(model_dir, workdir, prompts_path, output_path, text, tempera
     from limajax.endpoint import Endpoint
     from limajax.sampling.endpoint import answer_file, format_summary, sent_settings
 
-    settings = sampling_settings(temperature, top_p, repetition_penalty, max_new_tokens, greedy,
-                                 seed)
+    settings = cli.sampling_settings()
     ep = Endpoint(endpoint_url, endpoint_model, api_key_env=api_key_env, timeout=timeout,
                   max_retries=max_retries, concurrency=concurrency)
     s = answer_file(ep, prompts_path, output_path, sent_settings(settings, repetition_penalty),
@@ -165,18 +141,14 @@ def sample_endpoint(model_dir, workdir, prompts_path, output_path, text, tempera
     click.echo(format_summary(s, endpoint_model, output_path))
 
 
-# --- chat: a conversation in the terminal (limajax.chat) ------------------------------------------
-
-
-@main.command()
-@model_source_options
-@sampling_options
+@cli.main.command()
+@cli.model_source_options
+@cli.sampling_options
 @click.option("--record", "record_path", default=None,
               type=click.Path(dir_okay=False, path_type=str),
               help="Append each finished conversation (at /reset and at the end) to this JSONL "
               "file as a GAIR row with the settings and checkpoint, for `rate --per-turn` "
               "(LIMA §6).")
-@user_errors
 def chat(model_dir, workdir, epoch, temperature, top_p, repetition_penalty, max_new_tokens,
          greedy, seed, mesh, record_path):
     """Talk with the model in LIMA's dialogue format, the answer streaming in as it is made.
@@ -187,20 +159,15 @@ def chat(model_dir, workdir, epoch, temperature, top_p, repetition_penalty, max_
 
     Example: limajax chat --workdir runs/lima-65b --epoch 7 [--record conversations.jsonl]
     """
-    source, epoch = model_source(model_dir, workdir, epoch)
-    start_devices(mesh)
+    source, epoch = cli.model_source(model_dir, workdir, epoch)
+    cli.start_devices(mesh)
     from limajax.chat import chat as chat_lib
 
-    chat_lib(source, sampling_settings(temperature, top_p, repetition_penalty, max_new_tokens,
-                                       greedy, seed),
-             epoch=epoch, mesh_spec=mesh, record_path=record_path)
+    chat_lib(source, cli.sampling_settings(), epoch=epoch, mesh_spec=mesh, record_path=record_path)
 
 
-# --- serve: an OpenAI-compatible HTTP server with continuous batching (limajax.serving) -----------
-
-
-@main.command()
-@model_source_options
+@cli.main.command()
+@cli.model_source_options
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (loopback: only this machine can connect).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535),
@@ -210,14 +177,13 @@ def chat(model_dir, workdir, epoch, temperature, top_p, repetition_penalty, max_
 @click.option("--context", type=click.IntRange(min=2), default=None,
               help="Tokens per slot, prompt and answer together (default and most: 2048, or "
               "the model's context if shorter).")
-@mesh_option()
+@cli.mesh_option()
 @click.option("--name", default=None, help="The model id in /v1/models (default: the path).")
 @click.option("--api-key-env", default=None, metavar="VAR",
               help="Require 'Authorization: Bearer KEY' with KEY read from the environment "
               "variable VAR (never from the command line; never logged).")
 @click.option("--no-auth", is_flag=True,
               help="Serve a non-loopback --host without a key (refused otherwise).")
-@user_errors
 def serve(model_dir, workdir, epoch, host, port, max_batch, context, mesh, name, api_key_env,
           no_auth):
     """Serve the model over an OpenAI-compatible HTTP API: /v1/chat/completions (LIMA's
@@ -226,8 +192,8 @@ def serve(model_dir, workdir, epoch, host, port, max_batch, context, mesh, name,
 
     Example: limajax serve --workdir runs/lima-65b --epoch 7 --port 8000
     """
-    source, epoch = model_source(model_dir, workdir, epoch)
-    start_devices(mesh)
+    source, epoch = cli.model_source(model_dir, workdir, epoch)
+    cli.start_devices(mesh)
     from limajax.serving import serve as serve_lib
 
     serve_lib(source, epoch=epoch, host=host, port=port, max_batch=max_batch, mesh_spec=mesh,

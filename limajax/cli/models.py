@@ -1,13 +1,11 @@
 """`limajax convert` / `export`: Meta and Hugging Face checkpoints <-> model directories."""
 
-from __future__ import annotations
-
 import click
 
-from limajax.cli import main, model_source, model_source_options, user_errors
+from limajax import cli
 
 
-@main.command()
+@cli.main.command()
 @click.option("--from", "source", required=True, type=click.Choice(["meta", "hf"]),
               help="meta: params.json + consolidated.NN.pth; hf: config.json + safetensors.")
 @click.option("--input", "input_dir", required=True, type=click.Path(path_type=str),
@@ -30,7 +28,6 @@ from limajax.cli import main, model_source, model_source_options, user_errors
               "model; export works).")
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing --output that an earlier convert made (nothing else).")
-@user_errors
 def convert(source, input_dir, tokenizer, output, dtype, add_eot, max_seq_len, no_tokenizer,
             overwrite):
     """LLaMA weights -> a limajax model directory (params/, model.json, tokens.json, tokenizer).
@@ -48,11 +45,11 @@ def convert(source, input_dir, tokenizer, output, dtype, add_eot, max_seq_len, n
     click.echo(convert_lib.format_summary(output, config, tokens, dtype))
 
 
-@main.command()
+@cli.main.command()
 @click.option("--to", "target", required=True, type=click.Choice(["hf", "meta"]),
               help="hf: safetensors + config.json + tokenizer for transformers; meta: params.json "
               "+ consolidated.NN.pth.")
-@model_source_options
+@cli.model_source_options
 @click.option("--output", required=True, type=click.Path(path_type=str),
               help="New checkpoint directory (built beside it, renamed when complete).")
 @click.option("--shards", default=1, show_default=True, type=click.IntRange(min=1),
@@ -60,7 +57,6 @@ def convert(source, input_dir, tokenizer, output, dtype, add_eot, max_seq_len, n
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing --output that an earlier export --to the same format made "
               "(nothing else).")
-@user_errors
 def export(target, model_dir, workdir, epoch, output, shards, overwrite):
     """A model directory, or a training epoch, -> a Hugging Face or Meta checkpoint
     (vocabulary padding dropped).
@@ -70,6 +66,6 @@ def export(target, model_dir, workdir, epoch, output, shards, overwrite):
     """
     from limajax import convert as convert_lib
 
-    source, epoch = model_source(model_dir, workdir, epoch)
+    source, epoch = cli.model_source(model_dir, workdir, epoch)
     convert_lib.export(target, source, output, shards=shards, overwrite=overwrite, epoch=epoch)
     click.echo(f"wrote {output}")

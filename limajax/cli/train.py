@@ -1,22 +1,20 @@
 """`limajax train` / `plan`: LIMA's fine-tuning recipe on a mesh, and its memory."""
 
-from __future__ import annotations
-
 import os
 import sys
 
 import click
 
-from limajax.cli import main, mesh_option, user_errors
+from limajax import cli
 from limajax.errors import UserError
 
 DOES_NOT_FIT = 3  # `plan`'s answer "no", apart from 1 (a bug) and 2 (a user's mistake)
 
 
-@main.command()
+@cli.main.command()
 @click.option("--config", "config_path", required=True, type=click.Path(path_type=str),
               help="A recipe file from configs/ (defines `config = TrainConfig(...)`).")
-@mesh_option(None)
+@cli.mesh_option(None)
 @click.option("--init", default=None, type=click.Path(path_type=str),
               help="Start from this model directory (from `limajax convert`).")
 @click.option("--data", "data_dir", default=None, type=click.Path(path_type=str),
@@ -43,9 +41,9 @@ DOES_NOT_FIT = 3  # `plan`'s answer "no", apart from 1 (a bug) and 2 (a user's m
 @click.option("--process-id", type=click.IntRange(min=0), default=None,
               help="Multi-host: this process's index, 0 to --num-processes - 1.")
 @click.option("--progress/--no-progress", default=True, show_default=True,
-              help="Show a progress bar per epoch (on a terminal; a log gets the epoch lines).")
-@user_errors(interrupted="interrupted; rerun the same command to resume from the last "
-             "checkpoint (one is saved at every epoch's end)")
+              help="Show progress per epoch (a bar on a terminal, a line per quarter in a log).")
+@cli.interrupted("interrupted; rerun the same command to resume from the last checkpoint (one "
+                 "is saved at every epoch's end)")
 def train(config_path, mesh, init, data_dir, workdir, overrides, tokenizer, epochs,
           save_every_steps, peak_flops, coordinator, num_processes, process_id, progress):
     """Fine-tune with LIMA's recipe (LIMA §3): 15 epochs, AdamW, lr 1e-5 -> 1e-6, depth-wise
@@ -88,10 +86,10 @@ def train(config_path, mesh, init, data_dir, workdir, overrides, tokenizer, epoc
         sys.exit(1)
 
 
-@main.command()
+@cli.main.command()
 @click.option("--config", "config_path", default=None, type=click.Path(path_type=str),
               help="A recipe file from configs/ (required unless --list-targets).")
-@mesh_option(None)
+@cli.mesh_option(None)
 @click.option("--target", default=None,
               help="Compile for this accelerator slice with its own compiler, e.g. v5p-16 or "
               "h200x8 (see --list-targets); default: the CPU compiler as a stand-in.")
@@ -107,7 +105,6 @@ def train(config_path, mesh, init, data_dir, workdir, overrides, tokenizer, epoc
               "BATCH rows of CONTEXT tokens with their KV cache, e.g. 8x2048.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe value, e.g. --set model.remat=dots (repeatable).")
-@user_errors
 def plan(config_path, mesh, target, list_targets, device_memory, seq_len, sample_shape,
          overrides):
     """Compile the real train step ahead of time and print its memory per device (parameters,

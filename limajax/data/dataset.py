@@ -114,11 +114,8 @@ def _files(version_dir: Path, split: str | None = None) -> list[Path]:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()  # in blocks, not the whole file
 
 
 def record_checksums(version_dir: Path) -> None:
