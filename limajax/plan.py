@@ -204,20 +204,27 @@ def analytic_memory(config: TrainConfig, mesh: Mesh, seq_len: int,
     return out
 
 
+def placed(config: TrainConfig, device_memory: int | None, mesh: Mesh | None,
+           target: Target | None) -> tuple[Mesh, int]:
+    """The mesh to compile on and the memory per device to plan against: with `target`, its
+    compile-only devices and usable memory (unless `device_memory` says otherwise)."""
+    if target is not None:
+        targets.check_mesh(target, config.mesh, sharding.mesh_devices(config.mesh))
+        if mesh is None:
+            mesh = sharding.make_mesh(config.mesh, targets.compile_only_devices(target))
+        device_memory = target.usable if device_memory is None else device_memory
+    if device_memory is None:
+        raise UserError("plan: give --device-memory (or --target)")
+    return (sharding.make_mesh(config.mesh) if mesh is None else mesh), device_memory
+
+
 def plan(config: TrainConfig, device_memory: int | None = None, *, seq_len: int | None = None,
          mesh: Mesh | None = None, target: Target | None = None) -> Plan:
     """Lower and compile the real train_step on abstract sharded inputs: nothing is allocated.
     With `target`, on its compile-only devices by its compiler, against its usable memory
     (unless `device_memory` says otherwise). `model.remat: auto` takes the cheapest policy that
     fits (REMAT_ORDER)."""
-    if target is not None:
-        targets.check_mesh(target, config.mesh, sharding.mesh_devices(config.mesh))
-        if mesh is None:
-            mesh = sharding.make_mesh(config.mesh, targets.compile_only_devices(target))
-        device_memory = target.usable if device_memory is None else device_memory
-    mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
-    if device_memory is None:
-        raise UserError("plan: give --device-memory (or --target)")
+    mesh, device_memory = placed(config, device_memory, mesh, target)
     t = seq_len or config.data.max_len
     if config.model.remat != "auto":
         return _compile(config, device_memory, t, mesh, target)
@@ -428,14 +435,7 @@ def plan_sample(config: TrainConfig, batch: int, context: int,
     (run_batch: rows over `data`, the model and its cache over `model`), on abstract inputs:
     nothing is allocated. `batch` is rounded up to whole rows per data shard and `context` to
     the sampler's cache bucket, as `sample` does."""
-    if target is not None:
-        targets.check_mesh(target, config.mesh, sharding.mesh_devices(config.mesh))
-        if mesh is None:
-            mesh = sharding.make_mesh(config.mesh, targets.compile_only_devices(target))
-        device_memory = target.usable if device_memory is None else device_memory
-    mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
-    if device_memory is None:
-        raise UserError("plan: give --device-memory (or --target)")
+    mesh, device_memory = placed(config, device_memory, mesh, target)
     m = config.model
     limit = min(MAX_LEN, m.max_seq_len)  # sampler.context_length
     if context > limit:
