@@ -78,6 +78,7 @@ class Plan:
     target: Target | None = None
     cost: dict | None = None  # the compiler's cost model (flops, optimal_seconds), if any
     remat_tried: tuple[tuple[str, str], ...] = ()  # remat auto: (policy, why not) before this
+    notices: tuple[str, ...] = ()  # for stderr: replicated parameters, the attention kernel
 
     @property
     def step_seconds(self) -> float | None:
@@ -225,9 +226,12 @@ def plan(config: TrainConfig, device_memory: int | None = None, *, seq_len: int 
     (unless `device_memory` says otherwise). `model.remat: auto` takes the cheapest policy that
     fits (REMAT_ORDER)."""
     mesh, device_memory = placed(config, device_memory, mesh, target)
+    m = config.model  # a kernel the platform lacks fails here, before any compile
+    notices = (*sharding.replication_notices(m, mesh), attention.describe(
+        m.attention, mesh.devices.flat[0].platform, (m.n_heads, m.n_kv_heads, mesh.shape["model"])))
     t = seq_len or config.data.max_len
     if config.model.remat != "auto":
-        return _compile(config, device_memory, t, mesh, target)
+        return _compile(config, device_memory, t, mesh, target, notices)
     tried = []
     for policy in REMAT_ORDER:
         candidate = dataclasses.replace(config, model=config.model.replace(remat=policy))
@@ -238,7 +242,7 @@ def plan(config: TrainConfig, device_memory: int | None = None, *, seq_len: int 
         if policy != REMAT_ORDER[-1] and estimate > 1.25 * device_memory:
             tried.append((policy, f"arithmetic: {gib(estimate)}, not compiled"))
             continue
-        result = _compile(candidate, device_memory, t, mesh, target)
+        result = _compile(candidate, device_memory, t, mesh, target, notices)
         if result.fits or policy == REMAT_ORDER[-1]:
             result.remat_tried = tuple(tried)
             return result
@@ -264,7 +268,7 @@ def resolve_remat(config: TrainConfig, mesh: Mesh) -> tuple[TrainConfig, str]:
 
 
 def _compile(config: TrainConfig, device_memory: int, t: int, mesh: Mesh,
-             target: Target | None) -> Plan:
+             target: Target | None, notices: tuple[str, ...]) -> Plan:
     sharding.check(config, mesh)
     platform = mesh.devices.flat[0].platform
     setup = build(config, mesh, steps_per_epoch=1)
@@ -281,7 +285,7 @@ def _compile(config: TrainConfig, device_memory: int, t: int, mesh: Mesh,
                 compiled_aliased=c.aliased, compiled_temp=c.temp,
                 analytic=analytic_memory(config, mesh, t, platform), compile_seconds=c.seconds,
                 kernel=attention.choose(config.model.attention, platform),
-                platform=platform, target=target, cost=c.cost)
+                platform=platform, target=target, cost=c.cost, notices=notices)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -366,6 +370,7 @@ class SamplePlan:
     decode: Compiled
     platform: str
     target: Target | None = None
+    notices: tuple[str, ...] = ()  # for stderr: the parameters the mesh replicates
 
     @property
     def total(self) -> int:
@@ -477,4 +482,5 @@ def plan_sample(config: TrainConfig, batch: int, context: int,
     return SamplePlan(m, config.mesh, mesh.size, b, context, length, device_memory,
                       params=per_device_bytes(params), cache=cache,
                       state=per_device_bytes(state) - cache, prefill=pre, decode=dec,
-                      platform=platform, target=target)
+                      platform=platform, target=target,
+                      notices=tuple(sharding.replication_notices(m, mesh)))

@@ -25,7 +25,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from limajax import attention, data, optim, sharding
+from limajax import attention, data, optim, sharding, targets
 from limajax.checkpoint import resolve_init
 from limajax.config import ModelConfig, TrainConfig
 from limajax.errors import UserError
@@ -546,6 +546,8 @@ def train_recipe(config: TrainConfig, workdir: str | Path, *, peak: float | None
     """`limajax train`: settle the recipe's model, tokenizer and data, then train (or resume)
     in `workdir`."""
     mesh = sharding.make_mesh(config.mesh)  # the one parse of --mesh (start counted devices)
+    if jax.default_backend() == "gpu":
+        log(targets.gpu_memory_notice())
     # The setup checks, once and before anything loads (train() trusts its caller).
     sharding.check(config, mesh)
     m = config.model  # a kernel this platform lacks fails here
