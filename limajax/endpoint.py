@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import ClassVar
 
@@ -113,7 +112,6 @@ async def _served_models(client, endpoint: Endpoint) -> list[str]:
 class Tally:
     done: int = 0
     retries: int = 0
-    seconds: float = 0.0
     failure: str | None = None
 
 
@@ -132,7 +130,6 @@ def run(endpoint: Endpoint, jobs: Sequence, ask: Callable[[object, object], Awai
     if not jobs:
         return tally
     key = endpoint.api_key()
-    start = time.perf_counter()
 
     async def main():
         client = openai.AsyncOpenAI(base_url=endpoint.url, api_key=key,
@@ -165,5 +162,4 @@ def run(endpoint: Endpoint, jobs: Sequence, ask: Callable[[object, object], Awai
             await client.close()
 
     asyncio.run(main())
-    tally.seconds = time.perf_counter() - start
     return tally

@@ -67,29 +67,19 @@ class Plan:
     params: int
     opt_state: int
     batch: int
-    compiled_arguments: int
-    compiled_outputs: int
-    compiled_aliased: int
-    compiled_temp: int
+    compiled: Compiled  # the step's memory as its compiler assigns it, and its cost model
     analytic: dict[str, float]
-    compile_seconds: float
     kernel: str  # the attention kernel compiled (and estimated)
     platform: str  # whose compiler: "cpu" (the stand-in), "tpu" or "cuda"
     target: Target | None = None
-    cost: dict | None = None  # the compiler's cost model (flops, optimal_seconds), if any
     remat_tried: tuple[tuple[str, str], ...] = ()  # remat auto: (policy, why not) before this
-
-    @property
-    def step_seconds(self) -> float | None:
-        """The compiler's estimate of one step's time (TPU's cost model), or None."""
-        seconds = (self.cost or {}).get("optimal_seconds")
-        return float(seconds) if seconds and seconds > 0 else None
+    notices: tuple[str, ...] = ()  # for stderr: replicated parameters, the attention kernel
 
     def estimates(self) -> list[str]:
         """Step time, tokens/s, MFU and a whole run's time from the compiler's cost model."""
-        if self.step_seconds is None:
+        c, step = self.config, self.compiled.optimal_seconds
+        if step is None:
             return [f"estimates: none (the {self.platform} compiler gives no cost model here)"]
-        c, step = self.config, self.step_seconds
         tokens = c.data.batch_size * self.seq_len / step
         kind = self.target.device_kind if self.target else None
         peak = KNOWN_PEAKS.get(kind, {}).get(c.model.dtype)
@@ -103,9 +93,7 @@ class Plan:
 
     @property
     def total(self) -> int:
-        """What the step needs at its peak: inputs + outputs not written in place + temporaries."""
-        return self.compiled_arguments + self.compiled_outputs - self.compiled_aliased + \
-            self.compiled_temp
+        return self.compiled.total
 
     @property
     def fits(self) -> bool:
@@ -126,7 +114,7 @@ class Plan:
             f"{'  optimizer state (AdamW mu, nu)':<34}{gib(self.opt_state):>14}"
             f"{gib(a['opt_state']):>14}",
             f"{'  batch':<34}{gib(self.batch):>14}{gib(a['batch']):>14}",
-            f"{'  temporaries (grads, activations)':<34}{gib(self.compiled_temp):>14}"
+            f"{'  temporaries (grads, activations)':<34}{gib(self.compiled.temp):>14}"
             f"{gib(a['temp']):>14}",
             f"{'    of which: gradients':<34}{'':>14}{gib(a['grads']):>14}",
             f"{'    of which: AdamW update':<34}{'':>14}{gib(a['update']):>14}",
@@ -136,25 +124,29 @@ class Plan:
             f"{gib(a['attention']):>14}",
             f"{'    of which: logits and loss':<34}{'':>14}{gib(a['logits']):>14}",
             f"{'  outputs not updated in place':<34}"
-            f"{gib(self.compiled_outputs - self.compiled_aliased):>14}{'':>14}",
+            f"{gib(self.compiled.outputs - self.compiled.aliased):>14}{'':>14}",
             f"{'  total':<34}{gib(self.total):>14}{gib(a['total']):>14}",
         ]
         verdict = (("fits" if self.fits else "DOES NOT FIT")
                    + f" ({self.total / self.device_memory:.0%} used)")
-        t = self.target
-        if t is None:
-            rows += [f"device memory {gib(self.device_memory)}: {verdict}; compiled in "
-                     f"{self.compile_seconds:.1f} s by the CPU compiler, a stand-in for the "
-                     "accelerator's (README \"plan\": 40 GiB high for LIMA-65B on one 8x H200 "
-                     "node); --target compiles with the accelerator's own"]
-        else:
-            rows += [f"target {t.name}: {t.devices} devices on {t.hosts} host(s), "
-                     f"{gib(t.memory)} per device ({t.memory_source}); runtime reserve: "
-                     f"{t.reserve_text}",
-                     f"device memory {gib(self.device_memory)} usable: {verdict}; compiled in "
-                     f"{self.compile_seconds:.1f} s by the {t.platform} compiler",
-                     *self.estimates()]
-        return "\n".join(rows)
+        return "\n".join(rows + verdict_rows(
+            self.target, self.device_memory, verdict, self.compiled.seconds, self.estimates(),
+            ' (README "plan": 40 GiB high for LIMA-65B on one 8x H200 node)'))
+
+
+def verdict_rows(t: Target | None, device_memory: int, verdict: str, seconds: float,
+                 estimates: list[str], stand_in: str = "") -> list[str]:
+    """A plan's closing lines: the target, the memory against the device's, whose compiler
+    (`stand_in`: what is known of the CPU compiler's distance), and with a target the
+    estimates."""
+    if t is None:
+        return [f"device memory {gib(device_memory)}: {verdict}; compiled in {seconds:.1f} s by "
+                f"the CPU compiler, a stand-in for the accelerator's{stand_in}; --target "
+                "compiles with the accelerator's own"]
+    return [f"target {t.name}: {t.devices} devices on {t.hosts} host(s), {gib(t.memory)} per "
+            f"device ({t.memory_source}); runtime reserve: {t.reserve_text}",
+            f"device memory {gib(device_memory)} usable: {verdict}; compiled in {seconds:.1f} s "
+            f"by the {t.platform} compiler", *estimates]
 
 
 def analytic_memory(config: TrainConfig, mesh: Mesh, seq_len: int,
@@ -225,9 +217,12 @@ def plan(config: TrainConfig, device_memory: int | None = None, *, seq_len: int 
     (unless `device_memory` says otherwise). `model.remat: auto` takes the cheapest policy that
     fits (REMAT_ORDER)."""
     mesh, device_memory = placed(config, device_memory, mesh, target)
+    m = config.model  # a kernel the platform lacks fails here, before any compile
+    notices = (*sharding.replication_notices(m, mesh), attention.describe(
+        m.attention, mesh.devices.flat[0].platform, (m.n_heads, m.n_kv_heads, mesh.shape["model"])))
     t = seq_len or config.data.max_len
     if config.model.remat != "auto":
-        return _compile(config, device_memory, t, mesh, target)
+        return _compile(config, device_memory, t, mesh, target, notices)
     tried = []
     for policy in REMAT_ORDER:
         candidate = dataclasses.replace(config, model=config.model.replace(remat=policy))
@@ -238,7 +233,7 @@ def plan(config: TrainConfig, device_memory: int | None = None, *, seq_len: int 
         if policy != REMAT_ORDER[-1] and estimate > 1.25 * device_memory:
             tried.append((policy, f"arithmetic: {gib(estimate)}, not compiled"))
             continue
-        result = _compile(candidate, device_memory, t, mesh, target)
+        result = _compile(candidate, device_memory, t, mesh, target, notices)
         if result.fits or policy == REMAT_ORDER[-1]:
             result.remat_tried = tuple(tried)
             return result
@@ -264,7 +259,7 @@ def resolve_remat(config: TrainConfig, mesh: Mesh) -> tuple[TrainConfig, str]:
 
 
 def _compile(config: TrainConfig, device_memory: int, t: int, mesh: Mesh,
-             target: Target | None) -> Plan:
+             target: Target | None, notices: tuple[str, ...]) -> Plan:
     sharding.check(config, mesh)
     platform = mesh.devices.flat[0].platform
     setup = build(config, mesh, steps_per_epoch=1)
@@ -277,11 +272,9 @@ def _compile(config: TrainConfig, device_memory: int, t: int, mesh: Mesh,
                 params=per_device_bytes(setup.abstract_state.params),
                 opt_state=per_device_bytes(setup.abstract_state.opt_state),
                 batch=per_device_bytes(batch),
-                compiled_arguments=c.arguments, compiled_outputs=c.outputs,
-                compiled_aliased=c.aliased, compiled_temp=c.temp,
-                analytic=analytic_memory(config, mesh, t, platform), compile_seconds=c.seconds,
+                compiled=c, analytic=analytic_memory(config, mesh, t, platform),
                 kernel=attention.choose(config.model.attention, platform),
-                platform=platform, target=target, cost=c.cost)
+                platform=platform, target=target, notices=notices)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -366,6 +359,7 @@ class SamplePlan:
     decode: Compiled
     platform: str
     target: Target | None = None
+    notices: tuple[str, ...] = ()  # for stderr: the parameters the mesh replicates
 
     @property
     def total(self) -> int:
@@ -412,20 +406,9 @@ class SamplePlan:
         ]
         verdict = (("fits" if self.fits else "DOES NOT FIT")
                    + f" ({self.total / self.device_memory:.0%} used at the larger)")
-        seconds = self.prefill.seconds + self.decode.seconds
-        t = self.target
-        if t is None:
-            rows += [f"device memory {gib(self.device_memory)}: {verdict}; compiled in "
-                     f"{seconds:.1f} s by the CPU compiler, a stand-in for the accelerator's; "
-                     "--target compiles with the accelerator's own"]
-        else:
-            rows += [f"target {t.name}: {t.devices} devices on {t.hosts} host(s), "
-                     f"{gib(t.memory)} per device ({t.memory_source}); runtime reserve: "
-                     f"{t.reserve_text}",
-                     f"device memory {gib(self.device_memory)} usable: {verdict}; compiled in "
-                     f"{seconds:.1f} s by the {t.platform} compiler",
-                     *self.estimates()]
-        return "\n".join(rows)
+        return "\n".join(rows + verdict_rows(self.target, self.device_memory, verdict,
+                                             self.prefill.seconds + self.decode.seconds,
+                                             self.estimates()))
 
 
 def plan_sample(config: TrainConfig, batch: int, context: int,
@@ -477,4 +460,5 @@ def plan_sample(config: TrainConfig, batch: int, context: int,
     return SamplePlan(m, config.mesh, mesh.size, b, context, length, device_memory,
                       params=per_device_bytes(params), cache=cache,
                       state=per_device_bytes(state) - cache, prefill=pre, decode=dec,
-                      platform=platform, target=target)
+                      platform=platform, target=target,
+                      notices=tuple(sharding.replication_notices(m, mesh)))

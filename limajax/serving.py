@@ -165,16 +165,14 @@ def completion_logprobs(tokenizer: Tokenizer, scored: Sequence[Scored], k: int,
     probable, token text -> log p) and text_offset (each token's first character)."""
     ids = [s[0] for s in scored]
     texts = token_texts(tokenizer, ids, context)
-    offsets, before = [], list(context)
-    for text, i in zip(texts, ids, strict=True):
+    offsets = []
+    for text in texts:
         offsets.append(offset)
         offset += len(text)
-        before.append(i)
-    tops, before = [], list(context)
-    for i, _, top in scored:
-        tops.append(None if top is None else {
-            decode_after(tokenizer, before[-8:], [a]): lp for a, lp in top[:k]})
-        before.append(i)
+    before = [*context, *ids]
+    tops = [None if top is None else {
+        decode_after(tokenizer, before[max(0, n - 8):n], [a]): lp for a, lp in top[:k]}
+        for n, (_, _, top) in enumerate(scored, len(context))]
     return {"tokens": texts, "token_logprobs": [s[1] for s in scored], "top_logprobs": tops,
             "text_offset": offsets}
 
@@ -198,24 +196,19 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def chat_response(rid: str, created: int, model: str, texts: list[str], finishes: list[str],
-                  logprobs: list[dict | None], prompt_tokens: int, completion_tokens: int
-                  ) -> dict:
-    return {"id": rid, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": k, "message": {"role": "assistant", "content": text},
-                         "finish_reason": finish, "logprobs": lp}
-                        for k, (text, finish, lp) in enumerate(zip(texts, finishes, logprobs,
-                                                                   strict=True))],
-            "usage": usage(prompt_tokens, completion_tokens)}
+def response(kind: str, rid: str, created: int, model: str, texts: list[str],
+             finishes: list[str], logprobs: list[dict | None], prompt_tokens: int,
+             completion_tokens: int) -> dict:
+    """A whole chat completion (each choice's text as the assistant's message) or completion."""
+    def choice(k, text, finish, lp):
+        said = {"message": {"role": "assistant", "content": text}} if kind == "chat" else {
+            "text": text}
+        return {"index": k, **said, "finish_reason": finish, "logprobs": lp}
 
-
-def completion_response(rid: str, created: int, model: str, texts: list[str],
-                        finishes: list[str], logprobs: list[dict | None], prompt_tokens: int,
-                        completion_tokens: int) -> dict:
-    return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": k, "text": text, "finish_reason": finish, "logprobs": lp}
-                        for k, (text, finish, lp) in enumerate(zip(texts, finishes, logprobs,
-                                                                   strict=True))],
+    return {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
+            "created": created, "model": model,
+            "choices": [choice(k, *c) for k, c in enumerate(zip(texts, finishes, logprobs,
+                                                                 strict=True))],
             "usage": usage(prompt_tokens, completion_tokens)}
 
 
@@ -490,8 +483,7 @@ def make_app(engine: Engine, model_name: str, api_key: str | None = None):
             records[c] += scored(event)
         logprobs = [logprobs_of(records[c], [] if echo else prompt_of[c][0], 0)
                     for c in range(choices)]
-        response = chat_response if kind == "chat" else completion_response
-        return response(rid, created, model_name, texts,
+        return response(kind, rid, created, model_name, texts,
                         [done[c]["finish"] for c in range(choices)], logprobs,
                         sum(len(p[0]) for p in prompts), generated())
 

@@ -30,6 +30,21 @@ GPU_MEMORY_FRACTION = 0.89
 TPU_MEMORY_FRACTION = 1.0
 
 
+def share_gpu_memory() -> None:
+    """`train`: let JAX take GPU_MEMORY_FRACTION of each GPU's memory, as `plan --target` plans
+    against, unless the user set XLA_PYTHON_CLIENT_MEM_FRACTION. It must be set before JAX
+    starts and changes nothing off a GPU."""
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(GPU_MEMORY_FRACTION))
+
+
+def gpu_memory_notice() -> str:
+    """The line `train` logs on a GPU: the share of its memory JAX may take."""
+    fraction = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75")  # JAX's default
+    return (f"notice: JAX may use {float(fraction):.0%} of each GPU's memory "
+            f"(XLA_PYTHON_CLIENT_MEM_FRACTION={fraction}; `limajax plan --target` plans "
+            f"against {GPU_MEMORY_FRACTION:.0%})")
+
+
 @dataclasses.dataclass(frozen=True)
 class Target:
     name: str

@@ -62,9 +62,6 @@ class TokenSpec:
             if value is not None and not 0 <= value < self.vocab_size:
                 raise ValueError(f"{name} {value} is outside the vocabulary [0, {self.vocab_size})")
 
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
-
     @classmethod
     def from_json(cls, obj: dict, where: str = TOKENS_FILE) -> TokenSpec:
         names = [f.name for f in dataclasses.fields(cls)]
@@ -82,15 +79,6 @@ class TokenSpec:
             raise UserError(f"{where}: {e}") from None
 
 
-def read_tokens_json(path: str | Path) -> TokenSpec:
-    """Read a model directory's `tokens.json`; a missing or malformed file is a UserError."""
-    return TokenSpec.from_json(read_json(path), where=str(path))
-
-
-def write_tokens_json(path: str | Path, spec: TokenSpec) -> None:
-    write_json(path, spec.to_json())
-
-
 def save_to(directory: str | Path, file: str | Path | None, spec: TokenSpec | None) -> None:
     """The one writer of a directory's tokenizer (model directory, training workdir, Meta
     export): the tokenizer file under its stored name and, with `spec`, tokens.json. A file
@@ -101,17 +89,18 @@ def save_to(directory: str | Path, file: str | Path | None, spec: TokenSpec | No
         if not dest.is_file() or not filecmp.cmp(file, dest, shallow=False):
             shutil.copyfile(file, dest)
     if spec is not None:
-        write_tokens_json(directory / TOKENS_FILE, spec)
+        write_json(directory / TOKENS_FILE, dataclasses.asdict(spec))
 
 
 def load_from(directory: str | Path, required: bool = True
               ) -> tuple[TokenSpec, Path | None] | None:
-    """The one reader: (ids, tokenizer file or None) of a directory `save_to` wrote; without
-    tokens.json a UserError, or None when not `required` (a workdir from before R6)."""
-    directory = Path(directory)
-    if not required and not (directory / TOKENS_FILE).is_file():
+    """The one reader: (ids, tokenizer file or None) of a directory `save_to` wrote; a missing
+    or malformed tokens.json is a UserError, or None when missing and not `required` (a
+    workdir from before R6)."""
+    path = Path(directory) / TOKENS_FILE
+    if not required and not path.is_file():
         return None
-    return read_tokens_json(directory / TOKENS_FILE), tokenizer_file(directory)
+    return TokenSpec.from_json(read_json(path), where=str(path)), tokenizer_file(directory)
 
 
 class SentencePieceFile:
@@ -326,7 +315,7 @@ class Tokenizer:
                             f"{TOKENIZER_FILE} or a {HF_TOKENIZER_FILE})")
         pieces = load_pieces(file)
         if spec is None and path.is_dir():
-            spec = read_tokens_json(path / TOKENS_FILE)
+            spec, _ = load_from(path)
         elif spec is None:  # a bare tokenizer: with LIMA's EOT (LIMA §3)
             eot = eot_id_for(pieces, pieces.size)
             size = vocab_with_eot(pieces.size, eot)

@@ -25,7 +25,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from limajax import attention, data, optim, sharding
+from limajax import attention, data, optim, sharding, targets
 from limajax.checkpoint import resolve_init
 from limajax.config import ModelConfig, TrainConfig
 from limajax.errors import UserError
@@ -218,12 +218,12 @@ def make_eval_step(setup: Setup):
 
 
 def dev_loss(setup: Setup, evaluate, params, dev: Loader) -> float:
-    """Mean -log p per target token over one pass of the dev split."""
+    """Mean -log p per target token over one pass of the dev split (inside
+    `sharding.activate(setup.mesh)`, as the loop's steps are)."""
     dev.set_state({"epoch": 0, "index": 0})
     sums = []  # left on the devices until the pass is done
     for _, batch in zip(range(dev.steps_per_epoch), dev, strict=False):
-        with sharding.activate(setup.mesh):
-            sums.append(evaluate(params, put_batch(batch, setup)))
+        sums.append(evaluate(params, put_batch(batch, setup)))
     total, count = np.asarray(jax.device_get(sums), np.float64).sum(axis=0) if sums else (0, 0)
     return float(total) / max(float(count), 1.0)
 
@@ -483,11 +483,12 @@ class _Run(contextlib.AbstractContextManager):
         tokens = sum(r["rows"] * r["seq_len"] for r in records)
         flops = sum(r["rows"] * r["seq_len"] * config.model.flops_per_token(r["seq_len"])
                     for r in records)
-        mfu = None if self.peak is None else flops / seconds / self.peak
+        mfu = ("MFU unknown" if self.peak is None else
+               f"MFU {flops / seconds / self.peak:.1%} (peak: {self.peak_source})")
         log(f"epoch {epoch + 1}/{config.epochs}: step {step}, mean loss "
             f"{np.mean([r['loss'] for r in records]):.4f}{dev_text}, lr "
-            f"{records[-1]['lr']:.3g}, {tokens / seconds:.0f} tokens/s, "
-            f"{mfu_text(mfu, self.peak_source)}, {time.perf_counter() - self.start_time:.1f} s")
+            f"{records[-1]['lr']:.3g}, {tokens / seconds:.0f} tokens/s, {mfu}, "
+            f"{time.perf_counter() - self.start_time:.1f} s")
         plot_curves(self.workdir)
 
     def finish(self) -> list[dict]:
@@ -531,10 +532,6 @@ def host_metrics(pending: list, seconds_per_step: float, model: ModelConfig,
     return records, None
 
 
-def mfu_text(mfu: float | None, source: str) -> str:
-    return "MFU unknown" if mfu is None else f"MFU {mfu:.1%} (peak: {source})"
-
-
 def log(message: str) -> None:
     """A line on stderr from the lead process only."""
     if jax.process_index() == 0:
@@ -546,6 +543,8 @@ def train_recipe(config: TrainConfig, workdir: str | Path, *, peak: float | None
     """`limajax train`: settle the recipe's model, tokenizer and data, then train (or resume)
     in `workdir`."""
     mesh = sharding.make_mesh(config.mesh)  # the one parse of --mesh (start counted devices)
+    if jax.default_backend() == "gpu":
+        log(targets.gpu_memory_notice())
     # The setup checks, once and before anything loads (train() trusts its caller).
     sharding.check(config, mesh)
     m = config.model  # a kernel this platform lacks fails here

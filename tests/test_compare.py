@@ -325,14 +325,14 @@ def test_a_pairwise_line_names_the_files_whoever_judged(tmp_path):
 
     specs = [(f"p{i}", 3, 1, "") for i in range(12)]
     a, b, _ = pairwise_case(tmp_path, specs)
-    items, _, _ = human._items(str(a), str(b), 0, False)
+    items = human._items(str(a), str(b), 0, False)
     assert {it["left"] for it in items} == {"A", "B"}  # both orders occur
     labels = tmp_path / "labels.json"
     labels.write_text(json.dumps({"sheet": "s1", "seed": 0, "labels": [
         {"id": it["id"], "left": it["left"], "choice": "left", "a_sha": it["a_sha"],
          "b_sha": it["b_sha"]} for it in items]}))
     people = tmp_path / "human.jsonl"
-    assert human.labels_to_judgments(str(labels), str(a), str(b), str(people))[0] == 12
+    assert human.labels_to_judgments(str(labels), str(a), str(b), str(people)) == 12
     len_a, len_b = (len(lines(x)[0]["response"]) for x in (a, b))
     assert len_a != len_b
     for row, it in zip(lines(people), items, strict=True):

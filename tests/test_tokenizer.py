@@ -14,8 +14,8 @@ from limajax.tokenizer import (
     SentencePieceFile,
     Tokenizer,
     TokenSpec,
-    read_tokens_json,
-    write_tokens_json,
+    load_from,
+    save_to,
 )
 
 
@@ -48,15 +48,15 @@ def test_bare_tokenizer_puts_eot_past_the_vocabulary(tok):
 def test_model_directory_reads_tokens_json(tmp_path, model_file):
     (tmp_path / "tokenizer.model").write_bytes(model_file.read_bytes())
     spec = TokenSpec(bos_id=1, eos_id=2, eot_id=32000, vocab_size=32001, padded_vocab_size=32256)
-    write_tokens_json(tmp_path / "tokens.json", spec)
-    assert read_tokens_json(tmp_path / "tokens.json") == spec
+    save_to(tmp_path, None, spec)
+    assert load_from(tmp_path) == (spec, tmp_path / "tokenizer.model")
     tok = Tokenizer.from_path(tmp_path)
     assert tok.spec == spec and tok.padded_vocab_size == 32256
 
 
 def test_base_model_without_eot_gains_it(tmp_path, model_file):
     (tmp_path / "tokenizer.model").write_bytes(model_file.read_bytes())
-    write_tokens_json(tmp_path / "tokens.json", TokenSpec(1, 2, None, 32000, 32000))
+    save_to(tmp_path, None, TokenSpec(1, 2, None, 32000, 32000))
     base = Tokenizer.from_path(tmp_path)
     assert base.eot_id is None and base.vocab_size == 32000 and base.padded_vocab_size == 32000
     with pytest.raises(UserError, match="no EOT"):
@@ -83,7 +83,7 @@ def test_bad_tokens_json_is_a_user_error(tmp_path, text, message):
     path = tmp_path / "tokens.json"
     path.write_text(text)
     with pytest.raises(UserError, match=message) as e:
-        read_tokens_json(path)
+        load_from(tmp_path)
     assert str(path) in str(e.value)
 
 

@@ -80,7 +80,7 @@ def compare(a_path, b_path, common, output, judge_url, judge_model, api_key_env,
             raise UserError("--human takes no --judge-url / --judge-model")
         from limajax.evaluation.human import labels_to_judgments
 
-        n, _ = labels_to_judgments(labels_path, a_path, b_path, output, common=common)
+        n = labels_to_judgments(labels_path, a_path, b_path, output, common=common)
         click.echo(f"wrote {n} human judgments to {output}")
         return
     if not judge_url or not judge_model:
@@ -113,7 +113,7 @@ def annotate(a_path, b_path, common, output, seed):
     """
     from limajax.evaluation.human import annotate as annotate_lib
 
-    n, _, _ = annotate_lib(a_path, b_path, output, seed=seed, common=common)
+    n = annotate_lib(a_path, b_path, output, seed=seed, common=common)
     click.echo(f"wrote {output}: {n} prompts; label them in a browser, export, then "
                f"`limajax compare --human labels.json --a {a_path} --b {b_path} --output ...`")
 

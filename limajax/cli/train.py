@@ -1,6 +1,5 @@
 """`limajax train` / `plan`: LIMA's fine-tuning recipe on a mesh, and its memory."""
 
-import os
 import sys
 
 import click
@@ -61,20 +60,11 @@ def train(config_path, mesh, init, data_dir, workdir, overrides, tokenizer, epoc
                          data={"path": data_dir})
     from limajax import targets
 
-    # The share of each GPU's memory JAX may take, as `plan --target` plans against (JAX's
-    # default is 0.75); it must be set before JAX starts and changes nothing off a GPU.
-    fraction = os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION",
-                                     str(targets.GPU_MEMORY_FRACTION))
+    targets.share_gpu_memory()  # before JAX starts
     sharding.start(config.mesh, coordinator, num_processes, process_id)
-    import jax
-
     from limajax import plan as plan_lib
     from limajax import train as train_lib
 
-    if jax.default_backend() == "gpu":
-        click.echo(f"notice: JAX may use {float(fraction):.0%} of each GPU's memory "
-                   f"(XLA_PYTHON_CLIENT_MEM_FRACTION={fraction}; `limajax plan --target` plans "
-                   f"against {targets.GPU_MEMORY_FRACTION:.0%})", err=True)
     if config.model.remat == "auto":
         config, line = plan_lib.resolve_remat(config, sharding.make_mesh(config.mesh))
         click.echo(line, err=True)
@@ -136,27 +126,17 @@ def plan(config_path, mesh, target, list_targets, device_memory, seq_len, sample
     sample = None if sample_shape is None else plan_lib.parse_sample(sample_shape)
     chosen = None if target is None else targets.find(target)
     config = load_recipe(config_path, overrides, mesh=mesh)
-    if chosen is None:
+    if chosen is None:  # a target's compile-only devices are plan's (plan.placed)
         sharding.start(config.mesh)
-        devices = None
-    else:
-        targets.check_mesh(chosen, config.mesh, sharding.mesh_devices(config.mesh))
-        devices = targets.compile_only_devices(chosen)
-    from limajax import attention
-
     memory = None if device_memory is None else plan_lib.parse_bytes(device_memory)
     if chosen is None and memory is None:
         memory = plan_lib.parse_bytes("32GiB")
-    mesh = sharding.make_mesh(config.mesh, devices)
-    m = config.model
-    for line in sharding.replication_notices(m, mesh):
-        click.echo(line, err=True)
     if sample is not None:
-        report = plan_lib.plan_sample(config, *sample, memory, mesh=mesh, target=chosen)
+        report = plan_lib.plan_sample(config, *sample, memory, target=chosen)
     else:
-        click.echo(attention.describe(m.attention, mesh.devices.flat[0].platform,
-                                      (m.n_heads, m.n_kv_heads, mesh.shape["model"])), err=True)
-        report = plan_lib.plan(config, memory, seq_len=seq_len, mesh=mesh, target=chosen)
+        report = plan_lib.plan(config, memory, seq_len=seq_len, target=chosen)
+    for line in report.notices:
+        click.echo(line, err=True)
     click.echo(report.format())
     if not report.fits:
         sys.exit(DOES_NOT_FIT)

@@ -181,12 +181,10 @@ def extract(params: dict, w: Weight, layer: int | None, dst_layout: str,
 UNTRAINED = 1e-3
 
 
-def init_eot(params: dict, config: ModelConfig, eot_id: int, base_vocab: int) -> list[str]:
+def init_eot(params: dict, config: ModelConfig, eot_id: int, base_vocab: int) -> None:
     """LIMA §3 adds EOT as a new token: its embedding and output rows start at the mean of the
     trained rows of the base vocabulary, so it begins as a typical token, not a random or zero
-    one. An existing EOT (Llama 3's <|eot_id|>) whose rows are untrained starts there too.
-    Returns the tensors whose EOT row was set."""
-    done = []
+    one. An existing EOT (Llama 3's <|eot_id|>) whose rows are untrained starts there too."""
     for w in weights_for(config):
         if "V" not in _letters(w.layout):
             continue
@@ -201,8 +199,6 @@ def init_eot(params: dict, config: ModelConfig, eot_id: int, base_vocab: int) ->
         for s in range(0, base_vocab, 4096):
             total += array[s:s + 4096][trained[s:s + 4096]].sum(0, dtype=np.float64)
         array[eot_id] = (total / trained.sum()).astype(array.dtype)
-        done.append(w.ours)
-    return done
 
 
 class Converted(NamedTuple):

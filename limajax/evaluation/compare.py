@@ -16,7 +16,6 @@ from limajax.evaluation.judgments import (
     one_order,
     pair_samples,
     pairwise_line,
-    read_samples,
     sha256,
 )
 from limajax.evaluation.verdicts import parse_pairwise
@@ -46,11 +45,10 @@ def compare(a_path: str, b_path: str, judge: judge_lib.Judge, output: str, *,
             orders: str = "both", template_path: str | None = None,
             progress: bool = True, common: bool = False, seed: int = 0) -> dict:
     """Judge every shared prompt of A and B (ids in one file only: see pair_samples); returns
-    the outcome counts and the run's figures."""
+    the outcome counts and the run's figures (format_summary's)."""
     template = judge_lib.load_template("pairwise", template_path)
     judge.api_key()  # a missing key variable is a mistake to report before anything else
-    a, b = read_samples(a_path), read_samples(b_path)
-    pairs, left_out = pair_samples(a, b, a_path, b_path, common=common)
+    pairs = pair_samples(a_path, b_path, common=common)
     out = JudgmentFile(output, PAIR_KEY, PAIR_FINGERPRINT)
     jobs, cached = [], []
     for sa, sb in pairs:
@@ -73,9 +71,7 @@ def compare(a_path: str, b_path: str, judge: judge_lib.Judge, output: str, *,
     running = Running(len(ORDERS) if orders == "both" else 1, cached)
     result = judge_lib.run(jobs, judge, template, out, progress=progress, on_row=running.add)
     return {"prompts": len(pairs), "judged": result.done, "cached": len(cached),
-            "retries": result.retries, "unparsed": result.unparsed, "seconds": result.seconds,
-            "outcomes": running.counts, "torn_line_dropped": out.torn, "left_out": left_out,
-            "failed": {a_path: a.failed, b_path: b.failed}}
+            "retries": result.retries, "outcomes": running.counts}
 
 
 def format_summary(r: dict, output: str) -> str:

@@ -14,7 +14,6 @@ from limajax.evaluation.judgments import (
     one_order,
     pair_samples,
     pairwise_line,
-    read_samples,
     sha256,
     shown_first,
 )
@@ -22,20 +21,18 @@ from limajax.evaluation.verdicts import FIRST, NEITHER, SECOND
 from limajax.files import read_json, staged_file
 
 
-def _items(a_path, b_path, seed, common):
-    """(the sheet's items, pair_samples' note on the ids only one file has, the failed rows
-    left out of each file)."""
-    a, b = read_samples(a_path), read_samples(b_path)
-    pairs, left_out = pair_samples(a, b, a_path, b_path, common=common)
+def _items(a_path, b_path, seed, common) -> list[dict]:
+    """The sheet's items: the prompts both files answered (pair_samples), each with the side
+    its A answer is shown on."""
     items = []
-    for sa, sb in pairs:
+    for sa, sb in pair_samples(a_path, b_path, common=common):
         left = shown_first(seed, sa.id)
         shown = (sa, sb) if left == "A" else (sb, sa)
         items.append({"id": sa.id, "prompt": sa.prompt, "left": left,
                       "left_text": shown[0].response, "right_text": shown[1].response,
                       "prompt_sha": sha256(sa.prompt), "a_sha": sha256(sa.response),
                       "b_sha": sha256(sb.response)})
-    return items, left_out, {a_path: a.failed, b_path: b.failed}
+    return items
 
 
 def sheet_template() -> str:
@@ -43,11 +40,10 @@ def sheet_template() -> str:
 
 
 def annotate(a_path: str, b_path: str, output: str, *, seed: int = 0, common: bool = False
-             ) -> tuple[int, str | None, dict]:
-    """Write the sheet for every prompt both files answered; returns the number of items, the
-    note on the ids only one file has (refused unless `common`) and the failed rows left out
-    of each file (read_samples)."""
-    items, left_out, failed = _items(a_path, b_path, seed, common)
+             ) -> int:
+    """Write the sheet for every prompt both files answered (ids in one file only are refused
+    unless `common`); returns the number of items."""
+    items = _items(a_path, b_path, seed, common)
     page = sheet_template()
     data = {"a": a_path, "b": b_path, "seed": seed, "items": items}
     # The sheet's identity: its items and its wording; the browser keeps work under it.
@@ -56,20 +52,19 @@ def annotate(a_path: str, b_path: str, output: str, *, seed: int = 0, common: bo
     blob = json.dumps(data, ensure_ascii=False).replace("</", "<\\/")
     with staged_file(output) as f:
         f.write(page.replace("/*SHEET*/", blob, 1))
-    return len(items), left_out, failed
+    return len(items)
 
 
 def labels_to_judgments(labels_path: str, a_path: str, b_path: str, output: str, *,
-                        common: bool = False) -> tuple[int, str | None]:
+                        common: bool = False) -> int:
     """Append one judgment per labelled item (order "AB" when A's answer was on the left),
-    checking the labels belong to these sample files; returns how many were new and the note
-    on the ids only one file has (refused unless `common`)."""
+    checking the labels belong to these sample files (ids in one file only are refused unless
+    `common`); returns how many were new."""
     labels = read_json(labels_path)
     for field in ("sheet", "seed", "labels"):
         if field not in labels:
             raise UserError(f"{labels_path}: no {field!r}; expected the JSON the sheet exports")
-    items, left_out, _ = _items(a_path, b_path, labels["seed"], common)
-    items = {it["id"]: it for it in items}
+    items = {it["id"]: it for it in _items(a_path, b_path, labels["seed"], common)}
     template = sha256(sheet_template())
     out = JudgmentFile(output, PAIR_KEY, PAIR_FINGERPRINT)
     new = 0
@@ -99,4 +94,4 @@ def labels_to_judgments(labels_path: str, a_path: str, b_path: str, output: str,
         out.append(pairwise_line(ident, order, fingerprint, a_path, b_path, len_a, len_b,
                                  position, choice, sheet=labels["sheet"]))
         new += 1
-    return new, left_out
+    return new

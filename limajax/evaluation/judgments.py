@@ -148,20 +148,20 @@ def read_samples(path: str, *, several_per_id: bool = False) -> Samples:
     return samples
 
 
-def pair_samples(a: dict, b: dict, a_path: str, b_path: str, *, common: bool = False
-                 ) -> tuple[list[tuple[Sample, Sample]], str | None]:
-    """(the prompts both files answered, in A's order; a note naming the ids only one file has,
-    or None). Ids in one file only are refused unless `common` (--common) makes leaving them
-    out deliberate: a pair is never dropped without a word. Paired prompts must be the same."""
+def pair_samples(a_path: str, b_path: str, *, common: bool = False
+                 ) -> list[tuple[Sample, Sample]]:
+    """The prompts both sample files answered (read_samples), in A's order. Ids in one file
+    only are refused unless `common` (--common) makes leaving them out deliberate, and then
+    named in a notice: a pair is never dropped without a word. Paired prompts must be the same."""
+    a, b = read_samples(a_path), read_samples(b_path)
     pairs = [(sa, b[i]) for i, sa in a.items() if i in b]
     if not pairs:
         raise UserError(f"{a_path} and {b_path} have no prompt id in common (ids like "
                         f"{next(iter(a))!r} vs {next(iter(b))!r})")
     # An id whose row in the other file failed (an endpoint refused it) is announced by the
     # failed rows' notice, not here.
-    only = [(path, [i for i in x if i not in y and i not in getattr(y, "failed_ids", ())])
+    only = [(path, [i for i in x if i not in y and i not in y.failed_ids])
             for path, x, y in ((a_path, a, b), (b_path, b, a))]
-    note = None
     if any(ids for _, ids in only):
         note = (f"{len(pairs)} prompt ids are in both files; " + "; ".join(
             f"{len(ids)} only in {path}{_few(ids)}" for path, ids in only if ids))
@@ -171,7 +171,7 @@ def pair_samples(a: dict, b: dict, a_path: str, b_path: str, *, common: bool = F
     for sa, sb in pairs:
         if sa.conversations != sb.conversations:
             raise UserError(f"{sb.where}: id {sa.id!r} has another prompt than {sa.where}")
-    return pairs, note
+    return pairs
 
 
 def _few(ids: list[str], most: int = 5) -> str:

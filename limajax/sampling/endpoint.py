@@ -17,7 +17,6 @@ it), and asked again only with `retry_failed`.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 from limajax import endpoint as client_lib
@@ -62,7 +61,7 @@ def answer_file(ep: client_lib.Endpoint, prompts_path: str, output_path: str, se
                 num_samples: int = 1, raw: bool = False, retry_failed: bool = False,
                 template: str = "lima", progress: bool = True) -> dict:
     """Answer every prompt `num_samples` times from the endpoint into a JSONL file; returns a
-    summary (answers, failed, already there, tokens, retries, seconds)."""
+    summary (answers, failed, already there, tokens, retries: format_summary's)."""
     rows = read_prompts(prompts_path, template)
     output = Path(output_path)
     done = answered(output)
@@ -133,7 +132,6 @@ def answer_file(ep: client_lib.Endpoint, prompts_path: str, output_path: str, se
         bar.set_postfix_str(f"failed {counts['failed']}", refresh=False)
         bar.update(1)
 
-    start = time.perf_counter()
     with bar:
         tally = client_lib.run(ep, todo, ask, write,
                                describe=lambda job: f"answering prompt {job[0]['id']!r}")
@@ -148,7 +146,7 @@ def answer_file(ep: client_lib.Endpoint, prompts_path: str, output_path: str, se
               "the reason; compare, annotate and rate leave them out); rerun with "
               "--retry-failed to ask again", file=sys.stderr)
     return {**counts, "skipped": len(rows) * num_samples - len(todo), "retries": tally.retries,
-            "failed_total": len(failed_now), "seconds": time.perf_counter() - start}
+            "failed_total": len(failed_now)}
 
 
 def format_summary(s: dict, model: str, output: str) -> str:

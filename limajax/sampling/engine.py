@@ -29,7 +29,6 @@ from limajax.model import Llama
 from limajax.sampling.sampler import (
     FINISH_REASONS,
     LENGTH,
-    Knobs,
     Request,
     Settings,
     State,
@@ -206,14 +205,10 @@ class Engine:
                                                                 self.cache_length)
         if finished:
             limits = lengths
-        sharded = sharding.batch_sharding(self.mesh)
+        arrays = jax.device_put((prompts, lengths, limits, knobs, keys),
+                                sharding.batch_sharding(self.mesh))
         with sharding.activate(self.mesh):
-            def put(x):
-                return jax.device_put(x, sharded)
-
-            return prefill(self.model, put(prompts), put(lengths), put(limits),
-                           Knobs(*(put(k) for k in knobs)), put(keys),
-                           cache_length=self.cache_length)
+            return prefill(self.model, *arrays, cache_length=self.cache_length)
 
     def _admit(self, block: bool) -> int:
         """Prefill the waiting jobs that find a free slot, together (wait for one if nothing

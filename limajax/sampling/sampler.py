@@ -355,12 +355,9 @@ def run_batch(model: Llama, mesh: Mesh, requests: Sequence[Request], batch: int,
               stops: np.ndarray) -> list[Completion]:
     """Generate every request of one batch to the end (one prefill, one decode call)."""
     limit = context_length(model)
-    prompts, lengths, limits, knobs, keys, cache_length = batch_arrays(requests, batch, limit)
-    rows = sharding.batch_sharding(mesh)
+    *arrays, cache_length = batch_arrays(requests, batch, limit)
     with sharding.activate(mesh):
-        put = jax.device_put
-        state = prefill(model, put(prompts, rows), put(lengths, rows), put(limits, rows),
-                        Knobs(*(put(k, rows) for k in knobs)), put(keys, rows),
+        state = prefill(model, *jax.device_put(arrays, sharding.batch_sharding(mesh)),
                         cache_length=cache_length)
         state = decode(model, state, stops, jnp.int32(cache_length))
     tokens, length, finish = jax.device_get((state.tokens, state.length, state.finish))
