@@ -251,8 +251,7 @@ def resolve_remat(config: TrainConfig, mesh: Mesh) -> tuple[TrainConfig, str]:
                         "against; --set model.remat=none|dots to choose)")
     limit = stats["bytes_limit"]
     result = plan(config, limit, mesh=mesh)
-    chosen = dataclasses.replace(config,
-                                 model=config.model.replace(remat=result.config.model.remat))
+    chosen = result.config  # the recipe with the policy that fits
     why = "".join(f"; {p} does not fit ({w})" for p, w in result.remat_tried)
     return chosen, (f"remat auto: {chosen.model.remat} (plan: {gib(result.total)} of "
                     f"{gib(limit)} per device{why})")
