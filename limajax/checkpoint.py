@@ -240,9 +240,9 @@ def resolve_init(config: TrainConfig):
         if config.tokenizer is None:
             raise UserError("a random model needs a tokenizer: --set tokenizer=PATH/tokenizer."
                             "model, or start from a converted model with --init MODEL_DIR")
-        tokens, path = run_tokens(config, "--tokenizer")
-        model = config.model.replace(vocab_size=tokens.vocab_size)
-        return dataclasses.replace(config, model=model), Tokenizer.from_path(path, tokens), None
+        tokenizer = Tokenizer.from_path(config.tokenizer).with_eot()
+        model = config.model.replace(vocab_size=tokenizer.vocab_size)
+        return dataclasses.replace(config, model=model), tokenizer, None
     stored = read_model_config(config.init)
     for name in ARCHITECTURE:
         if getattr(stored, name) != getattr(config.model, name):
@@ -250,7 +250,7 @@ def resolve_init(config: TrainConfig):
                 f"--init {config.init}: its model.json has {name} = {getattr(stored, name)!r} "
                 f"but the recipe's model has {getattr(config.model, name)!r}; pick the recipe "
                 "for that model")
-    tokens, path = run_tokens(config, "--init")
+    tokens, path = load_from(config.init)
     if path is None:
         raise UserError(f"--init {config.init}: the model directory has no tokenizer "
                         f"({' or '.join(TOKENIZER_FILES)})")
