@@ -81,7 +81,7 @@ def format_summary(output: str, config: ModelConfig, tokens: TokenSpec, dtype: s
 
 
 def export(target: str, model_dir: str | Path, output: str | Path, *, shards: int = 1,
-           overwrite: bool = False, epoch: int | None = None) -> ModelConfig:
+           overwrite: bool = False, epoch: int | None = None) -> None:
     """`limajax export`: a model directory (or a training workdir's epoch) -> a Hugging Face or
     Meta checkpoint directory, built beside `output` and renamed when complete."""
     if target not in ("hf", "meta"):
@@ -95,4 +95,3 @@ def export(target: str, model_dir: str | Path, output: str | Path, *, shards: in
         else:
             write_meta(tmp, params, config, shards)
             save_to(tmp, tokenizer, None)
-    return config
