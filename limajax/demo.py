@@ -110,7 +110,7 @@ def base_models(workdir: Path, tiny) -> None:
         convert.write_hf(tmp, params, base_config, base_tokens, workdir / "tokenizer.model")
 
     banner("3. limajax convert --from hf (adds LIMA's EOT token)")
-    config, tokens, _ = convert.convert("hf", workdir / "random-hf", workdir / "base")
+    config, tokens = convert.convert("hf", workdir / "random-hf", workdir / "base")
     print(f"{workdir / 'base'}: {config.n_params:,} parameters, vocabulary {tokens.vocab_size} "
           f"(EOT {tokens.eot_id})", file=sys.stderr)
 

@@ -265,15 +265,10 @@ def abstract_model(config: ModelConfig, mesh: Mesh,
     return graphdef, abstract
 
 
-def abstract_params(config: ModelConfig, shardings=None) -> dict:
-    """The params' ShapeDtypeStructs placed as `shardings` says (None: the first device; a Mesh:
-    the sharding table's layout on it; or a tree of Shardings): targets to restore into."""
-    mesh = shardings if isinstance(shardings, Mesh) else single_device_mesh()
-    abstract = nnx.to_pure_dict(abstract_model(config, mesh)[1])
-    if shardings is not None and not isinstance(shardings, Mesh):
-        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                abstract, shardings)
-    return abstract
+def abstract_params(config: ModelConfig, mesh: Mesh | None = None) -> dict:
+    """The params' ShapeDtypeStructs placed by the sharding table on `mesh` (None: the first
+    device): targets to restore into."""
+    return nnx.to_pure_dict(abstract_model(config, mesh or single_device_mesh())[1])
 
 
 def init_model(config: ModelConfig, mesh: Mesh, seed: int = 0) -> Llama:

@@ -53,11 +53,11 @@ __all__ = ["EOT_TEXT", "WEIGHTS", "Converted", "Weight", "allocate", "config_fro
 def convert(source: str, input_dir: str | Path, output: str | Path, *,
             tokenizer: str | Path | None = None, dtype: str = "float32", add_eot: bool = True,
             overwrite: bool = False, max_seq_len: int | None = None, no_tokenizer: bool = False
-            ) -> tuple[ModelConfig, TokenSpec, Path | None]:
+            ) -> tuple[ModelConfig, TokenSpec]:
     """`limajax convert`: a Meta or HF checkpoint -> a model directory, built beside `output`
     and renamed when complete. Needs disk for the model twice while it runs. Returns the
-    config, the token ids and the tokenizer copied in (None if there was none); what it
-    assumed (no tokenizer, a context from the family's rule) it says on stderr."""
+    config and the token ids; what it assumed (no tokenizer, a context from the family's
+    rule) it says on stderr."""
     if source not in ("meta", "hf"):
         raise UserError(f"--from {source!r}: expected meta or hf")
     if source == "hf" and tokenizer is not None:
@@ -84,7 +84,7 @@ def convert(source: str, input_dir: str | Path, output: str | Path, *,
         print(f"notice: context {config.max_seq_len:,} is the {guess[0]} family's (Meta's "
               "params.json does not state it); pass --max-seq-len N if the model was trained "
               "at another length", file=sys.stderr)
-    return config, tokens, found
+    return config, tokens
 
 
 def format_summary(output: str, config: ModelConfig, tokens: TokenSpec, dtype: str) -> str:

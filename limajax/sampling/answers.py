@@ -20,6 +20,7 @@ from limajax.sampling.sampler import (
     Completion,
     Request,
     Settings,
+    answer_tokens,
     check_prompt,
     context_length,
     decode_after,
@@ -51,7 +52,8 @@ def read_prompts(path: str | Path, template: str = "lima") -> list[dict]:
 def answer_text(tokenizer: Tokenizer, ids: list[int], completion: Completion, raw: bool) -> str:
     """An answer's text: a raw continuation decoded after its prompt, so it keeps its leading
     space; a dialogue answer is its own utterance."""
-    return decode_after(tokenizer, ids if raw else [], completion.text_tokens())
+    return decode_after(tokenizer, ids if raw else [],
+                        answer_tokens(completion.tokens, completion.finish))
 
 
 def answered(path: Path) -> dict[tuple[str, int], dict]:
