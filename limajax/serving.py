@@ -281,15 +281,13 @@ def make_app(engine: Engine, model_name: str, api_key: str | None = None):
 
     @app.middleware("http")
     async def authorize_and_count(request: Request, call_next):
-        if api_key is not None and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                response = openai_error("Incorrect or missing API key: send the header "
-                                        "'Authorization: Bearer KEY'", 401,
-                                        code="invalid_api_key")
-                metrics.requests.labels(request.url.path, "401").inc()
-                return response
-        response = await call_next(request)
+        given = request.headers.get("authorization", "")
+        if api_key is not None and request.url.path != "/health" and not secrets.compare_digest(
+                given.encode(), f"Bearer {api_key}".encode()):
+            response = openai_error("Incorrect or missing API key: send the header "
+                                    "'Authorization: Bearer KEY'", 401, code="invalid_api_key")
+        else:
+            response = await call_next(request)
         metrics.requests.labels(request.url.path, str(response.status_code)).inc()
         return response
 
