@@ -233,16 +233,12 @@ def stream_chunk(kind: str, rid: str, created: int, model: str, k: int | None = 
     return f"data: {json.dumps(obj)}\n\n"
 
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error",
-               404: "invalid_request_error", 405: "invalid_request_error"}
-
-
 def openai_error(message: str, status: int = 400, param: str | None = None,
                  code: str | None = None) -> JSONResponse:
-    """OpenAI's error object, for every status."""
+    """OpenAI's error object, for every status: the request's fault (4xx) or the server's."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
     return JSONResponse(status_code=status, content={"error": {
-        "message": message, "type": ERROR_TYPES.get(status, "server_error"), "param": param,
-        "code": code}})
+        "message": message, "type": kind, "param": param, "code": code}})
 
 
 class ModelNotFound(Exception):
