@@ -15,27 +15,15 @@ from pathlib import Path
 
 from limajax.checkpoint import load_model, write_model_dir
 from limajax.config import ModelConfig
-from limajax.convert.hf import config_from_hf, hf_config, read_hf, write_hf
-from limajax.convert.meta import (
-    config_from_meta,
-    context_guess,
-    meta_params_json,
-    read_meta,
-    write_meta,
-)
+from limajax.convert.hf import config_from_hf, read_hf, write_hf
+from limajax.convert.meta import config_from_meta, context_guess, read_meta, write_meta
 from limajax.convert.table import (
-    EOT_TEXT,
     WEIGHTS,
-    Converted,
-    Weight,
     allocate,
     extract,
-    init_eot,
     layout_shape,
     place,
-    rearrange,
     sizes_for,
-    source_keys,
     weights_for,
 )
 from limajax.errors import UserError
@@ -43,11 +31,9 @@ from limajax.files import staged_dir
 from limajax.tokenizer import TokenSpec, save_to
 
 # __all__ repeats the imports: it is the package's public surface, which ruff checks (F401).
-__all__ = ["EOT_TEXT", "WEIGHTS", "Converted", "Weight", "allocate", "config_from_hf",
-           "config_from_meta", "context_guess", "convert", "export", "extract", "hf_config",
-           "init_eot",
-           "layout_shape", "meta_params_json", "place", "read_hf", "read_meta", "rearrange",
-           "sizes_for", "source_keys", "weights_for", "write_hf", "write_meta"]
+__all__ = ["WEIGHTS", "allocate", "config_from_hf", "config_from_meta", "context_guess",
+           "convert", "export", "extract", "layout_shape", "place", "read_hf", "read_meta",
+           "sizes_for", "weights_for", "write_hf", "write_meta"]
 
 
 def convert(source: str, input_dir: str | Path, output: str | Path, *,
@@ -95,7 +81,7 @@ def format_summary(output: str, config: ModelConfig, tokens: TokenSpec, dtype: s
 
 
 def export(target: str, model_dir: str | Path, output: str | Path, *, shards: int = 1,
-           overwrite: bool = False, epoch: int | None = None) -> ModelConfig:
+           overwrite: bool = False, epoch: int | None = None) -> None:
     """`limajax export`: a model directory (or a training workdir's epoch) -> a Hugging Face or
     Meta checkpoint directory, built beside `output` and renamed when complete."""
     if target not in ("hf", "meta"):
@@ -109,4 +95,3 @@ def export(target: str, model_dir: str | Path, output: str | Path, *, shards: in
         else:
             write_meta(tmp, params, config, shards)
             save_to(tmp, tokenizer, None)
-    return config
