@@ -233,16 +233,12 @@ def stream_chunk(kind: str, rid: str, created: int, model: str, k: int | None = 
     return f"data: {json.dumps(obj)}\n\n"
 
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error",
-               404: "invalid_request_error", 405: "invalid_request_error"}
-
-
 def openai_error(message: str, status: int = 400, param: str | None = None,
                  code: str | None = None) -> JSONResponse:
-    """OpenAI's error object, for every status."""
+    """OpenAI's error object, for every status: the request's fault (4xx) or the server's."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
     return JSONResponse(status_code=status, content={"error": {
-        "message": message, "type": ERROR_TYPES.get(status, "server_error"), "param": param,
-        "code": code}})
+        "message": message, "type": kind, "param": param, "code": code}})
 
 
 class ModelNotFound(Exception):
@@ -281,15 +277,13 @@ def make_app(engine: Engine, model_name: str, api_key: str | None = None):
 
     @app.middleware("http")
     async def authorize_and_count(request: Request, call_next):
-        if api_key is not None and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                response = openai_error("Incorrect or missing API key: send the header "
-                                        "'Authorization: Bearer KEY'", 401,
-                                        code="invalid_api_key")
-                metrics.requests.labels(request.url.path, "401").inc()
-                return response
-        response = await call_next(request)
+        given = request.headers.get("authorization", "")
+        if api_key is not None and request.url.path != "/health" and not secrets.compare_digest(
+                given.encode(), f"Bearer {api_key}".encode()):
+            response = openai_error("Incorrect or missing API key: send the header "
+                                    "'Authorization: Bearer KEY'", 401, code="invalid_api_key")
+        else:
+            response = await call_next(request)
         metrics.requests.labels(request.url.path, str(response.status_code)).inc()
         return response
 
