@@ -101,9 +101,9 @@ def simulate_devices(n: int) -> None:
         print(f"notice: simulating {n} devices on the CPU", file=sys.stderr)
 
 
-def make_mesh(spec: str | tuple[int, int], devices=None) -> Mesh:
+def make_mesh(spec: str, devices=None) -> Mesh:
     """A (data, model) mesh over all devices; the shape must use every one of them."""
-    data, model = parse_mesh(spec) if isinstance(spec, str) else spec
+    data, model = parse_mesh(spec)
     devices = jax.devices() if devices is None else devices
     if data * model != len(devices):
         raise UserError(f"mesh {data}x{model} needs {data * model} devices, found "
@@ -119,7 +119,7 @@ def inference_mesh(spec: str) -> Mesh:
 
 
 def single_device_mesh() -> Mesh:
-    return make_mesh((1, 1), jax.devices()[:1])
+    return inference_mesh("1x1")
 
 
 def check(config: TrainConfig, mesh: Mesh) -> None:

@@ -190,12 +190,12 @@ def plot_curves(workdir: str | Path) -> Path:
 # --- checkpoints/ ---------------------------------------------------------------------------------
 
 
-def checkpoint_manager(workdir: str | Path, max_to_keep: int | None = None, *,
-                       async_save: bool = True) -> ocp.CheckpointManager:
-    """The CheckpointManager of a training workdir (its directory is created on first save)."""
+def checkpoint_manager(workdir: str | Path, max_to_keep: int | None = None
+                       ) -> ocp.CheckpointManager:
+    """The CheckpointManager of a training workdir (its directory is created on first save;
+    saves are asynchronous)."""
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True)
+        max_to_keep=max_to_keep, enable_async_checkpointing=True, cleanup_tmp_directories=True)
     return ocp.CheckpointManager(Path(workdir).absolute() / CHECKPOINTS_DIR, options=options)
 
 
