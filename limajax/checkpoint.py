@@ -154,13 +154,10 @@ def read_model_config(model_dir: str | Path) -> ModelConfig:
         raise UserError(f"{path}: {e}") from None
 
 
-def load_model_dir(model_dir: str | Path, shardings=None):
-    """(params, ModelConfig, TokenSpec) of a model directory.
-
-    `shardings`: None (everything on the first device), a Mesh (the sharding table's layout on
-    it), or a tree of jax Shardings shaped like the params. Arrays are restored straight into
-    their shards, so a big model never exists whole on one device.
-    """
+def load_model_dir(model_dir: str | Path, mesh: jax.sharding.Mesh | None = None):
+    """(params, ModelConfig, TokenSpec) of a model directory, placed by the sharding table on
+    `mesh` (None: everything on the first device). Arrays are restored straight into their
+    shards, so a big model never exists whole on one device."""
     model_dir = Path(model_dir)
     config = read_model_config(model_dir)
     tokens, _ = load_from(model_dir)
@@ -172,7 +169,7 @@ def load_model_dir(model_dir: str | Path, shardings=None):
     params_dir = model_dir / PARAMS_DIR
     if not params_dir.is_dir():
         raise UserError(f"{params_dir}: not found (is {model_dir} a limajax model directory?)")
-    return restore_params(params_dir, abstract_params(config, shardings)), config, tokens
+    return restore_params(params_dir, abstract_params(config, mesh)), config, tokens
 
 
 def run_tokens(run: TrainConfig, where: str | Path) -> tuple[TokenSpec, Path | None]:
@@ -186,16 +183,17 @@ def run_tokens(run: TrainConfig, where: str | Path) -> tuple[TokenSpec, Path | N
     return tokenizer.spec, tokenizer.path
 
 
-def load_model(source: str | Path, shardings=None, *, epoch: int | None = None):
+def load_model(source: str | Path, mesh: jax.sharding.Mesh | None = None, *,
+               epoch: int | None = None):
     """(params, ModelConfig, TokenSpec, tokenizer file or None) of a model directory, or,
     with `epoch`, of the checkpoint ending that epoch in a training workdir (DESIGN §3: wherever
-    a model directory is accepted, a workdir plus --epoch N is too). `shardings` as in
-    sharding.abstract_params."""
+    a model directory is accepted, a workdir plus --epoch N is too), placed as load_model_dir
+    places them."""
     if epoch is None:
-        params, config, tokens = load_model_dir(source, shardings)
+        params, config, tokens = load_model_dir(source, mesh)
         return params, config, tokens, tokenizer_file(source)  # tokens.json read above
     run = read_config(source)
-    params = restore_epoch_params(source, epoch, abstract_params(run.model, shardings))
+    params = restore_epoch_params(source, epoch, abstract_params(run.model, mesh))
     # The tokenizer copied into the workdir (R6); a workdir from before that: the run's.
     return params, run.model, *(load_from(source, required=False) or
                                 run_tokens(run, Path(source) / "config.json"))
@@ -242,9 +240,9 @@ def resolve_init(config: TrainConfig):
         if config.tokenizer is None:
             raise UserError("a random model needs a tokenizer: --set tokenizer=PATH/tokenizer."
                             "model, or start from a converted model with --init MODEL_DIR")
-        tokens, path = run_tokens(config, "--tokenizer")
-        model = config.model.replace(vocab_size=tokens.vocab_size)
-        return dataclasses.replace(config, model=model), Tokenizer.from_path(path, tokens), None
+        tokenizer = Tokenizer.from_path(config.tokenizer).with_eot()
+        model = config.model.replace(vocab_size=tokenizer.vocab_size)
+        return dataclasses.replace(config, model=model), tokenizer, None
     stored = read_model_config(config.init)
     for name in ARCHITECTURE:
         if getattr(stored, name) != getattr(config.model, name):
@@ -252,7 +250,7 @@ def resolve_init(config: TrainConfig):
                 f"--init {config.init}: its model.json has {name} = {getattr(stored, name)!r} "
                 f"but the recipe's model has {getattr(config.model, name)!r}; pick the recipe "
                 "for that model")
-    tokens, path = run_tokens(config, "--init")
+    tokens, path = load_from(config.init)
     if path is None:
         raise UserError(f"--init {config.init}: the model directory has no tokenizer "
                         f"({' or '.join(TOKENIZER_FILES)})")
@@ -267,7 +265,7 @@ def resolve_init(config: TrainConfig):
     config = dataclasses.replace(config, model=model)
 
     def init_params(mesh):
-        params, _, _ = load_model_dir(config.init, shardings=mesh)
+        params, _, _ = load_model_dir(config.init, mesh)
         # e.g. a model directory converted to bfloat16: train on float32 master weights.
         return jax.tree.map(lambda p: p.astype(config.model.param_dtype), params)
 

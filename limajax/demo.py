@@ -110,7 +110,7 @@ def base_models(workdir: Path, tiny) -> None:
         convert.write_hf(tmp, params, base_config, base_tokens, workdir / "tokenizer.model")
 
     banner("3. limajax convert --from hf (adds LIMA's EOT token)")
-    config, tokens, _ = convert.convert("hf", workdir / "random-hf", workdir / "base")
+    config, tokens = convert.convert("hf", workdir / "random-hf", workdir / "base")
     print(f"{workdir / 'base'}: {config.n_params:,} parameters, vocabulary {tokens.vocab_size} "
           f"(EOT {tokens.eot_id})", file=sys.stderr)
 
@@ -120,8 +120,8 @@ def base_models(workdir: Path, tiny) -> None:
     convert.export("hf", workdir / "base", workdir / "base-hf")
 
 
-def run_demo(workdir: str | Path, *, epochs: int | None = None, overwrite: bool = False) -> dict:
-    """Run every step into `workdir`; returns the figures it printed."""
+def run_demo(workdir: str | Path, *, epochs: int | None = None, overwrite: bool = False) -> None:
+    """Run every step into `workdir`, printing what each found."""
     tiny = recipe()
     workdir = Path(workdir)
     check_replaceable(workdir, overwrite=overwrite, command="demo")
@@ -129,7 +129,6 @@ def run_demo(workdir: str | Path, *, epochs: int | None = None, overwrite: bool 
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
     mark_output(workdir, "demo")  # first, so --overwrite may replace even a run cut short
-    figures = {}
 
     base_models(workdir, tiny)
 
@@ -150,13 +149,11 @@ def run_demo(workdir: str | Path, *, epochs: int | None = None, overwrite: bool 
         tiny, init=str(workdir / "base"), epochs=epochs or tiny.epochs,
         data=dataclasses.replace(tiny.data, path=str(workdir / "data")))
     metrics = train.train_recipe(run, workdir / "run", progress=False)
-    figures.update(first_loss=metrics[0]["loss"], last_loss=metrics[-1]["loss"])
 
     banner("8. the last epoch as a model directory, scored on the same prompts")
     save_epoch_model_dir(workdir / "run", run.epochs, workdir / "lima", command="demo")
     after = perplexity.score_file(workdir / "lima", prompts, workdir / "scores-lima.jsonl", "1x1")
-    figures.update(ppl_before=before["ppl"], ppl_after=after["ppl"])
-    print(f"training loss {figures['first_loss']:.3f} -> {figures['last_loss']:.3f}; "
+    print(f"training loss {metrics[0]['loss']:.3f} -> {metrics[-1]['loss']:.3f}; "
           f"held-out perplexity {before['ppl']:.1f} -> {after['ppl']:.1f}", file=sys.stderr)
 
     banner("9. limajax sample: the base and the fine-tuned model answer the held-out prompts")
@@ -174,7 +171,6 @@ def run_demo(workdir: str | Path, *, epochs: int | None = None, overwrite: bool 
         r = compare(str(answers["lima"]), str(answers["base"]), judge, str(judgments),
                     progress=False)
     o = r["outcomes"]
-    figures.update(judged=dict(o))
     print(f"{r['prompts']} prompts: fine-tuned better {o['A']}, tie {o['tie']}, base better "
           f"{o['B']}, unparsed {o['unparsed']}", file=sys.stderr)
 
@@ -186,4 +182,3 @@ def run_demo(workdir: str | Path, *, epochs: int | None = None, overwrite: bool 
           f"{workdir / 'summary.json'} and {workdir / 'sheet.html'} (open it in a browser to "
           "judge the answers yourself; `limajax compare --human` reads its export)",
           file=sys.stderr)
-    return figures

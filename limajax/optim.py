@@ -43,16 +43,11 @@ def schedule(config: OptimConfig, total_steps: int) -> optax.Schedule:
                                 [warmup])
 
 
-def matrix_axes(names: tuple[str | None, ...]) -> int:
-    """How many of a parameter's axes are matrix axes (the stacked `layers` axis is not)."""
-    return sum(1 for n in names if n != "layers")
-
-
 def decay_mask(abstract_state: nnx.State) -> dict:
     """A pure dict like the params: True where weight decay applies (matrices only)."""
 
-    def is_matrix(v: nnx.Variable) -> bool:
-        return matrix_axes(logical_axes(v)) >= 2
+    def is_matrix(v: nnx.Variable) -> bool:  # two axes besides the stacked `layers` one
+        return sum(n != "layers" for n in logical_axes(v)) >= 2
 
     mask = jax.tree.map(lambda v: v.replace(is_matrix(v)), abstract_state,
                         is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -54,7 +54,7 @@ def score(model: Llama, tokenizer: Tokenizer, rows: list[dict], mesh: Mesh,
     full = [[tokenizer.bos_id] + tokenizer.encode(r["text"]) for r in rows]
     encoded = [ids[:limit] for ids in full]  # LIMA §3 keeps a long text's beginning
     starts = range(0, len(rows), batch_size)
-    for start in progress(starts, total=len(starts), desc="score", unit="batch"):
+    for start in progress(starts, desc="score", unit="batch"):
         chunk = encoded[start:start + batch_size]
         width = bucket_length(max(len(ids) for ids in chunk), buckets_for(limit))
         tokens = np.zeros((batch_size, width), np.int32)  # right padding is never attended to
@@ -91,8 +91,7 @@ def score_file(model_dir: str, input_path: str, output_path: str, mesh_spec: str
     if trimmed:
         print(f"notice: {trimmed} of {len(rows)} texts are longer than the model's context "
               f"({limit:,} tokens): scored on their first {limit:,} tokens", file=sys.stderr)
-    return {"rows": len(rows), "tokens": total_tokens, "nll": nll, "ppl": math.exp(nll),
-            "trimmed": trimmed, "max_len": limit}
+    return {"rows": len(rows), "tokens": total_tokens, "nll": nll, "ppl": math.exp(nll)}
 
 
 def format_summary(s: dict, output: str) -> str:

@@ -127,18 +127,18 @@ class Plan:
             f"{gib(self.compiled.outputs - self.compiled.aliased):>14}{'':>14}",
             f"{'  total':<34}{gib(self.total):>14}{gib(a['total']):>14}",
         ]
-        verdict = (("fits" if self.fits else "DOES NOT FIT")
-                   + f" ({self.total / self.device_memory:.0%} used)")
         return "\n".join(rows + verdict_rows(
-            self.target, self.device_memory, verdict, self.compiled.seconds, self.estimates(),
-            ' (README "plan": 40 GiB high for LIMA-65B on one 8x H200 node)'))
+            self.target, self.device_memory, self.total, "used", self.compiled.seconds,
+            self.estimates(), ' (README "plan": 40 GiB high for LIMA-65B on one 8x H200 node)'))
 
 
-def verdict_rows(t: Target | None, device_memory: int, verdict: str, seconds: float,
+def verdict_rows(t: Target | None, device_memory: int, total: int, used: str, seconds: float,
                  estimates: list[str], stand_in: str = "") -> list[str]:
-    """A plan's closing lines: the target, the memory against the device's, whose compiler
-    (`stand_in`: what is known of the CPU compiler's distance), and with a target the
-    estimates."""
+    """A plan's closing lines: the target, whether `total` fits the memory (`used`: of what),
+    whose compiler (`stand_in`: what is known of the CPU compiler's distance), and with a
+    target the estimates."""
+    verdict = (("fits" if total <= device_memory else "DOES NOT FIT")
+               + f" ({total / device_memory:.0%} {used})")
     if t is None:
         return [f"device memory {gib(device_memory)}: {verdict}; compiled in {seconds:.1f} s by "
                 f"the CPU compiler, a stand-in for the accelerator's{stand_in}; --target "
@@ -251,8 +251,7 @@ def resolve_remat(config: TrainConfig, mesh: Mesh) -> tuple[TrainConfig, str]:
                         "against; --set model.remat=none|dots to choose)")
     limit = stats["bytes_limit"]
     result = plan(config, limit, mesh=mesh)
-    chosen = dataclasses.replace(config,
-                                 model=config.model.replace(remat=result.config.model.remat))
+    chosen = result.config  # the recipe with the policy that fits
     why = "".join(f"; {p} does not fit ({w})" for p, w in result.remat_tried)
     return chosen, (f"remat auto: {chosen.model.remat} (plan: {gib(result.total)} of "
                     f"{gib(limit)} per device{why})")
@@ -404,9 +403,8 @@ class SamplePlan:
             f"{gib(self.decode.outputs - self.decode.aliased):>14}",
             f"{'  total':<34}{gib(self.prefill.total):>14}{gib(self.decode.total):>14}",
         ]
-        verdict = (("fits" if self.fits else "DOES NOT FIT")
-                   + f" ({self.total / self.device_memory:.0%} used at the larger)")
-        return "\n".join(rows + verdict_rows(self.target, self.device_memory, verdict,
+        return "\n".join(rows + verdict_rows(self.target, self.device_memory, self.total,
+                                             "used at the larger",
                                              self.prefill.seconds + self.decode.seconds,
                                              self.estimates()))
 

@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator, Sequence
 from typing import TypeVar
 
 T = TypeVar("T")
 
 
-def progress(items: Iterable[T], *, total: int, desc: str, unit: str) -> Iterator[T]:
+def progress(items: Sequence[T], *, desc: str, unit: str) -> Iterator[T]:
     """`items`, reporting how far along they are on stderr as `bar` does (nothing for a single
     item)."""
-    if total <= 1:
+    if len(items) <= 1:
         yield from items
         return
-    with bar(total=total, desc=desc, unit=unit) as counter:
+    with bar(total=len(items), desc=desc, unit=unit) as counter:
         for item in items:
             yield item
             counter.update()

@@ -38,6 +38,7 @@ from limajax.errors import UserError
 from limajax.formats import system_first
 from limajax.sampling import Engine, Job, Settings, TextStream
 from limajax.sampling import Request as SamplingRequest
+from limajax.sampling.engine import CONTEXT_TOKENS
 from limajax.sampling.sampler import TOP_LOGPROBS, check_prompt, decode_after
 from limajax.tokenizer import Tokenizer
 
@@ -151,12 +152,9 @@ def token_texts(tokenizer: Tokenizer, ids: Sequence[int], context: Sequence[int]
                 ) -> list[str]:
     """Each token's text where it stands (after `context` and the tokens before it), so the
     pieces concatenate to the text with its spaces (incremental detokenization)."""
-    out, before = [], list(context)
-    for i in ids:
-        window = before[-8:]
-        out.append(decode_after(tokenizer, window, [i]))
-        before.append(i)
-    return out
+    before = [*context, *ids]
+    return [decode_after(tokenizer, before[max(0, n - CONTEXT_TOKENS):n], [i])
+            for n, i in enumerate(ids, len(context))]
 
 
 def completion_logprobs(tokenizer: Tokenizer, scored: Sequence[Scored], k: int,
@@ -171,7 +169,8 @@ def completion_logprobs(tokenizer: Tokenizer, scored: Sequence[Scored], k: int,
         offset += len(text)
     before = [*context, *ids]
     tops = [None if top is None else {
-        decode_after(tokenizer, before[max(0, n - 8):n], [a]): lp for a, lp in top[:k]}
+        decode_after(tokenizer, before[max(0, n - CONTEXT_TOKENS):n], [a]): lp
+        for a, lp in top[:k]}
         for n, (_, _, top) in enumerate(scored, len(context))]
     return {"tokens": texts, "token_logprobs": [s[1] for s in scored], "top_logprobs": tops,
             "text_offset": offsets}
@@ -186,7 +185,7 @@ def chat_logprobs(tokenizer: Tokenizer, scored: Sequence[Scored], k: int) -> dic
     texts = token_texts(tokenizer, ids)
     for n, ((_, lp, top), text) in enumerate(zip(scored, texts, strict=True)):
         content.append({**entry(text, lp), "top_logprobs": [
-            entry(decode_after(tokenizer, ids[max(0, n - 8):n], [a]), alp)
+            entry(decode_after(tokenizer, ids[max(0, n - CONTEXT_TOKENS):n], [a]), alp)
             for a, alp in (top or [])[:k]]})
     return {"content": content}
 
@@ -233,16 +232,12 @@ def stream_chunk(kind: str, rid: str, created: int, model: str, k: int | None = 
     return f"data: {json.dumps(obj)}\n\n"
 
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error",
-               404: "invalid_request_error", 405: "invalid_request_error"}
-
-
 def openai_error(message: str, status: int = 400, param: str | None = None,
                  code: str | None = None) -> JSONResponse:
-    """OpenAI's error object, for every status."""
+    """OpenAI's error object, for every status: the request's fault (4xx) or the server's."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
     return JSONResponse(status_code=status, content={"error": {
-        "message": message, "type": ERROR_TYPES.get(status, "server_error"), "param": param,
-        "code": code}})
+        "message": message, "type": kind, "param": param, "code": code}})
 
 
 class ModelNotFound(Exception):
@@ -281,15 +276,13 @@ def make_app(engine: Engine, model_name: str, api_key: str | None = None):
 
     @app.middleware("http")
     async def authorize_and_count(request: Request, call_next):
-        if api_key is not None and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                response = openai_error("Incorrect or missing API key: send the header "
-                                        "'Authorization: Bearer KEY'", 401,
-                                        code="invalid_api_key")
-                metrics.requests.labels(request.url.path, "401").inc()
-                return response
-        response = await call_next(request)
+        given = request.headers.get("authorization", "")
+        if api_key is not None and request.url.path != "/health" and not secrets.compare_digest(
+                given.encode(), f"Bearer {api_key}".encode()):
+            response = openai_error("Incorrect or missing API key: send the header "
+                                    "'Authorization: Bearer KEY'", 401, code="invalid_api_key")
+        else:
+            response = await call_next(request)
         metrics.requests.labels(request.url.path, str(response.status_code)).inc()
         return response
 

@@ -101,9 +101,9 @@ def simulate_devices(n: int) -> None:
         print(f"notice: simulating {n} devices on the CPU", file=sys.stderr)
 
 
-def make_mesh(spec: str | tuple[int, int], devices=None) -> Mesh:
+def make_mesh(spec: str, devices=None) -> Mesh:
     """A (data, model) mesh over all devices; the shape must use every one of them."""
-    data, model = parse_mesh(spec) if isinstance(spec, str) else spec
+    data, model = parse_mesh(spec)
     devices = jax.devices() if devices is None else devices
     if data * model != len(devices):
         raise UserError(f"mesh {data}x{model} needs {data * model} devices, found "
@@ -119,7 +119,7 @@ def inference_mesh(spec: str) -> Mesh:
 
 
 def single_device_mesh() -> Mesh:
-    return make_mesh((1, 1), jax.devices()[:1])
+    return inference_mesh("1x1")
 
 
 def check(config: TrainConfig, mesh: Mesh) -> None:
@@ -265,15 +265,10 @@ def abstract_model(config: ModelConfig, mesh: Mesh,
     return graphdef, abstract
 
 
-def abstract_params(config: ModelConfig, shardings=None) -> dict:
-    """The params' ShapeDtypeStructs placed as `shardings` says (None: the first device; a Mesh:
-    the sharding table's layout on it; or a tree of Shardings): targets to restore into."""
-    mesh = shardings if isinstance(shardings, Mesh) else single_device_mesh()
-    abstract = nnx.to_pure_dict(abstract_model(config, mesh)[1])
-    if shardings is not None and not isinstance(shardings, Mesh):
-        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                abstract, shardings)
-    return abstract
+def abstract_params(config: ModelConfig, mesh: Mesh | None = None) -> dict:
+    """The params' ShapeDtypeStructs placed by the sharding table on `mesh` (None: the first
+    device): targets to restore into."""
+    return nnx.to_pure_dict(abstract_model(config, mesh or single_device_mesh())[1])
 
 
 def init_model(config: ModelConfig, mesh: Mesh, seed: int = 0) -> Llama:

@@ -316,10 +316,9 @@ class Tokenizer:
         pieces = load_pieces(file)
         if spec is None and path.is_dir():
             spec, _ = load_from(path)
-        elif spec is None:  # a bare tokenizer: with LIMA's EOT (LIMA §3)
-            eot = eot_id_for(pieces, pieces.size)
-            size = vocab_with_eot(pieces.size, eot)
-            spec = TokenSpec(pieces.bos_id, pieces.eos_id, eot, size, pad_vocab(size))
+        elif spec is None:  # a bare tokenizer: its pieces, with LIMA's EOT (LIMA §3)
+            n = pieces.size
+            return cls(pieces, TokenSpec(pieces.bos_id, pieces.eos_id, None, n, n)).with_eot()
         return cls(pieces, spec)
 
     def with_eot(self) -> Tokenizer:

@@ -190,18 +190,13 @@ def plot_curves(workdir: str | Path) -> Path:
 # --- checkpoints/ ---------------------------------------------------------------------------------
 
 
-def checkpoint_manager(workdir: str | Path, max_to_keep: int | None = None, *,
-                       async_save: bool = True) -> ocp.CheckpointManager:
-    """The CheckpointManager of a training workdir (its directory is created on first save)."""
+def checkpoint_manager(workdir: str | Path, max_to_keep: int | None = None
+                       ) -> ocp.CheckpointManager:
+    """The CheckpointManager of a training workdir (its directory is created on first save;
+    saves are asynchronous)."""
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True)
+        max_to_keep=max_to_keep, enable_async_checkpointing=True, cleanup_tmp_directories=True)
     return ocp.CheckpointManager(Path(workdir).absolute() / CHECKPOINTS_DIR, options=options)
-
-
-def _state_tree(state) -> dict:
-    return {"step": state.step, "params": state.params, "opt_state": state.opt_state,
-            "rng": state.rng}
 
 
 def save_state(manager: ocp.CheckpointManager, state, meta: dict) -> None:
@@ -209,7 +204,7 @@ def save_state(manager: ocp.CheckpointManager, state, meta: dict) -> None:
     config). A failure of the save before it (Orbax reports it here) is `SaveFailed`."""
     with save_failure_is_one_line(manager):
         manager.save(meta["step"], args=ocp.args.Composite(
-            state=ocp.args.StandardSave(_state_tree(state)), meta=ocp.args.JsonSave(meta)))
+            state=ocp.args.StandardSave(state._asdict()), meta=ocp.args.JsonSave(meta)))
 
 
 def check_saves(manager: ocp.CheckpointManager) -> None:
@@ -291,11 +286,9 @@ def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state):
     checkpoint is a UserError naming what is wrong with it."""
     # Explicit abstract targets: a bare restore() in a fresh manager restores nothing.
     restored = _restore(manager, step, ocp.args.Composite(
-        state=ocp.args.StandardRestore(_state_tree(abstract_state)),
+        state=ocp.args.StandardRestore(abstract_state._asdict()),
         meta=ocp.args.JsonRestore()))
-    tree = restored["state"]
-    state = type(abstract_state)(tree["step"], tree["params"], tree["opt_state"], tree["rng"])
-    return state, restored["meta"]
+    return type(abstract_state)(**restored["state"]), restored["meta"]
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state):

@@ -119,12 +119,12 @@ def mesh_option(default: str | None = "1x1"):
                         help=f"DATAxMODEL device mesh{recipe}.")
 
 
-def start_devices(mesh: str, *multi_host) -> None:
+def start_devices(mesh: str) -> None:
     """sharding.start before any other library module is imported, so that none can reach JAX's
     devices before the mesh's are ready (on a CPU host they are simulated, DESIGN §4)."""
     from limajax import sharding
 
-    sharding.start(mesh, *multi_host)
+    sharding.start(mesh)
 
 
 # The knobs of LIMA §4.1's sampler, shared by sample, chat and select.

@@ -28,7 +28,7 @@ def judge_options(required=True):
 
 def _judge(judge_url, judge_model, api_key_env, concurrency, timeout, judge_max_tokens,
            max_retries, **_):
-    """The judge judge_options describe (called with the command's parameters)."""
+    """The judge judge_options describe (called with those options of the command)."""
     from limajax.evaluation.judge import Judge
 
     return Judge(judge_url, judge_model, api_key_env=api_key_env, timeout=timeout,
@@ -65,9 +65,8 @@ JUDGING_INTERRUPTED = ("interrupted: finished judgments are saved; rerun the sam
               help="Instead of a judge: the labels exported from `limajax annotate`'s sheet.")
 @judge_options(required=False)
 @cli.interrupted(JUDGING_INTERRUPTED)
-def compare(a_path, b_path, common, output, judge_url, judge_model, api_key_env, orders, seed,
-            concurrency, timeout, judge_max_tokens, max_retries, template_path, labels_path,
-            progress):
+def compare(a_path, b_path, common, output, judge_url, judge_model, orders, seed, template_path,
+            labels_path, progress, **client):
     """Ask a judge LIMA §4.1's question for every prompt both sample files answered: is A
     significantly better, B significantly better, or neither? Both orders by default; the
     outcome is A if A wins both, B if B wins both, a tie otherwise.
@@ -88,7 +87,7 @@ def compare(a_path, b_path, common, output, judge_url, judge_model, api_key_env,
                         "LABELS.json for people's labels)")
     from limajax.evaluation import compare as compare_lib
 
-    r = compare_lib.compare(a_path, b_path, _judge(**click.get_current_context().params), output,
+    r = compare_lib.compare(a_path, b_path, _judge(judge_url, judge_model, **client), output,
                             orders=orders, template_path=template_path, progress=progress,
                             common=common, seed=seed)
     click.echo(compare_lib.format_summary(r, output))
@@ -136,8 +135,7 @@ def annotate(a_path, b_path, common, output, seed):
               "turn k (LIMA §6).")
 @judge_options()
 @cli.interrupted(JUDGING_INTERRUPTED)
-def rate(samples_path, rubric, output, json_path, per_turn, judge_url, judge_model, api_key_env,
-         concurrency, timeout, judge_max_tokens, max_retries, template_path, progress):
+def rate(samples_path, rubric, output, json_path, per_turn, template_path, progress, **judge):
     """Rate each answer on its own: Fail / Pass / Excellent, or helpfulness 1-6 with the mean
     and its 95% bootstrap interval over prompts.
 
@@ -148,7 +146,7 @@ def rate(samples_path, rubric, output, json_path, per_turn, judge_url, judge_mod
     from limajax.evaluation import rate as rate_lib
     from limajax.files import write_json
 
-    s = rate_lib.rate(samples_path, rubric, _judge(**click.get_current_context().params), output,
+    s = rate_lib.rate(samples_path, rubric, _judge(**judge), output,
                       template_path=template_path, progress=progress, per_turn=per_turn)
     click.echo(rate_lib.format_summary(s, output))
     if json_path:
@@ -176,10 +174,8 @@ def rate(samples_path, rubric, output, json_path, per_turn, judge_url, judge_mod
 @cli.sampling_options
 @judge_options()
 @cli.interrupted(JUDGING_INTERRUPTED)
-def select(workdir, epochs_spec, prompts, method, perplexity, output_dir, fallback, temperature,
-           top_p, repetition_penalty, max_new_tokens, greedy, seed, mesh, judge_url, judge_model,
-           api_key_env, concurrency, timeout, judge_max_tokens, max_retries, template_path,
-           progress):
+def select(workdir, epochs_spec, prompts, method, perplexity, output_dir, fallback, mesh,
+           template_path, progress, **options):  # the judge's options and the sampler's
     """Choose a checkpoint by the quality of its dev-set answers, as LIMA did by hand (App. B):
     sample the dev prompts from each epoch, judge the epochs, and write selection.json with the
     ranking and its evidence. Rerunning continues where it stopped.
@@ -191,7 +187,7 @@ def select(workdir, epochs_spec, prompts, method, perplexity, output_dir, fallba
     from limajax.evaluation import selection
 
     epochs = selection.parse_epochs(epochs_spec)
-    judge = _judge(**click.get_current_context().params)
+    judge = _judge(**options)  # the sampler's are read by sampling_settings
     judge.api_key()  # before minutes of sampling
     s = selection.select(workdir, epochs, prompts, judge, method=method, perplexity=perplexity,
                          output_dir=output_dir, mesh=mesh, template_path=template_path,

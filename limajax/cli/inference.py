@@ -101,11 +101,9 @@ def sample(model_dir, workdir, epoch, prompts_path, output_path, text, temperatu
     settings = cli.sampling_settings()
 
     if text is not None:
-        from limajax.formats import templated
-
-        text = templated([text], template)[0]
         answers = sampling.sample_text(source, text, settings, epoch=epoch,
-                                       num_samples=num_samples, mesh_spec=mesh, raw=raw)
+                                       num_samples=num_samples, mesh_spec=mesh, raw=raw,
+                                       template=template)
         for k, answer in enumerate(answers):
             if num_samples > 1:
                 click.echo(f"--- sample {k}")

@@ -39,9 +39,9 @@ def convert(source, input_dir, tokenizer, output, dtype, add_eot, max_seq_len, n
     """
     from limajax import convert as convert_lib
 
-    config, tokens, _ = convert_lib.convert(source, input_dir, output, tokenizer=tokenizer,
-                                            dtype=dtype, add_eot=add_eot, overwrite=overwrite,
-                                            max_seq_len=max_seq_len, no_tokenizer=no_tokenizer)
+    config, tokens = convert_lib.convert(source, input_dir, output, tokenizer=tokenizer,
+                                         dtype=dtype, add_eot=add_eot, overwrite=overwrite,
+                                         max_seq_len=max_seq_len, no_tokenizer=no_tokenizer)
     click.echo(convert_lib.format_summary(output, config, tokens, dtype))
 
 

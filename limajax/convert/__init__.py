@@ -15,27 +15,15 @@ from pathlib import Path
 
 from limajax.checkpoint import load_model, write_model_dir
 from limajax.config import ModelConfig
-from limajax.convert.hf import config_from_hf, hf_config, read_hf, write_hf
-from limajax.convert.meta import (
-    config_from_meta,
-    context_guess,
-    meta_params_json,
-    read_meta,
-    write_meta,
-)
+from limajax.convert.hf import config_from_hf, read_hf, write_hf
+from limajax.convert.meta import config_from_meta, context_guess, read_meta, write_meta
 from limajax.convert.table import (
-    EOT_TEXT,
     WEIGHTS,
-    Converted,
-    Weight,
     allocate,
     extract,
-    init_eot,
     layout_shape,
     place,
-    rearrange,
     sizes_for,
-    source_keys,
     weights_for,
 )
 from limajax.errors import UserError
@@ -43,21 +31,19 @@ from limajax.files import staged_dir
 from limajax.tokenizer import TokenSpec, save_to
 
 # __all__ repeats the imports: it is the package's public surface, which ruff checks (F401).
-__all__ = ["EOT_TEXT", "WEIGHTS", "Converted", "Weight", "allocate", "config_from_hf",
-           "config_from_meta", "context_guess", "convert", "export", "extract", "hf_config",
-           "init_eot",
-           "layout_shape", "meta_params_json", "place", "read_hf", "read_meta", "rearrange",
-           "sizes_for", "source_keys", "weights_for", "write_hf", "write_meta"]
+__all__ = ["WEIGHTS", "allocate", "config_from_hf", "config_from_meta", "context_guess",
+           "convert", "export", "extract", "layout_shape", "place", "read_hf", "read_meta",
+           "sizes_for", "weights_for", "write_hf", "write_meta"]
 
 
 def convert(source: str, input_dir: str | Path, output: str | Path, *,
             tokenizer: str | Path | None = None, dtype: str = "float32", add_eot: bool = True,
             overwrite: bool = False, max_seq_len: int | None = None, no_tokenizer: bool = False
-            ) -> tuple[ModelConfig, TokenSpec, Path | None]:
+            ) -> tuple[ModelConfig, TokenSpec]:
     """`limajax convert`: a Meta or HF checkpoint -> a model directory, built beside `output`
     and renamed when complete. Needs disk for the model twice while it runs. Returns the
-    config, the token ids and the tokenizer copied in (None if there was none); what it
-    assumed (no tokenizer, a context from the family's rule) it says on stderr."""
+    config and the token ids; what it assumed (no tokenizer, a context from the family's
+    rule) it says on stderr."""
     if source not in ("meta", "hf"):
         raise UserError(f"--from {source!r}: expected meta or hf")
     if source == "hf" and tokenizer is not None:
@@ -84,7 +70,7 @@ def convert(source: str, input_dir: str | Path, output: str | Path, *,
         print(f"notice: context {config.max_seq_len:,} is the {guess[0]} family's (Meta's "
               "params.json does not state it); pass --max-seq-len N if the model was trained "
               "at another length", file=sys.stderr)
-    return config, tokens, found
+    return config, tokens
 
 
 def format_summary(output: str, config: ModelConfig, tokens: TokenSpec, dtype: str) -> str:
@@ -95,7 +81,7 @@ def format_summary(output: str, config: ModelConfig, tokens: TokenSpec, dtype: s
 
 
 def export(target: str, model_dir: str | Path, output: str | Path, *, shards: int = 1,
-           overwrite: bool = False, epoch: int | None = None) -> ModelConfig:
+           overwrite: bool = False, epoch: int | None = None) -> None:
     """`limajax export`: a model directory (or a training workdir's epoch) -> a Hugging Face or
     Meta checkpoint directory, built beside `output` and renamed when complete."""
     if target not in ("hf", "meta"):
@@ -109,4 +95,3 @@ def export(target: str, model_dir: str | Path, output: str | Path, *, shards: in
         else:
             write_meta(tmp, params, config, shards)
             save_to(tmp, tokenizer, None)
-    return config

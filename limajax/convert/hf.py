@@ -180,8 +180,7 @@ def read_hf(input_dir: str | Path, *, dtype: str = "float32", add_eot: bool = Tr
         config = converted_config(config, base_vocab, eot_id, dtype)
         params = allocate(config, staging)
         sizes = sizes_for(config, rows)
-        for w, layer, key in progress(expected, total=len(expected), desc="convert",
-                                      unit="tensor"):
+        for w, layer, key in progress(expected, desc="convert", unit="tensor"):
             path, handle = handles[key]
             place(params, w, layer, handle.get_tensor(key), w.hf_layout, sizes)
     if new_eot:
@@ -353,7 +352,7 @@ def write_hf(directory: str | Path, params: dict, config: ModelConfig, tokens: T
     weight_map, total = {}, 0
     for name, shard in zip(names, shards, strict=True):
         tensors = {key: extract(params, w, layer, w.hf_layout, sizes) for w, layer, key in
-                   progress(shard, total=len(shard), desc=f"export {name}", unit="tensor")}
+                   progress(shard, desc=f"export {name}", unit="tensor")}
         save_file(tensors, directory / name, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, name))
         total += sum(t.nbytes for t in tensors.values())

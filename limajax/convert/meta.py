@@ -229,7 +229,7 @@ def read_meta(input_dir: str | Path, *, tokenizer: str | Path | None = None,
     config = converted_config(config, base_vocab, eot_id, dtype)
     params = allocate(config, staging)
     sizes = sizes_for(config, base_vocab)
-    for w, layer, key, axis in progress(plan, total=len(plan), desc="convert", unit="tensor"):
+    for w, layer, key, axis in progress(plan, desc="convert", unit="tensor"):
         parts = [_numpy(sd[key]) for sd in shards]
         # One merged tensor in memory at most; a single shard is read straight from the file.
         x = parts[0] if axis is None else np.concatenate(parts, axis)
@@ -352,7 +352,7 @@ def write_meta(directory: str | Path, params: dict, config: ModelConfig, n_shard
             raise UserError(f"{key} {list(shape)} cannot be split evenly into {n_shards} shards "
                             f"along axis {w.split[0]}, as Meta's model-parallel layers need "
                             "(try --shards 1)")
-    for s in progress(range(n_shards), total=n_shards, desc="export", unit="shard"):
+    for s in progress(range(n_shards), desc="export", unit="shard"):
         shard = {}
         for w, layer, key in entries:
             source = WEIGHTS[0] if config.tie_embeddings and w.ours == "output/kernel" else w

@@ -8,15 +8,8 @@ limajax/formats.py); dataset.py is the TFDS builder; batches.py turns dialogues 
 bucketed batches (bucketed by config.buckets_for); stats.py reports.
 """
 
-from limajax.data.batches import (
-    BATCH_KEYS,
-    Batches,
-    batches_for,
-    steps_per_epoch,
-    training_source,
-)
+from limajax.data.batches import BATCH_KEYS, Batches, batches_for, steps_per_epoch
 from limajax.data.dataset import (
-    Lima,
     conversations,
     dataset_dir,
     format_prepared,
@@ -26,21 +19,17 @@ from limajax.data.dataset import (
     split_names,
 )
 from limajax.data.gair import (
-    MULTI_TURN,
     SAMPLE_DATA,
     SAMPLE_TOKENIZER,
-    SPLITS,
     PrepareOptions,
-    Row,
     read_gair_dir,
     read_gair_file,
     select,
 )
-from limajax.data.stats import SplitStats, format_stats, inspect, plot_lengths
+from limajax.data.stats import format_stats, inspect, plot_lengths
 
 # __all__ repeats the imports: it is the package's public surface, which ruff checks (F401).
-__all__ = ["BATCH_KEYS", "MULTI_TURN", "SAMPLE_DATA", "SAMPLE_TOKENIZER", "SPLITS", "Batches",
-           "Lima", "PrepareOptions", "Row", "SplitStats", "batches_for", "conversations",
-           "dataset_dir", "format_prepared", "format_stats", "inspect", "load",
-           "plot_lengths", "prepare", "read_gair_dir", "read_gair_file", "read_metadata", "select",
-           "split_names", "steps_per_epoch", "training_source"]
+__all__ = ["BATCH_KEYS", "SAMPLE_DATA", "SAMPLE_TOKENIZER", "Batches", "PrepareOptions",
+           "batches_for", "conversations", "dataset_dir", "format_prepared", "format_stats",
+           "inspect", "load", "plot_lengths", "prepare", "read_gair_dir", "read_gair_file",
+           "read_metadata", "select", "split_names", "steps_per_epoch"]

@@ -197,8 +197,7 @@ class Batches:
             epoch, start = self._epoch, self._index
             batches = self.epoch_batches(epoch)[start:].to_iter_dataset(self.read_options)
             for index, batch in enumerate(batches, start + 1):
-                last = index == self.steps_per_epoch
-                self._epoch, self._index = (epoch + 1, 0) if last else (epoch, index)
+                self.set_state({"epoch": epoch, "index": index})
                 yield batch
 
     def get_state(self) -> dict:

@@ -14,12 +14,13 @@ from limajax import sharding
 from limajax.checkpoint import load_for_inference
 from limajax.errors import UserError
 from limajax.files import append_jsonl, drop_torn_last_line, read_jsonl, write_jsonl
-from limajax.formats import FIELDS, read_dialogues
+from limajax.formats import FIELDS, read_dialogues, templated
 from limajax.progress import bar as progress_bar
 from limajax.sampling.sampler import (
     Completion,
     Request,
     Settings,
+    answer_tokens,
     check_prompt,
     context_length,
     decode_after,
@@ -51,7 +52,8 @@ def read_prompts(path: str | Path, template: str = "lima") -> list[dict]:
 def answer_text(tokenizer: Tokenizer, ids: list[int], completion: Completion, raw: bool) -> str:
     """An answer's text: a raw continuation decoded after its prompt, so it keeps its leading
     space; a dialogue answer is its own utterance."""
-    return decode_after(tokenizer, ids if raw else [], completion.text_tokens())
+    return decode_after(tokenizer, ids if raw else [],
+                        answer_tokens(completion.tokens, completion.finish))
 
 
 def answered(path: Path) -> dict[tuple[str, int], dict]:
@@ -129,11 +131,13 @@ def in_input_order(output: Path, rows: list[dict]) -> None:
 
 
 def sample_text(source: str, text: str, settings: Settings, *, epoch: int | None = None,
-                num_samples: int = 1, mesh_spec: str = "1x1", raw: bool = False) -> list[str]:
-    """`limajax sample --prompt TEXT`: the answers to one prompt."""
+                num_samples: int = 1, mesh_spec: str = "1x1", raw: bool = False,
+                template: str = "lima") -> list[str]:
+    """`limajax sample --prompt TEXT`: the answers to one prompt, put as `template` puts a
+    user turn (as sample_file's prompts are)."""
     mesh = sharding.inference_mesh(mesh_spec)
     model, tokenizer = load_for_inference(source, mesh, epoch=epoch)
-    ids = tokenizer.encode_prompt([text], raw)
+    ids = tokenizer.encode_prompt(templated([text], template), raw)
     check_prompt(ids, context_length(model), "--prompt")
     requests = [Request(ids, settings, "prompt", k) for k in range(num_samples)]
     answers = [""] * num_samples

@@ -299,9 +299,6 @@ class Completion(NamedTuple):
     tokens: list[int]  # generated ids, the stop token included
     finish: str  # "eot", "eos" or "length"
 
-    def text_tokens(self) -> list[int]:
-        return answer_tokens(self.tokens, self.finish)
-
 
 def answer_tokens(tokens: list[int], finish: str) -> list[int]:
     """The answer without the token that stopped it (EOT or EOS), which is not text."""
