@@ -25,8 +25,7 @@ def _free_port() -> int:
 
 def test_two_processes_equal_one(tmp_path):
     port = _free_port()
-    # no shared compilation cache: each process would read the other's half-written entries
-    env = ts.subprocess_env(cache=False)
+    env = ts.subprocess_env()
     procs = [subprocess.Popen(
         [sys.executable, "-c", "from limajax.cli import main; main()", "train", *ARGS,
          "--workdir", str(tmp_path / "multi"), "--coordinator", f"127.0.0.1:{port}",

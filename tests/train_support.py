@@ -21,11 +21,12 @@ import numpy as np
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 TOKENIZER = FIXTURES / "stories260K" / "tok512.model"
 HERE = Path(__file__).resolve()
-# Runs here compile the same few programs again and again (and in subprocesses): a persistent
-# compilation cache turns the repeats into disk reads. One per pytest-xdist worker: JAX writes
-# an entry in place (no rename), so another worker could read one half-written.
-JAX_CACHE = (Path(os.environ.get("TMPDIR", "/tmp"))
-             / f"limajax-test-jax-cache{os.environ.get('PYTEST_XDIST_WORKER', '')}")
+# Runs here compile the same few programs again and again (in both pytest-xdist workers and in
+# subprocesses): a persistent compilation cache turns the repeats into disk reads. A size limit
+# makes JAX read and write its entries under a file lock; without one it writes them in place,
+# and a process running beside the writer could read an entry half-written.
+JAX_CACHE = Path(os.environ.get("TMPDIR", "/tmp")) / "limajax-test-jax-cache"
+JAX_CACHE_BYTES = 2**32
 # The suite compiles hundreds of small programs whose run time is negligible: LLVM's cheap
 # codegen takes a quarter to a third off compiling them (measured on test_train.py, 2026-12-04).
 # The HLO is the program users run; floats may differ from the default codegen in the last
@@ -40,21 +41,21 @@ def xla_flags(devices: int | None = None) -> str:
     return CHEAP_CODEGEN + count
 
 
-def subprocess_env(devices: int | None = None, cache: bool = True, **extra: str) -> dict:
-    """A test subprocess's environment: the CPU, xla_flags(devices) and, with `cache`, the
-    session's compilation cache (programs compiled before are disk reads)."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(devices), **extra}
-    if cache:
-        env.update(JAX_COMPILATION_CACHE_DIR=str(JAX_CACHE),
-                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    return env
+def subprocess_env(devices: int | None = None, **extra: str) -> dict:
+    """A test subprocess's environment: the CPU, xla_flags(devices) and the session's
+    compilation cache (programs compiled before are disk reads)."""
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(devices),
+            "JAX_COMPILATION_CACHE_DIR": str(JAX_CACHE),
+            "JAX_COMPILATION_CACHE_MAX_SIZE": str(JAX_CACHE_BYTES),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0", **extra}
 
 
 def use_compilation_cache():
     import jax
 
     jax.config.update("jax_compilation_cache_dir", str(JAX_CACHE))
+    jax.config.update("jax_compilation_cache_max_size", JAX_CACHE_BYTES)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
