@@ -4,14 +4,14 @@ several test files share."""
 import json
 import os
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+# train_support imports jax but starts no backend: XLA_FLAGS is read when one starts.
+from train_support import FIXTURES, xla_flags
+
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {xla_flags(8)}".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
-from train_support import FIXTURES  # noqa: E402
 
 from limajax import data  # noqa: E402
 from limajax.cli import main  # noqa: E402

@@ -9,7 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from train_support import JAX_CACHE
+import train_support as ts
 
 from limajax import convert
 
@@ -79,12 +79,8 @@ def test_every_command_but_metas_works_without_torch(tmp_path, fixtures):
     ]
     (tmp_path / "blocker").mkdir()
     (tmp_path / "blocker" / "sitecustomize.py").write_text(textwrap.dedent(NO_TORCH))
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="",
-               PYTHONPATH=os.pathsep.join([str(tmp_path / "blocker"), str(ROOT)]),
-               # train and plan compile the same step: the second is a cache read
-               JAX_COMPILATION_CACHE_DIR=str(JAX_CACHE),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    # train and plan compile the same step: the second is a cache read
+    env = ts.subprocess_env(PYTHONPATH=os.pathsep.join([str(tmp_path / "blocker"), str(ROOT)]))
     p = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(commands)], env=env, cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]

@@ -2,7 +2,6 @@
 and every preset's sharding plan on a simulated 8x8 mesh."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -11,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import train_support as ts
 from flax import nnx
 
 from limajax import sharding
@@ -176,7 +176,7 @@ PLAN_ALL_PRESETS = textwrap.dedent("""
 
 
 def test_every_preset_shards_on_a_simulated_8x8_mesh():
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = ts.subprocess_env()  # the script simulates its own 64 devices
     proc = subprocess.run([sys.executable, "-c", PLAN_ALL_PRESETS], capture_output=True,
                           text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -1,7 +1,6 @@
 """`limajax train --coordinator ... --num-processes 2 --process-id I`: two processes with 4 CPU
 devices each train exactly like one process with 8."""
 
-import os
 import socket
 import subprocess
 import sys
@@ -26,7 +25,7 @@ def _free_port() -> int:
 
 def test_two_processes_equal_one(tmp_path):
     port = _free_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = ts.subprocess_env()
     procs = [subprocess.Popen(
         [sys.executable, "-c", "from limajax.cli import main; main()", "train", *ARGS,
          "--workdir", str(tmp_path / "multi"), "--coordinator", f"127.0.0.1:{port}",

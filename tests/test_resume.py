@@ -130,13 +130,11 @@ def test_commands_read_a_workdir_epoch_like_a_model_directory(reference, tmp_pat
 
 def test_ctrl_c_exits_130_and_says_rerunning_resumes(tmp_path):
     """SIGINT mid-run: one line, no traceback, exit 130; the next run resumes (F6)."""
-    import os
     import signal
     import subprocess
     import sys
 
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               JAX_COMPILATION_CACHE_DIR=str(ts.JAX_CACHE))
+    env = ts.subprocess_env()
     cmd = [sys.executable, "-c", "from limajax.cli import main; main()", "train", "--config",
            str(ts.HERE.parents[1] / "configs" / "tiny.py"), "--workdir", str(tmp_path / "w"),
            "--tokenizer", str(ts.TOKENIZER), "--set", "data.max_len=64", "--peak-flops", "1e12",

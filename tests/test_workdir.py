@@ -239,8 +239,7 @@ def test_a_full_disk_stops_training_in_one_line(run, cli, tmp_path):
     try:
         w = small / "w"
         i = args.index("--workdir")
-        env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(ts.JAX_CACHE),
-               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+        env = ts.subprocess_env()
         proc = subprocess.run(
             [sys.executable, "-c", "from limajax.cli import main; main()",
              *map(str, [*args[:i + 1], w, *args[i + 2:]])],

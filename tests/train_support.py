@@ -21,15 +21,41 @@ import numpy as np
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 TOKENIZER = FIXTURES / "stories260K" / "tok512.model"
 HERE = Path(__file__).resolve()
-# Runs here compile the same few programs again and again (and in subprocesses): a persistent
-# compilation cache turns the repeats into disk reads.
+# Runs here compile the same few programs again and again (in both pytest-xdist workers and in
+# subprocesses): a persistent compilation cache turns the repeats into disk reads. A size limit
+# makes JAX read and write its entries under a file lock; without one it writes them in place,
+# and a process running beside the writer could read an entry half-written.
 JAX_CACHE = Path(os.environ.get("TMPDIR", "/tmp")) / "limajax-test-jax-cache"
+JAX_CACHE_BYTES = 2**32
+# The suite compiles hundreds of small programs whose run time is negligible: LLVM's cheap
+# codegen takes a quarter to a third off compiling them (measured on test_train.py, 2026-12-04).
+# The HLO is the program users run; floats may differ from the default codegen in the last
+# bits (stories260K's logits by 1e-5 at most), far inside every tolerance here.
+CHEAP_CODEGEN = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def xla_flags(devices: int | None = None) -> str:
+    """XLA_FLAGS for the tests and their subprocesses: cheap codegen, and `devices` simulated
+    CPU devices (None: as many as the command's --mesh asks for)."""
+    count = "" if devices is None else f" --xla_force_host_platform_device_count={devices}"
+    return CHEAP_CODEGEN + count
+
+
+def subprocess_env(devices: int | None = None, **extra: str) -> dict:
+    """A test subprocess's environment: the CPU, xla_flags(devices) and the session's
+    compilation cache (programs compiled before are disk reads)."""
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(devices),
+            "JAX_COMPILATION_CACHE_DIR": str(JAX_CACHE),
+            "JAX_COMPILATION_CACHE_MAX_SIZE": str(JAX_CACHE_BYTES),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0", **extra}
 
 
 def use_compilation_cache():
     import jax
 
     jax.config.update("jax_compilation_cache_dir", str(JAX_CACHE))
+    jax.config.update("jax_compilation_cache_max_size", JAX_CACHE_BYTES)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
@@ -123,10 +149,8 @@ def params_numpy(state) -> dict:
 
 
 def _script(workdir, mesh: str, devices: int, args) -> tuple[list[str], dict]:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["JAX_PLATFORMS"] = "cpu"
-    return [sys.executable, str(HERE), str(workdir), mesh, str(devices), *args], env
+    return [sys.executable, str(HERE), str(workdir), mesh, str(devices), *args], \
+        subprocess_env(devices)
 
 
 def run_script(workdir, mesh: str, devices: int, *args: str, timeout: int = 120):
