@@ -26,7 +26,12 @@ HERE = Path(__file__).resolve()
 # makes JAX read and write its entries under a file lock; without one it writes them in place,
 # and a process running beside the writer could read an entry half-written.
 JAX_CACHE = Path(os.environ.get("TMPDIR", "/tmp")) / "limajax-test-jax-cache"
-JAX_CACHE_BYTES = 2**32
+# JAX's options for it, set here by jax.config and in subprocesses by their environment
+# variables (each option's name upper-cased).
+JAX_CACHE_OPTIONS = {"jax_compilation_cache_dir": str(JAX_CACHE),
+                     "jax_compilation_cache_max_size": 2**32,  # the size limit: the lock
+                     "jax_persistent_cache_min_compile_time_secs": 0,
+                     "jax_persistent_cache_min_entry_size_bytes": 0}
 # The suite compiles hundreds of small programs whose run time is negligible: LLVM's cheap
 # codegen takes a quarter to a third off compiling them (measured on test_train.py, 2026-12-04).
 # The HLO is the program users run; floats may differ from the default codegen in the last
@@ -45,19 +50,14 @@ def subprocess_env(devices: int | None = None, **extra: str) -> dict:
     """A test subprocess's environment: the CPU, xla_flags(devices) and the session's
     compilation cache (programs compiled before are disk reads)."""
     return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(devices),
-            "JAX_COMPILATION_CACHE_DIR": str(JAX_CACHE),
-            "JAX_COMPILATION_CACHE_MAX_SIZE": str(JAX_CACHE_BYTES),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0", **extra}
+            **{name.upper(): str(value) for name, value in JAX_CACHE_OPTIONS.items()}, **extra}
 
 
 def use_compilation_cache():
     import jax
 
-    jax.config.update("jax_compilation_cache_dir", str(JAX_CACHE))
-    jax.config.update("jax_compilation_cache_max_size", JAX_CACHE_BYTES)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    for name, value in JAX_CACHE_OPTIONS.items():
+        jax.config.update(name, value)
 
 
 use_compilation_cache()
